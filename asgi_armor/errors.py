@@ -1,0 +1,468 @@
+"""One JSON error envelope for every failure, with a request id, and nothing leaked.
+
+``ArmorError`` subclasses carry an HTTP status, a stable snake_case ``error`` type, a
+human message, field-level details and extra headers. ``ErrorMiddleware`` gives every
+request an id, renders any ``ArmorError`` raised below it, and turns anything else into a
+logged, opaque ``500 internal_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import msgspec
+
+if TYPE_CHECKING:
+    from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "ArmorError",
+    "CircuitOpenError",
+    "ConfigError",
+    "ErrorDetail",
+    "ErrorFormat",
+    "ErrorMiddleware",
+    "ErrorResponse",
+    "HeadersTooLarge",
+    "IdempotencyKeyInUse",
+    "IdempotencyKeyInvalid",
+    "IdempotencyKeyMissing",
+    "IdempotencyKeyReused",
+    "InternalError",
+    "InvalidJSON",
+    "InvalidSignature",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ProblemDetails",
+    "RateLimited",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "URITooLong",
+    "ValidationFailed",
+    "ensure_request_id",
+    "render",
+    "send_error",
+]
+
+logger = logging.getLogger("asgi_armor")
+
+ErrorFormat = Literal["json", "problem"]
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    """One precise problem: a machine code, a human message, and the field at fault (or None)."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, frozen=True):
+    """The envelope every error response carries."""
+
+    error: str
+    message: str
+    details: Sequence[ErrorDetail] = ()
+    request_id: str = ""
+
+
+class ProblemDetails(msgspec.Struct, frozen=True):
+    """The same data shaped as RFC 9457 ``application/problem+json``."""
+
+    type: str
+    title: str
+    status: int
+    error: str
+    details: Sequence[ErrorDetail] = ()
+    request_id: str = ""
+
+
+class ConfigError(ValueError):
+    """A configuration mistake found at start-up; the message names the entry at fault."""
+
+
+def _retry_after_header(seconds: float) -> dict[str, str]:
+    # Rounded up so that a client waiting exactly this long is let through.
+    return {"Retry-After": str(max(0, math.ceil(seconds)))}
+
+
+class ArmorError(Exception):
+    """Base of every error asgi_armor renders as the envelope.
+
+    Args:
+        message: overrides the class's default human message.
+        details: field-level problems, all of them.
+        headers: extra response headers (``Retry-After``, rate-limit headers, ...).
+    """
+
+    status: ClassVar[int] = 500
+    error: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "An internal error occurred"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Sequence[ErrorDetail] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.details = tuple(details)
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+    def to_response(self, request_id: str) -> ErrorResponse:
+        """The envelope for this error."""
+        return ErrorResponse(self.error, self.message, self.details, request_id)
+
+
+class ValidationFailed(ArmorError):
+    """422: the request is well-formed but its fields are not acceptable."""
+
+    status = 422
+    error = "validation_error"
+    default_message = "Invalid request parameters"
+
+
+class InvalidJSON(ArmorError):
+    """400: the body is not parseable JSON."""
+
+    status = 400
+    error = "invalid_json"
+    default_message = "Request body is not valid JSON"
+
+
+class PayloadTooLarge(ArmorError):
+    """413: the body is larger than allowed."""
+
+    status = 413
+    error = "payload_too_large"
+    default_message = "Request body is too large"
+
+    def __init__(self, message: str | None = None, *, max_bytes: int | None = None) -> None:
+        if message is None and max_bytes is not None:
+            message = f"Request body exceeds {max_bytes} bytes"
+        super().__init__(message)
+
+
+class URITooLong(ArmorError):
+    """414: path and query are longer than allowed."""
+
+    status = 414
+    error = "uri_too_long"
+    default_message = "Request URI is too long"
+
+
+class HeadersTooLarge(ArmorError):
+    """431: too many headers, or too many header bytes."""
+
+    status = 431
+    error = "headers_too_large"
+    default_message = "Request headers are too large"
+
+
+class UnsupportedMediaType(ArmorError):
+    """415: the body's content type is not one this route accepts."""
+
+    status = 415
+    error = "unsupported_media_type"
+    default_message = "Content-Type must be application/json"
+
+
+class RateLimited(ArmorError):
+    """429: a rate limit is exhausted; ``retry_after`` seconds until the request would pass."""
+
+    status = 429
+    error = "rate_limited"
+    default_message = "Rate limit exceeded"
+
+    def __init__(
+        self,
+        retry_after: float,
+        *,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, headers={**(headers or {}), **_retry_after_header(retry_after)})
+
+
+class IdempotencyKeyMissing(ArmorError):
+    """400: this route requires an ``Idempotency-Key`` header."""
+
+    status = 400
+    error = "idempotency_key_missing"
+    default_message = "This endpoint requires an Idempotency-Key header"
+
+
+class IdempotencyKeyInvalid(ArmorError):
+    """400: the ``Idempotency-Key`` is empty, too long or not printable ASCII."""
+
+    status = 400
+    error = "idempotency_key_invalid"
+    default_message = "Idempotency-Key must be 1 to 255 printable ASCII characters"
+
+
+class IdempotencyKeyInUse(ArmorError):
+    """409: a request with this key is still being processed."""
+
+    status = 409
+    error = "idempotency_key_in_use"
+    default_message = "A request with this Idempotency-Key is still being processed"
+
+    def __init__(self, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(headers=_retry_after_header(retry_after))
+
+
+class IdempotencyKeyReused(ArmorError):
+    """422: this key was already used with a different request."""
+
+    status = 422
+    error = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was already used with a different request"
+
+
+class ServiceUnavailable(ArmorError):
+    """503: a dependency is unavailable; retry later."""
+
+    status = 503
+    error = "service_unavailable"
+    default_message = "Service temporarily unavailable"
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        headers = None if retry_after is None else _retry_after_header(retry_after)
+        super().__init__(message, headers=headers)
+
+
+class CircuitOpenError(ServiceUnavailable):
+    """503: a circuit breaker is open; ``retry_after`` seconds until it admits a trial call."""
+
+    def __init__(self, retry_after: float, *, name: str = "") -> None:
+        self.name = name
+        super().__init__(retry_after=retry_after)
+
+
+class Overloaded(ArmorError):
+    """503: the server is shedding load."""
+
+    status = 503
+    error = "overloaded"
+    default_message = "Server is overloaded, retry later"
+
+    def __init__(self, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(headers=_retry_after_header(retry_after))
+
+
+class RequestTimeout(ArmorError):
+    """504: the request did not finish within its time budget."""
+
+    status = 504
+    error = "timeout"
+    default_message = "Request timed out"
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = seconds
+        super().__init__(None if seconds is None else f"Request timed out after {seconds:g}s")
+
+
+class Unauthorized(ArmorError):
+    """401: authentication is missing or not valid."""
+
+    status = 401
+    error = "unauthorized"
+    default_message = "Authentication required"
+
+
+class InvalidSignature(ArmorError):
+    """401: the request signature is missing, malformed, stale, replayed or wrong.
+
+    Args:
+        code: the detail code (missing_signature, malformed_signature,
+            timestamp_out_of_tolerance, replayed, signature_mismatch).
+    """
+
+    status = 401
+    error = "invalid_signature"
+    default_message = "Request signature is invalid"
+
+    _messages: ClassVar[dict[str, str]] = {
+        "missing_signature": "The signature header is missing",
+        "malformed_signature": "The signature header is malformed",
+        "timestamp_out_of_tolerance": "The signature timestamp is too old or in the future",
+        "replayed": "This message was already received",
+        "signature_mismatch": "No signature matches the body",
+    }
+
+    def __init__(self, code: str = "signature_mismatch", *, field: str | None = None) -> None:
+        self.code = code
+        detail = ErrorDetail(code, self._messages.get(code, self.default_message), field)
+        super().__init__(details=(detail,))
+
+
+class NotFound(ArmorError):
+    """404: no such resource."""
+
+    status = 404
+    error = "not_found"
+    default_message = "Resource not found"
+
+
+class InternalError(ArmorError):
+    """500: something failed inside; details are in the server log under the request id."""
+
+
+_encoder = msgspec.json.Encoder()
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_STATE_FORMAT = "armor_error_format"
+
+
+def render(
+    exc: ArmorError, request_id: str, error_format: ErrorFormat = "json"
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Render ``exc`` as ``(status, raw headers, body)``, headers including ``X-Request-ID``."""
+    if error_format == "problem":
+        problem = ProblemDetails(
+            f"urn:asgi-armor:error:{exc.error}",
+            exc.message,
+            exc.status,
+            exc.error,
+            exc.details,
+            request_id,
+        )
+        body = _encoder.encode(problem)
+        content_type = b"application/problem+json"
+    else:
+        body = _encoder.encode(exc.to_response(request_id))
+        content_type = b"application/json"
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
+    return exc.status, headers, body
+
+
+def _new_request_id() -> str:
+    return "req_" + secrets.token_hex(10)
+
+
+def ensure_request_id(scope: Scope) -> str:
+    """Return this request's id, choosing it on first use.
+
+    An incoming ``X-Request-ID`` is kept only when it is 1..128 characters of
+    ``[A-Za-z0-9._:-]``: anything else could inject into logs or headers.
+    """
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    request_id: str | None = state.get("request_id")
+    if request_id is None:
+        for key, value in scope.get("headers", ()):
+            if key == b"x-request-id":
+                if _SAFE_REQUEST_ID.fullmatch(value):
+                    request_id = value.decode("ascii")
+                break
+        if request_id is None:
+            request_id = _new_request_id()
+        state["request_id"] = request_id
+    return request_id
+
+
+async def send_error(scope: Scope, send: Send, exc: ArmorError) -> None:
+    """Answer the request with the envelope for ``exc`` (for rejections before the app runs)."""
+    state = scope.get("state") or {}
+    status, headers, body = render(exc, ensure_request_id(scope), state.get(_STATE_FORMAT, "json"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _armor_error_in(exc: BaseException) -> ArmorError | None:
+    """The ArmorError behind ``exc``, looking inside exception groups (anyio task groups)."""
+    if isinstance(exc, ArmorError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _armor_error_in(inner)
+            if found is not None:
+                return found
+    return None
+
+
+class ErrorMiddleware:
+    """Outermost layer: request ids on every response, the envelope for every error.
+
+    Args:
+        app: the ASGI app to wrap.
+        error_format: ``"json"`` (the envelope) or ``"problem"`` (RFC 9457).
+        logger: where unexpected exceptions are logged with their request id.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        error_format: ErrorFormat = "json",
+        logger: logging.Logger = logger,
+    ) -> None:
+        if error_format not in ("json", "problem"):
+            raise ConfigError(f"error_format: {error_format!r} is not 'json' or 'problem'")
+        self.app = app
+        self.error_format: ErrorFormat = error_format
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ensure_request_id(scope)
+        scope["state"][_STATE_FORMAT] = self.error_format
+        id_header = (b"x-request-id", request_id.encode())
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+                headers.append(id_header)
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            error = _armor_error_in(exc)
+            if error is None:
+                self.logger.error(
+                    "unhandled exception in %s %r [request_id=%s]",
+                    scope.get("method"),
+                    scope.get("path"),
+                    request_id,
+                    exc_info=exc,
+                )
+                error = InternalError()
+            if response_started:
+                # A second http.response.start is a protocol error; the only honest
+                # thing left is to abort the connection, which the server does on raise.
+                self.logger.warning(
+                    "aborting response already started [request_id=%s]: %s",
+                    request_id,
+                    error.error,
+                )
+                raise
+            await send_error(scope, send, error)
+
+    def __repr__(self) -> str:
+        return f"ErrorMiddleware(error_format={self.error_format!r})"

@@ -1,0 +1,56 @@
+"""Token-bucket math on one float per key (GCRA-equivalent), pure and I/O-free.
+
+A bucket of ``burst`` tokens refilled at one token every ``interval`` seconds is kept as
+its theoretical arrival time ``tat``: the moment it will be full again. With
+``tolerance = burst * interval``, taking ``cost`` tokens at ``now`` is allowed when
+``max(tat, now) + cost * interval - now <= tolerance``, and moves ``tat`` forward by
+``cost * interval``. A missing or past ``tat`` is a full bucket, so stores may forget a
+key once its ``tat`` has passed. The Redis Lua script implements exactly ``decide``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["EPSILON", "decide", "remaining", "reset_after", "retry_after", "spec"]
+
+#: Slack for float rounding, so ten 6-second tokens fit a 60-second tolerance.
+EPSILON = 1e-6
+
+
+def spec(limit: int, period: float, burst: int | None = None) -> tuple[float, float]:
+    """``(interval, tolerance)`` for ``limit`` tokens per ``period`` seconds, ``burst`` deep."""
+    interval = period / limit
+    return interval, interval * (limit if burst is None else burst)
+
+
+def decide(
+    tats: Sequence[float | None], now: float, specs: Sequence[tuple[float, float]], cost: int
+) -> tuple[bool, list[float]]:
+    """Take ``cost`` tokens from every bucket or from none.
+
+    Returns ``(allowed, tats)``: the new ``tat`` of each bucket, or the current ones
+    (clamped to ``now``) when any bucket lacks the tokens.
+    """
+    current = [now if tat is None or tat < now else tat for tat in tats]
+    for tat, (interval, tolerance) in zip(current, specs, strict=True):
+        if tat + cost * interval - now > tolerance + EPSILON:
+            return False, current
+    return True, [tat + cost * interval for tat, (interval, _) in zip(current, specs, strict=True)]
+
+
+def remaining(tat: float, now: float, interval: float, tolerance: float) -> int:
+    """Whole tokens left in the bucket at ``now``."""
+    return max(0, math.floor((tolerance - max(tat - now, 0.0)) / interval + EPSILON))
+
+
+def reset_after(tat: float, now: float) -> float:
+    """Seconds until the bucket is full again."""
+    return max(0.0, tat - now)
+
+
+def retry_after(tat: float, now: float, interval: float, tolerance: float, cost: int = 1) -> float:
+    """Seconds until ``cost`` tokens are available (0 when they are now)."""
+    wait = max(tat, now) + cost * interval - tolerance - now
+    return wait if wait > EPSILON else 0.0

@@ -1,0 +1,144 @@
+"""Route patterns: ``"POST /api/projects/{project_id}/builds"``, compiled once at start-up.
+
+Grammar: ``METHOD PATH``. ``METHOD`` is ``*`` (any), one method, or several joined by
+``|`` (``GET|POST``); it may be left out, meaning ``*``. A ``GET`` route also matches
+``HEAD``. ``PATH`` starts with ``/``; a segment ``{name}`` captures one path segment; a
+trailing ``/*`` matches the prefix and everything below it; ``*`` alone matches every
+path. A trailing slash on the request path is ignored, so ``/api/users/`` cannot slip
+past a rule written for ``/api/users``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Generic, TypeVar
+
+from asgi_armor.errors import ConfigError
+
+__all__ = ["Route", "RouteMap"]
+
+T = TypeVar("T")
+
+_METHOD = re.compile(r"[A-Z]+")
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NO_PARAMS: Mapping[str, str] = {}
+
+
+class Route:
+    """One compiled route pattern.
+
+    Args:
+        pattern: ``"METHOD /path/{param}"``.
+
+    Raises:
+        ConfigError: the pattern cannot be parsed or could never match.
+    """
+
+    __slots__ = ("_literal", "_regex", "methods", "params", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        method, _, path = pattern.strip().rpartition(" ")
+        method = method.strip() or "*"
+        if method == "*":
+            self.methods: frozenset[str] | None = None
+        else:
+            names = method.split("|")
+            for name in names:
+                if not _METHOD.fullmatch(name):
+                    raise ConfigError(f"route {pattern!r}: {name!r} is not an HTTP method")
+            if "GET" in names:
+                names.append("HEAD")
+            self.methods = frozenset(names)
+        self._literal: str | None = None
+        self._regex: re.Pattern[str] | None = None
+        self.params: tuple[str, ...] = ()
+        if path == "*":
+            return
+        if not path.startswith("/"):
+            raise ConfigError(f"route {pattern!r}: the path must start with '/' or be '*'")
+        prefix = path.endswith("/*")
+        if prefix:
+            path = path[:-2]
+        if "*" in path:
+            raise ConfigError(f"route {pattern!r}: '*' is allowed only as the last segment")
+        path = path.rstrip("/")
+        parts: list[str] = []
+        params: list[str] = []
+        for segment in path.split("/")[1:]:
+            found = _PARAM.fullmatch(segment)
+            if found:
+                name = found.group(1)
+                if name in params:
+                    raise ConfigError(f"route {pattern!r}: parameter {name!r} appears twice")
+                params.append(name)
+                parts.append(f"(?P<{name}>[^/]+)")
+            elif "{" in segment or "}" in segment or not segment:
+                raise ConfigError(f"route {pattern!r}: bad segment {segment!r}")
+            else:
+                parts.append(re.escape(segment))
+        self.params = tuple(params)
+        if not params and not prefix:
+            self._literal = path
+            return
+        body = "".join("/" + part for part in parts)
+        tail = "(?:/.*)?" if prefix else "/?"
+        self._regex = re.compile(body + tail, re.DOTALL)
+
+    def match(self, method: str, path: str) -> Mapping[str, str] | None:
+        """Path parameters if ``method`` and ``path`` match, else None."""
+        if self.methods is not None and method not in self.methods:
+            return None
+        literal = self._literal
+        if literal is not None:
+            if path == literal or (path[-1:] == "/" and path[:-1] == literal):
+                return _NO_PARAMS
+            return None
+        if self._regex is None:
+            return _NO_PARAMS
+        found = self._regex.fullmatch(path)
+        if found is None:
+            return None
+        return found.groupdict() if self.params else _NO_PARAMS
+
+    def __repr__(self) -> str:
+        return f"Route({self.pattern!r})"
+
+
+class RouteMap(Generic[T]):
+    """An ordered list of ``(route, value)`` pairs.
+
+    Args:
+        entries: ``(pattern or Route, value)`` pairs; earlier entries win in ``first``.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: Iterable[tuple[str | Route, T]] = ()) -> None:
+        self.entries: tuple[tuple[Route, T], ...] = tuple(
+            (route if isinstance(route, Route) else Route(route), value) for route, value in entries
+        )
+
+    def first(self, method: str, path: str) -> tuple[T, Mapping[str, str]] | None:
+        """The value of the first matching route and its path parameters."""
+        for route, value in self.entries:
+            params = route.match(method, path)
+            if params is not None:
+                return value, params
+        return None
+
+    def all(self, method: str, path: str) -> list[tuple[T, Mapping[str, str]]]:
+        """Every matching route's value with its path parameters, in order."""
+        matches = []
+        for route, value in self.entries:
+            params = route.match(method, path)
+            if params is not None:
+                matches.append((value, params))
+        return matches
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)

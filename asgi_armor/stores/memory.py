@@ -1,0 +1,152 @@
+"""The embedded store: bounded, in-process, the default.
+
+State lives in two insertion-ordered dicts (token buckets; leases and nonces). A write
+moves its key to the end, so the front holds the least recently written keys: expired ones
+are swept from there a couple at a time, and when a dict is full the front key is evicted.
+Memory therefore stays bounded by ``max_keys`` (and ``max_bytes`` of stored values) under a
+flood of distinct keys. Every operation runs without awaiting, so it is atomic on one event
+loop; one ``MemoryStore`` serves one event loop (use ``RedisStore`` across processes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from asgi_armor.ratelimit.bucket import decide
+from asgi_armor.stores.base import BucketSpec
+
+__all__ = ["MemoryStore"]
+
+_SWEEP = 2  # expired keys dropped per write: amortised cleanup with no timer task
+
+
+class MemoryStore:
+    """In-process store for rate limits, idempotency leases and replay nonces.
+
+    Args:
+        max_keys: most buckets, and most leases/nonces, kept at once (each).
+        max_bytes: most bytes of lease values (stored responses) kept at once.
+        clock: monotonic seconds; inject a fake one in tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_keys: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self._tats: dict[str, float] = {}
+        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._tats) + len(self._entries)
+
+    # -- rate limiting -----------------------------------------------------------------
+
+    async def hit_buckets(
+        self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
+    ) -> tuple[bool, float, list[float]]:
+        """See ``RateLimitStore.hit_buckets``."""
+        now = self.clock()
+        tats = self._tats
+        allowed, new = decide([tats.get(key) for key in keys], now, specs, cost)
+        if allowed and cost:
+            for key, tat in zip(keys, new, strict=True):
+                if tats.pop(key, None) is None:
+                    self._make_room_for_tat(now)
+                tats[key] = tat
+        return allowed, now, new
+
+    def _make_room_for_tat(self, now: float) -> None:
+        tats = self._tats
+        for _ in range(_SWEEP):
+            if not tats:
+                return
+            key = next(iter(tats))
+            if tats[key] > now:
+                break
+            del tats[key]
+        while len(tats) >= self.max_keys:
+            del tats[next(iter(tats))]
+            self.evictions += 1
+
+    # -- leases and nonces -------------------------------------------------------------
+
+    def _get(self, key: str, now: float) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            self._delete(key)
+            return None
+        return entry[1]
+
+    def _delete(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry[1])
+
+    def _set(self, key: str, value: bytes, ttl: float, now: float) -> None:
+        self._delete(key)
+        entries = self._entries
+        for _ in range(_SWEEP):
+            if not entries:
+                break
+            front = next(iter(entries))
+            if entries[front][0] > now:
+                break
+            self._delete(front)
+        while entries and (
+            len(entries) >= self.max_keys or self._bytes + len(value) > self.max_bytes
+        ):
+            self._delete(next(iter(entries)))
+            self.evictions += 1
+        entries[key] = (now + ttl, value)
+        self._bytes += len(value)
+
+    async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
+        """See ``IdempotencyStore.lease_acquire``."""
+        now = self.clock()
+        current = self._get(key, now)
+        if current is not None:
+            return current
+        self._set(key, lease, ttl, now)
+        return None
+
+    async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
+        """See ``IdempotencyStore.lease_complete``."""
+        now = self.clock()
+        if self._get(key, now) != lease:
+            return False
+        self._set(key, value, ttl, now)
+        return True
+
+    async def lease_release(self, key: str, lease: bytes) -> bool:
+        """See ``IdempotencyStore.lease_release``."""
+        if self._get(key, self.clock()) != lease:
+            return False
+        self._delete(key)
+        return True
+
+    async def remember(self, key: str, ttl: float) -> bool:
+        """See ``NonceStore.remember``."""
+        now = self.clock()
+        if self._get(key, now) is not None:
+            return False
+        self._set(key, b"1", ttl, now)
+        return True
+
+    async def aclose(self) -> None:
+        """Nothing to release; present for symmetry with networked stores."""
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(max_keys={self.max_keys})"
