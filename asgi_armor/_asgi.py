@@ -48,7 +48,7 @@ def scope_state(scope: Scope) -> dict[str, Any]:
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 async def read_body(receive: Receive, max_bytes: int) -> bytes:

@@ -43,9 +43,9 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "ServiceUnavailable",
+    "URITooLong",
     "Unauthorized",
     "UnsupportedMediaType",
-    "URITooLong",
     "ValidationFailed",
     "ensure_request_id",
     "render",
@@ -350,7 +350,9 @@ def render(
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id.encode()),
     ]
-    headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
+    headers.extend(
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()
+    )
     return exc.status, headers, body
 
 
