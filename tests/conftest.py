@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -64,20 +65,82 @@ def redis_url() -> Iterator[str]:
         if os.environ.get("ARMOR_REQUIRE_REDIS") == "1":
             pytest.fail("ARMOR_REQUIRE_REDIS=1 but no Redis answers at 127.0.0.1:6379")
         pytest.skip("no Redis at 127.0.0.1:6379")
-    yield REDIS_URL
+    return REDIS_URL
 
 
 @pytest.fixture
-async def redis_prefix(redis_url: str, asyncio_only: None) -> AsyncIterator[str]:
+def redis_prefix(redis_url: str) -> Iterator[str]:
     """A unique key prefix for one test; its keys are deleted afterwards."""
-    import redis.asyncio as aioredis
+    import redis
 
     prefix = f"armortest:{uuid.uuid4().hex[:12]}:"
     yield prefix
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url)
     try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
         if keys:
-            await client.delete(*keys)
+            client.delete(*keys)
     finally:
-        await client.aclose()
+        client.close()
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port: for tests that count, kill or pause Redis."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import shutil
+        import socket
+        import time
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        pytest.fail("private redis-server did not start within 10 s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A private Redis for this test only, stopped afterwards (never the shared one)."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

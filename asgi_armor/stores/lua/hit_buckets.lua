@@ -1,0 +1,34 @@
+-- Token buckets decided together: take ARGV[1] tokens from every bucket, or from none.
+-- KEYS[i]: bucket i. ARGV[2i], ARGV[2i+1]: its emission interval and tolerance (seconds).
+-- The exact formula of asgi_armor/ratelimit/bucket.py `decide`; time is Redis's own
+-- clock, so every app process agrees. Seconds are counted from 2023-11-14 (1.7e9) to keep
+-- sub-microsecond precision in a double.
+local t = redis.call('TIME')
+local now = (tonumber(t[1]) - 1700000000) + tonumber(t[2]) / 1000000
+local cost = tonumber(ARGV[1])
+local epsilon = 1e-6
+local tats = {}
+local allowed = 1
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if tat == nil or tat < now then
+    tat = now
+  end
+  tats[i] = tat
+  if tat + cost * tonumber(ARGV[2 * i]) - now > tonumber(ARGV[2 * i + 1]) + epsilon then
+    allowed = 0
+  end
+end
+if allowed == 1 and cost > 0 then
+  for i = 1, #KEYS do
+    local tat = tats[i] + cost * tonumber(ARGV[2 * i])
+    tats[i] = tat
+    -- The key may vanish once the bucket is full again: absent means full.
+    redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', math.ceil((tat - now) * 1000) + 1)
+  end
+end
+local out = {allowed, string.format('%.17g', now)}
+for i = 1, #KEYS do
+  out[i + 2] = string.format('%.17g', tats[i])
+end
+return out
