@@ -13,6 +13,7 @@ import math
 import re
 import secrets
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import msgspec
@@ -28,6 +29,7 @@ __all__ = [
     "ErrorFormat",
     "ErrorMiddleware",
     "ErrorResponse",
+    "HTTPError",
     "HeadersTooLarge",
     "IdempotencyKeyInUse",
     "IdempotencyKeyInvalid",
@@ -36,6 +38,7 @@ __all__ = [
     "InternalError",
     "InvalidJSON",
     "InvalidSignature",
+    "MethodNotAllowed",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",
@@ -49,6 +52,7 @@ __all__ = [
     "ValidationFailed",
     "ensure_request_id",
     "render",
+    "render_for",
     "send_error",
 ]
 
@@ -318,6 +322,30 @@ class NotFound(ArmorError):
     default_message = "Resource not found"
 
 
+class MethodNotAllowed(ArmorError):
+    """405: the route exists but not for this method."""
+
+    status = 405
+    error = "method_not_allowed"
+    default_message = "Method not allowed"
+
+    def __init__(self, allow: Sequence[str] = ()) -> None:
+        super().__init__(headers={"Allow": ", ".join(allow)} if allow else None)
+
+
+class HTTPError(ArmorError):
+    """Any other HTTP error a framework raised (``error`` derived from the status phrase)."""
+
+    def __init__(self, status: int, message: str | None = None) -> None:
+        self.status = status  # type: ignore[misc]
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "HTTP error"
+        self.error = phrase.lower().replace(" ", "_").replace("-", "_")  # type: ignore[misc]
+        super().__init__(message or phrase)
+
+
 class InternalError(ArmorError):
     """500: something failed inside; details are in the server log under the request id."""
 
@@ -382,10 +410,15 @@ def ensure_request_id(scope: Scope) -> str:
     return request_id
 
 
+def render_for(scope: Scope, exc: ArmorError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``render`` with this request's id and the format ``ErrorMiddleware`` was given."""
+    request_id = ensure_request_id(scope)
+    return render(exc, request_id, scope["state"].get(_STATE_FORMAT, "json"))
+
+
 async def send_error(scope: Scope, send: Send, exc: ArmorError) -> None:
     """Answer the request with the envelope for ``exc`` (for rejections before the app runs)."""
-    state = scope.get("state") or {}
-    status, headers, body = render(exc, ensure_request_id(scope), state.get(_STATE_FORMAT, "json"))
+    status, headers, body = render_for(scope, exc)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -431,15 +464,17 @@ class ErrorMiddleware:
         request_id = ensure_request_id(scope)
         scope["state"][_STATE_FORMAT] = self.error_format
         id_header = (b"x-request-id", request_id.encode())
-        response_started = False
+        response_started = response_complete = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal response_started
+            nonlocal response_started, response_complete
             if message["type"] == "http.response.start":
                 response_started = True
                 headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
                 headers.append(id_header)
                 message["headers"] = headers
+            elif not message.get("more_body", False):
+                response_complete = True
             await send(message)
 
         try:
@@ -455,6 +490,10 @@ class ErrorMiddleware:
                     exc_info=exc,
                 )
                 error = InternalError()
+            if response_complete:
+                # A framework already answered (Starlette renders its 500 page, then
+                # re-raises "so servers can log it"): logged above, nothing left to send.
+                return
             if response_started:
                 # A second http.response.start is a protocol error; the only honest
                 # thing left is to abort the connection, which the server does on raise.

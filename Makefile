@@ -1,0 +1,54 @@
+# Every target works on a fresh machine: it makes .venv and installs from this repo's files.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+EXTRAS ?= dev,demo,docs
+
+.PHONY: help install test test-fast lint typecheck demo bench docs docs-serve soak clean
+
+help:
+	@echo "make demo   serve the demo API at http://127.0.0.1:8000 (all protections on)"
+	@echo "make test   lint, type-check and run the whole test suite (needs Redis at 127.0.0.1:6379)"
+	@echo "make lint | bench | docs | soak | clean"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "asgi_armor needs Python >= 3.11 (set PYTHON=python3.12 ...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check asgi_armor tests benchmarks
+	$(BIN)/ruff format --check asgi_armor tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict asgi_armor tests/typing_usage.py
+
+test: lint typecheck
+	ARMOR_REQUIRE_REDIS=1 $(BIN)/python -m pytest -m "not slow" -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q -x
+
+soak: $(STAMP)
+	ARMOR_REQUIRE_REDIS=1 $(BIN)/python -m pytest -m slow -q
+
+demo: $(STAMP)
+	$(BIN)/asgi-armor demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Framework adapters: render ``ArmorError`` raised inside routes as the envelope."""

@@ -1,0 +1,321 @@
+"""``armor(app, config)``: every configured protection, composed in the canonical order.
+
+Outermost first::
+
+    ErrorMiddleware -> InputLimits -> ConcurrencyLimit -> RateLimitMiddleware
+      -> SignatureMiddleware -> IdempotencyMiddleware -> TimeoutMiddleware -> app
+
+Cheap rejections come first; nothing unauthenticated reaches the idempotency store; the
+idempotency layer sees the timeout's 504 as a 5xx and releases its key. Only configured
+layers are present, and one store object serves all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
+from asgi_armor.config import ArmorConfig, SignatureEntry
+from asgi_armor.errors import ConfigError, ErrorMiddleware
+from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
+from asgi_armor.identity import Identify
+from asgi_armor.ratelimit import RateLimitMiddleware, Rule
+from asgi_armor.routes import Route
+from asgi_armor.shedding import ConcurrencyLimit
+from asgi_armor.signing import (
+    GitHub,
+    HexHmac,
+    Scheme,
+    SignatureMiddleware,
+    SignedRoute,
+    StandardWebhooks,
+    Stripe,
+)
+from asgi_armor.stores.base import Store
+from asgi_armor.stores.memory import MemoryStore
+from asgi_armor.timeout import TimeoutMiddleware
+from asgi_armor.validation import InputLimits
+
+__all__ = ["Armored", "armor", "build_store", "describe"]
+
+
+@contextmanager
+def _entry(path: str) -> Iterator[None]:
+    """Prefix a ConfigError raised while building ``path`` with that path."""
+    try:
+        yield
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(path) else f"{path}: {message}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def build_store(config: ArmorConfig) -> Store:
+    """The store ``config.store`` names: ``"memory"`` or a ``redis://`` URL.
+
+    Raises:
+        ConfigError: an unknown store, or the ``redis`` extra is missing.
+    """
+    if config.store == "memory":
+        return MemoryStore()
+    if config.store.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from asgi_armor.stores.redis import RedisStore
+
+            return RedisStore.from_url(
+                config.store, prefix=config.store_prefix, timeout=config.store_timeout
+            )
+        except ImportError:
+            raise ConfigError(
+                "store: a Redis store needs: pip install 'asgi-armor[redis]'"
+            ) from None
+    raise ConfigError(f"store: {config.store!r} is not 'memory' or a redis:// URL")
+
+
+def _secrets(entry: SignatureEntry, path: str) -> list[str]:
+    names = ([entry.secret_env] if entry.secret_env else []) + list(entry.secrets_env)
+    if not names:
+        raise ConfigError(f"{path}: set secret_env (the environment variable holding the secret)")
+    values = []
+    for name in names:
+        value = os.environ.get(name, "")
+        if not value:
+            # Fail closed: a signature route without a secret would verify nothing.
+            raise ConfigError(f"{path}: environment variable {name!r} is not set or empty")
+        values.append(value)
+    return values
+
+
+def _scheme(entry: SignatureEntry) -> Scheme:
+    if entry.scheme == "hex-hmac":
+        return HexHmac(header=entry.header or "X-Signature")
+    if entry.scheme == "stripe":
+        return Stripe(header=entry.header or "Stripe-Signature")
+    if entry.scheme == "github":
+        return GitHub(header=entry.header or "X-Hub-Signature-256")
+    if entry.header:
+        raise ConfigError("header: Standard Webhooks uses fixed webhook-* headers")
+    return StandardWebhooks()
+
+
+def _import(spec: str, path: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for name in attribute.split("."):
+            target = getattr(target, name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot import {spec!r} ({exc})") from None
+    if not callable(target):
+        raise ConfigError(f"{path}: {spec!r} is not callable")
+    return target
+
+
+class Armored:
+    """The armored app: an ASGI app that also exposes its layers, config and store.
+
+    Args:
+        app: the outermost layer.
+        config: what it was built from.
+        store: the shared store (``await armored.aclose()`` releases it).
+        layers: the layer objects, outermost first.
+    """
+
+    __slots__ = ("app", "config", "layers", "store")
+
+    def __init__(
+        self, app: ASGIApp, config: ArmorConfig, store: Store, layers: list[object]
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.store = store
+        self.layers = layers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    async def aclose(self) -> None:
+        """Release the store's connections."""
+        await self.store.aclose()
+
+    def __repr__(self) -> str:
+        return " -> ".join(type(layer).__name__ for layer in self.layers) + " -> app"
+
+
+def armor(
+    app: ASGIApp,
+    config: ArmorConfig | None = None,
+    *,
+    identify: Identify | None = None,
+    store: Store | None = None,
+) -> Armored:
+    """Wrap ``app`` in every protection ``config`` describes.
+
+    Args:
+        app: any ASGI app (Starlette, FastAPI, Quart, Litestar, a bare callable).
+        config: the protections; ``ArmorConfig()`` (errors and input limits only) by default.
+        identify: ``(scope) -> principal | None`` (sync or async) for per-user rate limits
+            and idempotency scoping; overrides ``config.identify``.
+        store: a store object to use instead of building one from ``config.store``.
+
+    Raises:
+        ConfigError: a mistake in the config, naming the entry at fault.
+    """
+    config = config or ArmorConfig()
+    if identify is None and config.identify:
+        identify = _import(config.identify, "identify")
+    store = store or build_store(config)
+    layers: list[object] = []
+
+    def add(layer: Callable[..., ASGIApp], **options: Any) -> None:
+        nonlocal app
+        app = layer(app, **options)
+        layers.append(app)
+
+    if config.timeout or config.default_timeout is not None:
+        routes = []
+        for index, entry in enumerate(config.timeout):
+            with _entry(f"timeout[{index}].route"):
+                Route(entry.route)
+            routes.append((entry.route, float(entry.seconds)))
+        with _entry("timeout"):
+            default = None if config.default_timeout is None else float(config.default_timeout)
+            add(TimeoutMiddleware, routes=routes, default=default)
+
+    if config.idempotency:
+        idem_routes: list[tuple[str | Route, IdempotencyOptions | dict[str, Any]]] = []
+        for index, idem in enumerate(config.idempotency):
+            with _entry(f"idempotency[{index}].route"):
+                route = Route(idem.route)
+            options = IdempotencyOptions(
+                ttl=idem.ttl, required=idem.required, lock_ttl=idem.lock_ttl
+            )
+            idem_routes.append((route, options))
+        with _entry("idempotency"):
+            add(
+                IdempotencyMiddleware,
+                routes=idem_routes,
+                store=store,
+                identify=identify,
+                on_store_error=config.idempotency_on_store_error,
+            )
+
+    if config.signature:
+        signed: list[tuple[str, SignedRoute]] = []
+        for index, sig in enumerate(config.signature):
+            path = f"signature[{index}]"
+            with _entry(f"{path}.route"):
+                Route(sig.route)
+            with _entry(path):
+                signed.append(
+                    (
+                        sig.route,
+                        SignedRoute(_scheme(sig), _secrets(sig, path), float(sig.tolerance)),
+                    )
+                )
+        with _entry("signature"):
+            add(
+                SignatureMiddleware,
+                routes=signed,
+                store=store,
+                replay_protection=all(sig.replay_protection for sig in config.signature),
+                max_body_bytes=config.limits.max_body_bytes if config.limits else 1_048_576,
+                on_store_error=config.signature_on_store_error,
+            )
+
+    if config.rate_limit:
+        rules = []
+        for index, entry in enumerate(config.rate_limit):
+            with _entry(f"rate_limit[{index}]"):
+                rules.append(
+                    Rule(entry.route, entry.rate, entry.key, name=entry.name, cost=entry.cost)
+                )
+        with _entry("rate_limit"):
+            add(
+                RateLimitMiddleware,
+                rules=rules,
+                store=store,
+                identify=identify,
+                trusted_proxies=config.trusted_proxies,
+                exempt=config.rate_limit_exempt,
+                on_store_error=config.rate_limit_on_store_error,
+            )
+
+    if config.shedding is not None:
+        shed = config.shedding
+        with _entry("shedding"):
+            add(
+                ConcurrencyLimit,
+                max_concurrent=shed.max_concurrent,
+                max_queue=shed.max_queue,
+                queue_timeout=float(shed.queue_timeout),
+                retry_after=float(shed.retry_after),
+                exempt=shed.exempt,
+            )
+
+    if config.limits is not None:
+        limits = config.limits
+        with _entry("limits"):
+            add(
+                InputLimits,
+                max_body_bytes=limits.max_body_bytes,
+                max_url_bytes=limits.max_url_bytes,
+                max_headers=limits.max_headers,
+                max_header_bytes=limits.max_header_bytes,
+                json_routes=limits.json_routes,
+            )
+
+    add(ErrorMiddleware, error_format=config.error_format)
+    layers.reverse()
+    return Armored(app, config, store, layers)
+
+
+def describe(config: ArmorConfig) -> str:
+    """A human summary of the stack ``config`` builds (``asgi-armor check``).
+
+    Raises:
+        ConfigError: the config is invalid.
+    """
+
+    async def never_called(scope: Scope, receive: Receive, send: Send) -> None:
+        """The stack is built only to validate the config."""
+
+    armored = armor(never_called, config, store=MemoryStore())
+    lines = [f"store: {config.store}", "", "layers (outermost first):"]
+    for layer in armored.layers:
+        lines.append(f"  {type(layer).__name__}")
+    if config.limits:
+        limits = config.limits
+        lines += [
+            "",
+            f"input limits: body {limits.max_body_bytes} B, url {limits.max_url_bytes} B, "
+            f"{limits.max_headers} headers / {limits.max_header_bytes} B",
+        ]
+    if config.shedding:
+        shed = config.shedding
+        lines.append(
+            f"load shedding: {shed.max_concurrent} concurrent, queue {shed.max_queue} "
+            f"for {shed.queue_timeout:g}s, exempt {', '.join(shed.exempt) or '-'}"
+        )
+    table: list[tuple[str, str, str]] = []
+    for entry in config.rate_limit:
+        table.append((entry.route, "rate limit", f"{entry.rate} per {entry.key}"))
+    for idem in config.idempotency:
+        needed = "required" if idem.required else "optional"
+        table.append((idem.route, "idempotency", f"key {needed}, kept {idem.ttl:g}s"))
+    for sig in config.signature:
+        table.append((sig.route, "signature", f"{sig.scheme}, tolerance {sig.tolerance:g}s"))
+    for timeout in config.timeout:
+        table.append((timeout.route, "timeout", f"{timeout.seconds:g}s"))
+    if config.default_timeout is not None:
+        table.append(("*", "timeout", f"{config.default_timeout:g}s (default)"))
+    if table:
+        width = max(len(route) for route, _, _ in table)
+        lines += ["", f"{'route'.ljust(width)}  {'protection'.ljust(11)}  setting"]
+        lines += [f"{route.ljust(width)}  {kind.ljust(11)}  {what}" for route, kind, what in table]
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""The envelope, request ids, and what happens to unexpected exceptions."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import msgspec
+import pytest
+
+from asgi_armor._asgi import Message, Receive, Scope, Send, send_json
+from asgi_armor.errors import (
+    ArmorError,
+    CircuitOpenError,
+    ConfigError,
+    ErrorDetail,
+    ErrorMiddleware,
+    HeadersTooLarge,
+    IdempotencyKeyInUse,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    InternalError,
+    InvalidJSON,
+    InvalidSignature,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+    URITooLong,
+    ValidationFailed,
+    render,
+)
+
+pytestmark = pytest.mark.anyio
+
+ALL_ERRORS: list[tuple[ArmorError, int, str]] = [
+    (
+        ValidationFailed(details=[ErrorDetail("required", "This field is required", "name")]),
+        422,
+        "validation_error",
+    ),
+    (InvalidJSON(), 400, "invalid_json"),
+    (PayloadTooLarge(max_bytes=10), 413, "payload_too_large"),
+    (URITooLong(), 414, "uri_too_long"),
+    (HeadersTooLarge(), 431, "headers_too_large"),
+    (UnsupportedMediaType(), 415, "unsupported_media_type"),
+    (RateLimited(2.5), 429, "rate_limited"),
+    (IdempotencyKeyMissing(), 400, "idempotency_key_missing"),
+    (IdempotencyKeyInvalid(), 400, "idempotency_key_invalid"),
+    (IdempotencyKeyInUse(1), 409, "idempotency_key_in_use"),
+    (IdempotencyKeyReused(), 422, "idempotency_key_reused"),
+    (ServiceUnavailable(), 503, "service_unavailable"),
+    (CircuitOpenError(29.2), 503, "service_unavailable"),
+    (Overloaded(), 503, "overloaded"),
+    (RequestTimeout(5), 504, "timeout"),
+    (Unauthorized(), 401, "unauthorized"),
+    (InvalidSignature("replayed"), 401, "invalid_signature"),
+    (NotFound(), 404, "not_found"),
+    (InternalError(), 500, "internal_error"),
+]
+
+
+def raising(exc: BaseException):  # type: ignore[no-untyped-def]
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise exc
+
+    return app
+
+
+def client(app, **kwargs):  # type: ignore[no-untyped-def]
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 5000))
+    return httpx.AsyncClient(transport=transport, base_url="http://test", **kwargs)
+
+
+@pytest.mark.parametrize(("exc", "status", "error"), ALL_ERRORS, ids=lambda v: str(v)[:30])
+async def test_every_error_renders_the_envelope(exc: ArmorError, status: int, error: str) -> None:
+    async with client(ErrorMiddleware(raising(exc))) as http:
+        response = await http.get("/x")
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "message", "details", "request_id"}
+    assert body["error"] == error
+    assert body["message"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    for detail in body["details"]:
+        assert set(detail) == {"code", "message", "field"}
+
+
+async def test_seed_envelope_shape_exactly() -> None:
+    exc = ValidationFailed(
+        details=[
+            ErrorDetail("invalid_email", "Email format is invalid", "email"),
+            ErrorDetail("required", "This field is required", "name"),
+        ]
+    )
+    _, _, body = render(exc, "req_abc123")
+    assert msgspec.json.decode(body) == {
+        "error": "validation_error",
+        "message": "Invalid request parameters",
+        "details": [
+            {"code": "invalid_email", "message": "Email format is invalid", "field": "email"},
+            {"code": "required", "message": "This field is required", "field": "name"},
+        ],
+        "request_id": "req_abc123",
+    }
+
+
+def test_detail_field_is_null_not_absent() -> None:
+    _, _, body = render(InvalidSignature("signature_mismatch"), "r")
+    assert msgspec.json.decode(body)["details"] == [
+        {"code": "signature_mismatch", "message": "No signature matches the body", "field": None}
+    ]
+
+
+def test_retry_after_rounds_up() -> None:
+    assert RateLimited(0.2).headers["Retry-After"] == "1"
+    assert RateLimited(2.0).headers["Retry-After"] == "2"
+    assert CircuitOpenError(29.01).headers["Retry-After"] == "30"
+    assert RequestTimeout(5).message == "Request timed out after 5s"
+    assert RequestTimeout(0.5).message == "Request timed out after 0.5s"
+
+
+async def test_problem_format() -> None:
+    app = ErrorMiddleware(raising(NotFound()), error_format="problem")
+    async with client(app) as http:
+        response = await http.get("/x")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == 404
+    assert body["title"] == "Resource not found"
+    assert body["type"] == "urn:asgi-armor:error:not_found"
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_bad_error_format_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="error_format"):
+        ErrorMiddleware(raising(NotFound()), error_format="xml")  # type: ignore[arg-type]
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send_json(send, 200, msgspec.json.encode({"rid": scope["state"]["request_id"]}))
+
+
+async def test_request_id_generated_and_propagated() -> None:
+    async with client(ErrorMiddleware(ok_app)) as http:
+        first = await http.get("/")
+        second = await http.get("/")
+    rid = first.headers["x-request-id"]
+    assert rid.startswith("req_")
+    assert first.json() == {"rid": rid}
+    assert rid != second.headers["x-request-id"]
+
+
+async def test_safe_incoming_request_id_is_reused() -> None:
+    async with client(ErrorMiddleware(ok_app)) as http:
+        response = await http.get("/", headers={"X-Request-ID": "trace-1234.abc:5"})
+    assert response.headers["x-request-id"] == "trace-1234.abc:5"
+    assert response.json() == {"rid": "trace-1234.abc:5"}
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    ["x" * 129, "evil\tid", "a b", "<script>", "id\u00e9", ""],
+)
+async def test_unsafe_incoming_request_id_is_replaced(incoming: str) -> None:
+    async with client(ErrorMiddleware(ok_app)) as http:
+        response = await http.get("/", headers={"X-Request-ID": incoming.encode("utf-8")})
+    assert response.headers["x-request-id"].startswith("req_")
+    assert response.headers.get_list("x-request-id") == [response.headers["x-request-id"]]
+
+
+async def test_app_cannot_forge_a_second_request_id() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, b"{}", [(b"x-request-id", b"other")])
+
+    async with client(ErrorMiddleware(app)) as http:
+        response = await http.get("/")
+    assert response.headers.get_list("x-request-id") == [scope_id(response)]
+
+
+def scope_id(response: httpx.Response) -> str:
+    rid = response.headers["x-request-id"]
+    assert rid.startswith("req_")
+    return rid
+
+
+class SecretDatabaseError(Exception):
+    pass
+
+
+async def test_unexpected_exception_leaks_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    exc = SecretDatabaseError("SELECT * FROM users WHERE password='hunter2' /srv/app/db.py")
+    with caplog.at_level(logging.ERROR, logger="asgi_armor"):
+        async with client(ErrorMiddleware(raising(exc))) as http:
+            response = await http.get("/boom")
+    assert response.status_code == 500
+    body = response.text
+    for secret in ("SELECT", "hunter2", "/srv/app", "SecretDatabaseError", "Traceback"):
+        assert secret not in body
+    rid = response.headers["x-request-id"]
+    assert response.json() == {
+        "error": "internal_error",
+        "message": "An internal error occurred",
+        "details": [],
+        "request_id": rid,
+    }
+    # ... but the server log has it all, under the same request id.
+    record = next(r for r in caplog.records if rid in r.getMessage())
+    assert record.exc_info is not None
+    assert record.exc_info[0] is SecretDatabaseError
+
+
+async def test_armor_error_inside_exception_group_is_rendered() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise ExceptionGroup("tg", [RateLimited(3)])
+
+    async with client(ErrorMiddleware(app)) as http:
+        response = await http.get("/")
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+
+
+async def test_error_after_response_started_aborts_without_second_start() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("mid-stream failure")
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
+    with pytest.raises(RuntimeError):
+        await ErrorMiddleware(app)(scope, receive, send)
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert len(starts) == 1
+    assert (b"x-request-id", scope["state"]["request_id"].encode()) in starts[0]["headers"]
+    assert not any(m["type"] == "http.response.body" and not m.get("more_body") for m in sent)
+
+
+async def test_non_http_scopes_pass_through() -> None:
+    seen = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = {"type": "lifespan"}
+    await ErrorMiddleware(app)(scope, receive, send)
+    assert seen == ["lifespan"]
+    assert "state" not in scope
