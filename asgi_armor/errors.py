@@ -251,6 +251,8 @@ class ServiceUnavailable(ArmorError):
 class CircuitOpenError(ServiceUnavailable):
     """503: a circuit breaker is open; ``retry_after`` seconds until it admits a trial call."""
 
+    retry_after: float
+
     def __init__(self, retry_after: float, *, name: str = "") -> None:
         self.name = name
         super().__init__(retry_after=retry_after)

@@ -26,15 +26,7 @@ from asgi_armor.identity import Identify
 from asgi_armor.ratelimit import RateLimitMiddleware, Rule
 from asgi_armor.routes import Route
 from asgi_armor.shedding import ConcurrencyLimit
-from asgi_armor.signing import (
-    GitHub,
-    HexHmac,
-    Scheme,
-    SignatureMiddleware,
-    SignedRoute,
-    StandardWebhooks,
-    Stripe,
-)
+from asgi_armor.signing import SCHEMES, Scheme, SignatureMiddleware, SignedRoute, StandardWebhooks
 from asgi_armor.stores.base import Store
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.timeout import TimeoutMiddleware
@@ -92,15 +84,13 @@ def _secrets(entry: SignatureEntry, path: str) -> list[str]:
 
 
 def _scheme(entry: SignatureEntry) -> Scheme:
-    if entry.scheme == "hex-hmac":
-        return HexHmac(header=entry.header or "X-Signature")
-    if entry.scheme == "stripe":
-        return Stripe(header=entry.header or "Stripe-Signature")
-    if entry.scheme == "github":
-        return GitHub(header=entry.header or "X-Hub-Signature-256")
-    if entry.header:
+    scheme_class = SCHEMES[entry.scheme]
+    if entry.header is None:
+        return scheme_class()
+    if scheme_class is StandardWebhooks:
         raise ConfigError("header: Standard Webhooks uses fixed webhook-* headers")
-    return StandardWebhooks()
+    scheme: Scheme = scheme_class(header=entry.header)  # type: ignore[call-arg]
+    return scheme
 
 
 def _import(spec: str, path: str) -> Any:
@@ -179,10 +169,10 @@ def armor(
 
     if config.timeout or config.default_timeout is not None:
         routes = []
-        for index, entry in enumerate(config.timeout):
+        for index, budget in enumerate(config.timeout):
             with _entry(f"timeout[{index}].route"):
-                Route(entry.route)
-            routes.append((entry.route, float(entry.seconds)))
+                Route(budget.route)
+            routes.append((budget.route, float(budget.seconds)))
         with _entry("timeout"):
             default = None if config.default_timeout is None else float(config.default_timeout)
             add(TimeoutMiddleware, routes=routes, default=default)
@@ -287,8 +277,7 @@ def describe(config: ArmorConfig) -> str:
 
     armored = armor(never_called, config, store=MemoryStore())
     lines = [f"store: {config.store}", "", "layers (outermost first):"]
-    for layer in armored.layers:
-        lines.append(f"  {type(layer).__name__}")
+    lines += [f"  {type(layer).__name__}" for layer in armored.layers]
     if config.limits:
         limits = config.limits
         lines += [
@@ -302,16 +291,15 @@ def describe(config: ArmorConfig) -> str:
             f"load shedding: {shed.max_concurrent} concurrent, queue {shed.max_queue} "
             f"for {shed.queue_timeout:g}s, exempt {', '.join(shed.exempt) or '-'}"
         )
-    table: list[tuple[str, str, str]] = []
-    for entry in config.rate_limit:
-        table.append((entry.route, "rate limit", f"{entry.rate} per {entry.key}"))
-    for idem in config.idempotency:
-        needed = "required" if idem.required else "optional"
-        table.append((idem.route, "idempotency", f"key {needed}, kept {idem.ttl:g}s"))
-    for sig in config.signature:
-        table.append((sig.route, "signature", f"{sig.scheme}, tolerance {sig.tolerance:g}s"))
-    for timeout in config.timeout:
-        table.append((timeout.route, "timeout", f"{timeout.seconds:g}s"))
+    table = [(e.route, "rate limit", f"{e.rate} per {e.key}") for e in config.rate_limit]
+    table += [
+        (e.route, "idempotency", f"key {'required' if e.required else 'optional'}, kept {e.ttl:g}s")
+        for e in config.idempotency
+    ]
+    table += [
+        (e.route, "signature", f"{e.scheme}, tolerance {e.tolerance:g}s") for e in config.signature
+    ]
+    table += [(e.route, "timeout", f"{e.seconds:g}s") for e in config.timeout]
     if config.default_timeout is not None:
         table.append(("*", "timeout", f"{config.default_timeout:g}s (default)"))
     if table:

@@ -25,9 +25,27 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def asyncio_only(anyio_backend: str) -> None:
-    """For tests of asyncio-only parts (redis.asyncio, uvicorn)."""
-    if anyio_backend != "asyncio":
-        pytest.skip("asyncio only (redis.asyncio / uvicorn)")
+    """For tests of asyncio-only parts (redis.asyncio, uvicorn): their trio runs are deselected."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the trio copies of asyncio-only tests rather than reporting them as skipped.
+
+    A skip would hide a Redis test that did not run; a deselection says what it is.
+    """
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        trio_run = callspec is not None and callspec.params.get("anyio_backend") == "trio"
+        fixtures = getattr(item, "fixturenames", ())
+        asyncio_part = "asyncio_only" in fixtures or "redis_prefix" in fixtures
+        if trio_run and (asyncio_part or item.get_closest_marker("asyncio_only")):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 class FakeClock:

@@ -16,13 +16,11 @@ from tests.conftest import FakeClock, RedisServer
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.asyncio_only)])
 async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    if anyio_backend != "asyncio":
-        pytest.skip("redis.asyncio runs on asyncio only")
     prefix = request.getfixturevalue("redis_prefix")
     redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix)
     yield redis_store
@@ -186,4 +184,21 @@ async def test_redis_single_round_trip(private_redis: RedisServer, asyncio_only:
         }
     finally:
         await probe.aclose()
+        await store.aclose()
+
+
+async def test_dead_redis_is_cut_off_by_the_breaker(asyncio_only: None) -> None:
+    """After 3 failures the breaker answers at once: no connection attempt per request."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    try:
+        for _ in range(3):
+            with pytest.raises(StoreError):
+                await store.remember("k", 1)
+        assert store.breaker.state.value == "open"
+        for _ in range(100):
+            with pytest.raises(StoreError, match="breaker open"):
+                await store.remember("k", 1)
+        stats = store.breaker.stats
+        assert (stats.calls, stats.failures, stats.rejections) == (3, 3, 100)
+    finally:
         await store.aclose()

@@ -42,7 +42,7 @@ def as_armor_error(exc: Exception) -> ArmorError:
         if exc.status_code == 405:
             allow = (exc.headers or {}).get("Allow", "")
             return MethodNotAllowed([m.strip() for m in allow.split(",") if m.strip()])
-        return HTTPError(exc.status_code, exc.detail if isinstance(exc.detail, str) else None)
+        return HTTPError(exc.status_code, exc.detail)
     return InternalError()
 
 

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 BUNDLED_CONFIG = Path(__file__).with_name("armor.toml")
-WEBHOOK_SECRET_ENV = "ARMOR_DEMO_WEBHOOK_SECRET"
+WEBHOOK_SECRET_ENV = "ARMOR_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 DEFAULT_WEBHOOK_SECRET = "demo-webhook-secret"  # noqa: S105 - announced, demo only
 DEMO_TOKENS = {"alice-token": "alice", "bob-token": "bob"}
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
+from asgi_armor.breaker import CircuitBreaker
 from asgi_armor.errors import CircuitOpenError
 from asgi_armor.stores.base import BucketSpec, StoreError
 
@@ -52,12 +53,12 @@ class RedisStore:
         *,
         prefix: str = "armor:",
         timeout: float = 0.5,
-        breaker: Any = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.timeout = timeout
-        self.breaker = breaker  # TODO(lead): default CircuitBreaker once breaker.py lands
+        self.breaker = breaker or CircuitBreaker(fail_max=3, reset_timeout=1.0, name="redis-store")
         self._hit_buckets = client.register_script(_script("hit_buckets"))
         self._lease_acquire = client.register_script(_script("lease_acquire"))
         self._lease_complete = client.register_script(_script("lease_complete"))
@@ -70,7 +71,7 @@ class RedisStore:
         *,
         prefix: str = "armor:",
         timeout: float = 0.5,
-        breaker: Any = None,
+        breaker: CircuitBreaker | None = None,
         **client_options: Any,
     ) -> RedisStore:
         """Connect lazily to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``).
@@ -100,9 +101,6 @@ class RedisStore:
         from redis.exceptions import RedisError
 
         try:
-            if self.breaker is None:
-                with anyio.fail_after(self.timeout):
-                    return await call(*args, **kwargs)
             async with self.breaker:
                 with anyio.fail_after(self.timeout):
                     return await call(*args, **kwargs)

@@ -1,0 +1,251 @@
+"""``RateLimiter``: token buckets in a store, several decided at once, with a failure policy."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from asgi_armor.errors import ConfigError, RateLimited, ServiceUnavailable
+from asgi_armor.ratelimit import bucket
+from asgi_armor.ratelimit.headers import decision_headers, whole_seconds
+from asgi_armor.ratelimit.rate import Rate
+from asgi_armor.stores.base import BucketSpec, OnStoreError, RateLimitStore, StoreError, make_key
+
+__all__ = ["Decision", "Item", "RateLimiter", "check_cost", "rate_limited"]
+
+logger = logging.getLogger("asgi_armor.ratelimit")
+
+#: One bucket to hit: ``(key, rate)`` or ``(key, rate, policy name)``.
+Item = tuple[str, Rate | str] | tuple[str, Rate | str, str | None]
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """The outcome of one rate-limit check on one bucket.
+
+    Attributes:
+        allowed: whether the request was let through (its tokens taken from every bucket
+            decided with it). In a denied multi-bucket decision every ``Decision`` says
+            False, and the buckets that lacked tokens are those with ``retry_after > 0``.
+        limit: the bucket depth (the rate's burst, by default its limit).
+        remaining: whole tokens left after this decision.
+        reset_after: seconds until the bucket is full again.
+        retry_after: seconds until this request would be allowed (0 when allowed).
+        policy: the policy (rule) name the bucket belongs to.
+        rate: the rate of that policy.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+    retry_after: float
+    policy: str = ""
+    rate: Rate | None = None
+
+
+def check_cost(cost: int, rate: Rate, what: str = "cost") -> None:
+    """Reject a cost no request could ever pay.
+
+    Raises:
+        ValueError: ``cost`` is negative, not an int, or more than the bucket holds.
+    """
+    value: object = cost
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a whole number >= 0, not {cost!r}")
+    if cost > rate.capacity:
+        raise ValueError(
+            f"{what} {cost} exceeds the burst of {rate} ({rate.capacity}): "
+            "such a request could never be allowed"
+        )
+
+
+class RateLimiter:
+    """Token-bucket rate limiting over a ``RateLimitStore`` (``MemoryStore``, ``RedisStore``).
+
+    Args:
+        store: where buckets live; one atomic store call per check.
+        on_store_error: when the store fails, ``"allow"`` lets requests through (logged at
+            most once per ``warn_every`` seconds, counted in ``store_errors``); ``"deny"``
+            raises ``ServiceUnavailable``.
+        warn_every: seconds between two warnings about a failing store.
+        clock: monotonic seconds, only for spacing the warnings (decisions use the
+            store's clock).
+        logger: where store failures are reported.
+
+    Raises:
+        ConfigError: ``on_store_error`` is not ``"allow"`` or ``"deny"``.
+    """
+
+    __slots__ = (
+        "_last_warning",
+        "clock",
+        "logger",
+        "on_store_error",
+        "store",
+        "store_errors",
+        "warn_every",
+    )
+
+    def __init__(
+        self,
+        store: RateLimitStore,
+        *,
+        on_store_error: OnStoreError = "allow",
+        warn_every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger = logger,
+    ) -> None:
+        if on_store_error not in ("allow", "deny"):
+            raise ConfigError(f"on_store_error: {on_store_error!r} is not 'allow' or 'deny'")
+        self.store = store
+        self.on_store_error: OnStoreError = on_store_error
+        self.warn_every = warn_every
+        self.clock = clock
+        self.logger = logger
+        self.store_errors = 0
+        self._last_warning = -float("inf")
+
+    async def take(
+        self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
+    ) -> tuple[bool, float, list[float]] | None:
+        """The low-level check: ``store.hit_buckets`` under the failure policy.
+
+        Keys are used as given (build them with ``make_key``). Returns the store's
+        ``(allowed, now, tats)``, or None when the store failed and the policy allows.
+
+        Raises:
+            ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+        """
+        try:
+            return await self.store.hit_buckets(keys, specs, cost)
+        except StoreError as exc:
+            self.store_failed(exc)
+            return None
+
+    def store_failed(self, exc: StoreError) -> None:
+        """Count and (at most once per ``warn_every``) log a store failure, then apply the
+        policy: return under ``"allow"``.
+
+        Raises:
+            ServiceUnavailable: ``on_store_error`` is ``"deny"``.
+        """
+        self.store_errors += 1
+        now = self.clock()
+        if now - self._last_warning >= self.warn_every:
+            self._last_warning = now
+            self.logger.warning(
+                "rate-limit store failed (%s so far), %s requests: %s",
+                self.store_errors,
+                "allowing" if self.on_store_error == "allow" else "denying",
+                exc,
+            )
+        if self.on_store_error == "deny":
+            raise ServiceUnavailable(retry_after=1.0) from exc
+
+    async def hit(
+        self,
+        key: str,
+        rate: Rate | str,
+        cost: int = 1,
+        *,
+        policy: str | None = None,
+        enforce: bool = False,
+    ) -> Decision:
+        """Take ``cost`` tokens from the bucket of ``key`` at ``rate``.
+
+        Args:
+            key: what is limited (a user id, an address, ...); long values are hashed.
+            rate: a ``Rate`` or its text (``"10/minute"``).
+            cost: tokens this request takes (0 only looks).
+            policy: the bucket namespace and header policy name (default: ``str(rate)``).
+            enforce: raise ``RateLimited`` instead of returning a denied decision.
+
+        Raises:
+            RateLimited: ``enforce`` is set and the bucket lacks the tokens.
+            ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+            ValueError: ``cost`` exceeds the bucket depth or is negative.
+        """
+        decisions = await self.hit_many([(key, rate, policy)], cost, enforce=enforce)
+        return decisions[0]
+
+    async def enforce(
+        self, key: str, rate: Rate | str, cost: int = 1, *, policy: str | None = None
+    ) -> Decision:
+        """``hit(..., enforce=True)``: the decision, or ``RateLimited`` with its headers.
+
+        Raises:
+            RateLimited: the bucket lacks the tokens (``retry_after`` and headers set).
+            ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+        """
+        return await self.hit(key, rate, cost, policy=policy, enforce=True)
+
+    async def hit_many(
+        self, items: Sequence[Item], cost: int = 1, *, enforce: bool = False
+    ) -> list[Decision]:
+        """Take ``cost`` tokens from every bucket, or from none, in one store call.
+
+        Args:
+            items: ``(key, rate)`` or ``(key, rate, policy)`` per bucket; a bucket is named
+                by its policy (default ``str(rate)``) and key.
+            cost: tokens taken from each bucket.
+            enforce: raise ``RateLimited`` instead of returning denied decisions.
+
+        Raises:
+            RateLimited: ``enforce`` is set and a bucket lacks the tokens.
+            ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+            ValueError: no items, the same bucket twice, or an impossible ``cost``.
+        """
+        if not items:
+            raise ValueError("hit_many needs at least one (key, rate) item")
+        rates: list[Rate] = []
+        policies: list[str] = []
+        keys: list[str] = []
+        for item in items:
+            rate = Rate.parse(item[1])
+            named = item[2] if len(item) > 2 else None
+            policy = str(rate) if named is None else named
+            check_cost(cost, rate)
+            rates.append(rate)
+            policies.append(policy)
+            keys.append(make_key("rl", policy, item[0]))
+        if len(set(keys)) != len(keys):
+            raise ValueError("hit_many got the same bucket twice")
+        specs = [rate.spec for rate in rates]
+        result = await self.take(keys, specs, cost)
+        if result is None:
+            # Fail open: the store's state is unknown, so report the bucket as untouched.
+            return [
+                Decision(True, r.capacity, r.capacity, 0.0, 0.0, p, r)
+                for r, p in zip(rates, policies, strict=True)
+            ]
+        allowed, now, tats = result
+        decisions = []
+        for tat, (interval, tolerance), rate, policy in zip(
+            tats, specs, rates, policies, strict=True
+        ):
+            decisions.append(
+                Decision(
+                    allowed,
+                    rate.capacity,
+                    bucket.remaining(tat, now, interval, tolerance),
+                    bucket.reset_after(tat, now),
+                    0.0 if allowed else bucket.retry_after(tat, now, interval, tolerance, cost),
+                    policy,
+                    rate,
+                )
+            )
+        if enforce and not allowed:
+            raise rate_limited(decisions)
+        return decisions
+
+    def __repr__(self) -> str:
+        return f"RateLimiter({self.store!r}, on_store_error={self.on_store_error!r})"
+
+
+def rate_limited(decisions: Sequence[Decision]) -> RateLimited:
+    """The ``RateLimited`` error for a denied set of decisions, headers included."""
+    retry = max(decision.retry_after for decision in decisions)
+    return RateLimited(whole_seconds(retry), headers=decision_headers(decisions, time.time()))

@@ -1,0 +1,291 @@
+"""``RateLimitMiddleware``: every matching rule decided together, in one store call."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import cast
+
+from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
+from asgi_armor.clientip import ClientIP
+from asgi_armor.errors import ConfigError, RateLimited, ServiceUnavailable, send_error
+from asgi_armor.identity import Identify, principal
+from asgi_armor.ratelimit import bucket
+from asgi_armor.ratelimit import headers as h
+from asgi_armor.ratelimit.limiter import RateLimiter
+from asgi_armor.ratelimit.rules import (
+    KEY_GLOBAL,
+    KEY_HEADER,
+    KEY_IP,
+    KEY_PATH,
+    KEY_USER,
+    KeyFunc,
+    Rule,
+)
+from asgi_armor.routes import Route, RouteMap
+from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
+
+__all__ = ["RateLimitMiddleware"]
+
+_LIMIT = h.LIMIT.lower().encode()
+_REMAINING = h.REMAINING.lower().encode()
+_RESET = h.RESET.lower().encode()
+_POLICY = h.POLICY.lower().encode()
+_RATELIMIT = h.RATELIMIT.lower().encode()
+_RESET_PARAM = f";{h.PARAM_RESET}=".encode()
+_EPSILON = bucket.EPSILON
+# A value this short is at most 64 UTF-8 bytes, so make_key would keep it as it is.
+_SHORT = 16
+# Route matching results kept per (method, path): at most this many, of short paths only,
+# so the cache stays small whatever paths clients invent.
+_MATCH_CACHE = 1024
+_MATCH_CACHE_PATH = 256
+
+
+class _Compiled:
+    """A rule with everything a request needs precomputed."""
+
+    __slots__ = (
+        "capacity",
+        "fn",
+        "header",
+        "interval",
+        "kind",
+        "limit_bytes",
+        "param",
+        "policy_item",
+        "prefix",
+        "ratelimit_prefix",
+        "rule",
+        "store_spec",
+        "tolerance",
+    )
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.kind = rule.key_kind
+        self.param = rule.param
+        self.header = rule.header
+        self.fn = rule.key_fn
+        self.prefix = make_key("rl", rule.name) + ":"
+        self.interval, self.tolerance = rule.rate.spec
+        # A cost of c tokens is the same GCRA step as one token of c intervals, so rules
+        # with different costs still share one hit_buckets call (which takes one cost).
+        self.store_spec = (self.interval * rule.cost, self.tolerance)
+        self.capacity = rule.rate.capacity
+        self.limit_bytes = str(self.capacity).encode()
+        self.policy_item = h.policy_item(rule.name, rule.rate).encode()
+        self.ratelimit_prefix = f"{h.sf_string(rule.name)};{h.PARAM_REMAINING}=".encode()
+
+
+class RateLimitMiddleware:
+    """Layered rate limiting: all rules matching a request pass together or none consumes.
+
+    Args:
+        app: the ASGI app to wrap.
+        rules: the ``Rule`` s; every rule whose route matches applies.
+        store: where buckets live (default: a new ``MemoryStore()``).
+        identify: the hook giving the principal for ``"user"`` keys.
+        trusted_proxies: proxies whose forwarding headers give the client address.
+        client_ip: a ready ``ClientIP`` (or any ``scope -> str``), instead of
+            ``trusted_proxies``.
+        exempt: route patterns never limited (``"GET /healthz"``).
+        on_store_error: ``"allow"`` (fail open, logged and counted) or ``"deny"`` (503).
+        headers: add the rate-limit headers to responses (``Retry-After`` is always sent
+            on 429).
+        wall_clock: Unix time, used only to express ``X-RateLimit-Reset``.
+
+    Raises:
+        ConfigError: a bad rule, two rules with one name, a ``"user"`` rule without
+            ``identify``, a bad exempt route or proxy, or a bad ``on_store_error``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        rules: Iterable[Rule],
+        store: RateLimitStore | None = None,
+        identify: Identify | None = None,
+        trusted_proxies: Iterable[str] = (),
+        client_ip: Callable[[Scope], str] | None = None,
+        exempt: Iterable[str | Route] = (),
+        on_store_error: OnStoreError = "allow",
+        headers: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        compiled: list[tuple[Route, _Compiled]] = []
+        names: set[str] = set()
+        for index, rule in enumerate(rules):
+            if not isinstance(rule, Rule):
+                raise ConfigError(f"rules[{index}]: {rule!r} is not a Rule")
+            if rule.name in names:
+                raise ConfigError(
+                    f"rule {rule.name!r}: two rules have this name and would share buckets; "
+                    "give each rule its own name"
+                )
+            names.add(rule.name)
+            if rule.key_kind == KEY_USER and identify is None:
+                raise ConfigError(
+                    f"rule {rule.name!r}: key 'user' needs an identify hook "
+                    "naming the caller (identify=...)"
+                )
+            compiled.append((rule.route, _Compiled(rule)))
+        self.rules = tuple(c.rule for _, c in compiled)
+        self._routes: RouteMap[_Compiled] = RouteMap(compiled)
+        self._matches: dict[tuple[str, str], list[tuple[_Compiled, Mapping[str, str]]]] = {}
+        self._exempt: RouteMap[None] | None = RouteMap((e, None) for e in exempt) or None
+        from asgi_armor.stores.memory import MemoryStore  # here: stores import ratelimit.bucket
+
+        self.limiter = RateLimiter(
+            MemoryStore() if store is None else store, on_store_error=on_store_error
+        )
+        self.store = self.limiter.store
+        self._hit_buckets = self.store.hit_buckets
+        self._client_ip = client_ip if client_ip is not None else ClientIP(trusted_proxies)
+        self._identify = identify
+        self.headers = headers
+        self._wall_clock = wall_clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method: str = scope["method"]
+        path: str = scope["path"]
+        if self._exempt is not None and self._exempt.first(method, path) is not None:
+            await self.app(scope, receive, send)
+            return
+        cache = self._matches
+        matches = cache.get((method, path))
+        if matches is None:
+            matches = self._routes.all(method, path)
+            if len(path) <= _MATCH_CACHE_PATH:
+                if len(cache) >= _MATCH_CACHE:
+                    # Paths with parameters are unbounded: start over rather than grow.
+                    cache.clear()
+                cache[method, path] = matches
+        if not matches:
+            await self.app(scope, receive, send)
+            return
+
+        keys: list[str] = []
+        specs: list[tuple[float, float]] = []
+        ip: str | None = None
+        for rule, params in matches:
+            kind = rule.kind
+            if kind == KEY_IP:
+                if ip is None:
+                    ip = self._client_ip(scope)
+                value = ip
+            elif kind == KEY_GLOBAL:
+                value = "*"
+            elif kind == KEY_PATH:
+                value = params[rule.param]
+            else:
+                found: str | None
+                if kind == KEY_HEADER:
+                    raw = get_header(scope, rule.header)
+                    found = None if raw is None else "h:" + raw.decode("latin-1")
+                elif kind == KEY_USER:
+                    who = await principal(scope, self._identify)
+                    found = None if who is None else "u:" + who
+                else:
+                    # Only KEY_CALLABLE is left, and such a rule always has its function.
+                    custom = cast("KeyFunc", rule.fn)(scope, params)
+                    if inspect.isawaitable(custom):
+                        custom = await custom
+                    found = None if custom is None else "k:" + custom
+                if found is None:
+                    if ip is None:
+                        ip = self._client_ip(scope)
+                    found = "ip:" + ip
+                value = found
+            keys.append(rule.prefix + (value if len(value) <= _SHORT else make_key(value)))
+            specs.append(rule.store_spec)
+
+        try:
+            allowed, now, tats = await self._hit_buckets(keys, specs, 1)
+        except StoreError as exc:
+            try:
+                self.limiter.store_failed(exc)
+            except ServiceUnavailable as unavailable:
+                await send_error(scope, send, unavailable)
+                return
+            # The policy is to let requests through while the store is failing.
+            await self.app(scope, receive, send)
+            return
+
+        # The layer to report: the denying one with the longest wait, else the fewest left.
+        best = matches[0][0]
+        best_tat = tats[0]
+        retry = 0.0
+        if allowed:
+            best_remaining = sys.maxsize
+            for index in range(len(tats)):
+                rule = matches[index][0]
+                tat = tats[index]
+                debt = tat - now if tat > now else 0.0
+                left = math.floor((rule.tolerance - debt) / rule.interval + _EPSILON)
+                if left < best_remaining or (left == best_remaining and tat > best_tat):
+                    best, best_tat, best_remaining = rule, tat, left
+        else:
+            retry = -1.0
+            for index in range(len(tats)):
+                rule = matches[index][0]
+                tat = tats[index]
+                wait = (tat if tat > now else now) + rule.store_spec[0] - rule.tolerance - now
+                if wait > retry:
+                    best, best_tat, retry = rule, tat, wait
+            best_remaining = bucket.remaining(best_tat, now, best.interval, best.tolerance)
+        if best_remaining < 0:
+            best_remaining = 0
+        reset_after = best_tat - now if best_tat > now else 0.0
+
+        if not allowed:
+            extra: dict[str, str] = {}
+            if self.headers:
+                extra = {
+                    h.LIMIT: str(best.capacity),
+                    h.REMAINING: str(best_remaining),
+                    h.RESET: str(math.ceil(self._wall_clock() + reset_after)),
+                    h.POLICY: ", ".join(rule.policy_item.decode() for rule, _ in matches),
+                    h.RATELIMIT: h.ratelimit_item(best.rule.name, best_remaining, reset_after),
+                }
+            await send_error(scope, send, RateLimited(h.whole_seconds(retry), headers=extra))
+            return
+        if not self.headers:
+            await self.app(scope, receive, send)
+            return
+
+        remaining_bytes = b"%d" % best_remaining
+        reset_seconds = math.ceil(reset_after - _EPSILON) if reset_after > _EPSILON else 0
+        added = [
+            (_LIMIT, best.limit_bytes),
+            (_REMAINING, remaining_bytes),
+            (_RESET, b"%d" % math.ceil(self._wall_clock() + reset_after)),
+            (
+                _POLICY,
+                best.policy_item
+                if len(matches) == 1
+                else b", ".join([rule.policy_item for rule, _ in matches]),
+            ),
+            (
+                _RATELIMIT,
+                b"%s%s%s%d" % (best.ratelimit_prefix, remaining_bytes, _RESET_PARAM, reset_seconds),
+            ),
+        ]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *added]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def __repr__(self) -> str:
+        return f"RateLimitMiddleware(rules={list(self.rules)!r}, store={self.store!r})"

@@ -1,0 +1,207 @@
+"""Request timeouts: ``with_timeout`` for one call, ``TimeoutMiddleware`` for whole requests.
+
+Both run the work inside an anyio cancel scope, so work that overruns its budget is
+*cancelled* (its ``finally`` blocks and ``async with`` exits run), never abandoned in the
+background. A cancellation that comes from outside (server shutdown, an enclosing
+timeout) is never mistaken for this timeout and always propagates.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+
+from asgi_armor._asgi import scope_state
+from asgi_armor.errors import ConfigError, RequestTimeout, ensure_request_id, send_error
+from asgi_armor.routes import RouteMap
+
+if TYPE_CHECKING:
+    from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["DEADLINE_CLOCK_KEY", "DEADLINE_KEY", "TimeoutMiddleware", "remaining", "with_timeout"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("asgi_armor")
+
+#: ``scope["state"]`` key holding the request's absolute deadline (seconds on the clock below).
+DEADLINE_KEY = "deadline"
+#: ``scope["state"]`` key holding the clock the deadline is expressed on.
+DEADLINE_CLOCK_KEY = "armor_deadline_clock"
+
+
+def _check_seconds(seconds: object, entry: str) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ConfigError(f"{entry}: {seconds!r} is not a number of seconds")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{entry}: {seconds!r} must be a finite number of seconds > 0")
+    return float(seconds)
+
+
+async def with_timeout(
+    awaitable_or_fn: Awaitable[T] | Callable[[], Awaitable[T]], seconds: float | None
+) -> T:
+    """Await an awaitable, or a zero-argument async callable's result, for at most ``seconds``.
+
+    The work is cancelled when the time is up, so its cleanup code runs before this raises.
+    A ``TimeoutError`` the work raises by itself is not converted, and a cancellation from
+    an enclosing scope propagates unchanged. ``seconds`` may come straight from
+    :func:`remaining`: ``0`` means already expired, ``None`` means no limit.
+
+    Args:
+        awaitable_or_fn: a coroutine or other awaitable, or a callable returning one; a
+            callable is only called inside the time budget.
+        seconds: the budget; negative counts as 0, None as no limit.
+
+    Raises:
+        RequestTimeout: the budget ran out (504, "Request timed out after 5s").
+        ValueError: ``seconds`` is NaN.
+    """
+    if seconds is not None and seconds != seconds:
+        raise ValueError("with_timeout: seconds is NaN")
+    budget = None if seconds is None else max(0.0, float(seconds))
+    with anyio.move_on_after(budget):
+        # A callable is called inside the scope so that its set-up is on the budget too.
+        awaitable = awaitable_or_fn if inspect.isawaitable(awaitable_or_fn) else awaitable_or_fn()
+        return await awaitable
+    # Only reached when *this* scope's deadline cancelled the work: the scope re-raises
+    # an outer cancellation instead of swallowing it.
+    raise RequestTimeout(budget)
+
+
+def remaining(scope: Scope) -> float | None:
+    """Seconds left in this request's budget (never negative), or None when it has none.
+
+    Made for budgeting inner calls: ``with anyio.fail_after(remaining(scope)): ...``
+    (``fail_after(None)`` means no limit).
+
+    Args:
+        scope: the ASGI scope, after ``TimeoutMiddleware`` set its deadline.
+    """
+    state = scope.get("state") or {}
+    deadline: float | None = state.get(DEADLINE_KEY)
+    if deadline is None:
+        return None
+    clock: Callable[[], float] = state.get(DEADLINE_CLOCK_KEY) or anyio.current_time
+    return max(0.0, deadline - clock())
+
+
+class TimeoutMiddleware:
+    """Give each request a time budget; answer 504 or abort the connection when it runs out.
+
+    The app runs inside an anyio cancel scope whose deadline is the budget, reading the
+    request body included (a slow upload is bounded too). When the deadline passes:
+
+    * before the app started its response: the app is cancelled (its ``finally`` blocks
+      run) and the client gets ``504 timeout`` "Request timed out after 5s", sent through
+      ``send`` so outer layers (idempotency) see an ordinary 5xx response;
+    * after the response started: ``RequestTimeout`` is raised so the server aborts the
+      connection; a second ``http.response.start`` or a truncated body passed off as
+      complete would both be lies to the client.
+
+    The absolute deadline is stored in ``scope["state"]["deadline"]``, in seconds on
+    ``clock`` (by default ``anyio.current_time()``, the clock cancel scopes use, so
+    ``anyio.CancelScope(deadline=scope["state"]["deadline"])`` works as is); use
+    :func:`remaining` to get the seconds left whatever the clock. A tighter deadline
+    already set by an outer layer is kept.
+
+    Args:
+        app: the ASGI app to wrap.
+        routes: ``{"GET /api/search": 5.0}`` or ``[(pattern, seconds), ...]``; the first
+            matching route wins.
+        default: budget for requests matching no route; None means no timeout.
+        clock: monotonic seconds the stored deadline is expressed on.
+
+    Raises:
+        ConfigError: a route pattern is invalid or a budget is not a positive number.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Mapping[str, float] | Iterable[tuple[str, float]] = (),
+        default: float | None = None,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        entries = list(routes.items()) if isinstance(routes, Mapping) else list(routes)
+        checked: list[tuple[str, float]] = []
+        for entry in entries:
+            try:
+                pattern, seconds = entry
+            except (TypeError, ValueError):
+                msg = f"timeout routes: {entry!r} is not a (route, seconds) pair"
+                raise ConfigError(msg) from None
+            checked.append((pattern, _check_seconds(seconds, f"timeout {pattern!r}")))
+        self.app = app
+        self.routes: RouteMap[float] = RouteMap(checked)
+        self.default = None if default is None else _check_seconds(default, "timeout default")
+        self.clock = clock
+
+    def budget_for(self, method: str, path: str) -> float | None:
+        """The budget in seconds for a request, or None when it has none."""
+        found = self.routes.first(method, path)
+        return self.default if found is None else found[0]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        budget = self.budget_for(scope["method"], scope["path"])
+        if budget is None:
+            await self.app(scope, receive, send)
+            return
+
+        state = scope_state(scope)
+        deadline = self.clock() + budget
+        outer_deadline = state.get(DEADLINE_KEY)
+        if outer_deadline is None or state.get(DEADLINE_CLOCK_KEY) is not self.clock:
+            state[DEADLINE_KEY] = deadline
+            state[DEADLINE_CLOCK_KEY] = self.clock
+        elif deadline < outer_deadline:
+            state[DEADLINE_KEY] = deadline
+
+        response_started = False
+        response_complete = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal response_started, response_complete
+            if message["type"] == "http.response.start":
+                response_started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_complete = True
+            await send(message)
+
+        cancel_scope = anyio.CancelScope(deadline=anyio.current_time() + budget)
+        try:
+            with cancel_scope:
+                await self.app(scope, receive, send_tracking)
+        except Exception:
+            if not cancel_scope.cancel_called:
+                raise
+            # Cleanup code that fails while being cancelled: the root cause is still
+            # the timeout, and the client should hear that, not a 500.
+            logger.warning(
+                "exception while cancelling a timed out request [request_id=%s]",
+                ensure_request_id(scope),
+                exc_info=True,
+            )
+        if not cancel_scope.cancel_called or response_complete:
+            # Either no timeout, or the response was fully sent and only work after it
+            # was cut short: the client already has its answer.
+            return
+        if response_started:
+            logger.warning(
+                "aborting response that timed out after %gs [request_id=%s]",
+                budget,
+                ensure_request_id(scope),
+            )
+            raise RequestTimeout(budget)
+        await send_error(scope, send, RequestTimeout(budget))
+
+    def __repr__(self) -> str:
+        return f"TimeoutMiddleware(routes={len(self.routes)}, default={self.default!r})"

@@ -1,0 +1,1618 @@
+"""Input validation and limits: ``InputLimits``, ``decode``/``decode_query``, ``Email``, ``Name``.
+
+``InputLimits`` refuses oversized or mistyped requests before the app does any work and
+counts the body bytes that really arrive, so a lying or chunked client is cut off at the
+cap. ``decode`` is one cached ``msgspec`` decode on valid input; only when that fails does
+a slow path walk the document against the model to report *every* field error at once.
+Normalising types (``Email``, ``Name``, ``Text(strip=True)``) carry a ``Normalize`` marker
+in their ``Annotated`` metadata, which msgspec ignores and ``decode`` applies afterwards.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import sys
+import types
+import unicodedata
+from array import array
+from collections.abc import (
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    MutableSequence,
+    MutableSet,
+    Sequence,
+)
+from collections.abc import Set as AbstractSet
+from itertools import accumulate
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Final,
+    Literal,
+    NewType,
+    NoReturn,
+    TypeAlias,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from asgi_armor.errors import (
+    ArmorError,
+    ConfigError,
+    ErrorDetail,
+    HeadersTooLarge,
+    InvalidJSON,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    URITooLong,
+    ValidationFailed,
+    ensure_request_id,
+    send_error,
+)
+from asgi_armor.routes import Route, RouteMap
+
+if TYPE_CHECKING:
+    from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "MAX_DETAILS",
+    "Email",
+    "Float",
+    "InputLimits",
+    "Int",
+    "InvalidValue",
+    "Name",
+    "Normalize",
+    "Text",
+    "decode",
+    "decode_query",
+    "normalize_email",
+    "normalize_name",
+]
+
+logger = logging.getLogger("asgi_armor")
+
+T = TypeVar("T")
+
+#: At most this many details are reported for one request: enough for any honest form,
+#: and a body of ten thousand unknown keys cannot turn into a ten-thousand-item answer.
+MAX_DETAILS: Final = 100
+
+_SEGMENT_MAX = 64  # user-chosen keys in a field path are cut to this many characters
+
+
+# --------------------------------------------------------------------------------------
+# Normalising annotated types
+# --------------------------------------------------------------------------------------
+
+
+class InvalidValue(ValueError):
+    """Raised by a normaliser: the value is not acceptable.
+
+    Args:
+        code: the detail code (``invalid_email``, ``too_long``, ...).
+        message: the human message; never include the offending value.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class Normalize:
+    """``Annotated`` marker: ``func(value)`` runs after decoding and returns the normal form.
+
+    ``func`` raises ``InvalidValue`` (or any ``ValueError``, reported as
+    ``invalid_format``) to reject the value; it is never called with ``None``. msgspec
+    ignores the marker; ``decode`` and ``decode_query`` apply it, on the fast path and in
+    the all-errors slow path alike.
+    ``msgspec.Meta`` constraints next to it check the raw value, before ``func`` runs.
+
+    Args:
+        func: the normaliser.
+    """
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        if not callable(func):
+            raise ConfigError(f"Normalize: {func!r} is not callable")
+        self.func = func
+
+    def __repr__(self) -> str:
+        return f"Normalize({getattr(self.func, '__qualname__', self.func)!r})"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+_EMAIL_MAX = 254  # RFC 5321 path limit (256) minus the angle brackets
+_ATEXT = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]"  # RFC 5322 atext, lower-cased
+# Alphanumeric runs joined by hyphens: no label starts or ends with one. Possessive
+# quantifiers throughout, so no input makes the match backtrack.
+_LABEL = r"[a-z0-9]++(?:-++[a-z0-9]++)*+"
+_EMAIL = re.compile(
+    rf"{_ATEXT}++(?:\.{_ATEXT}++)*+"  # local part: no leading, trailing or double dots
+    rf"@(?:{_LABEL}\.)++"  # at least one dot
+    rf"(?:[a-z]{{2,63}}+|xn--{_LABEL})",  # alphabetic or punycode top-level domain
+)
+_EMAIL_INVALID = "Email format is invalid"
+
+
+def normalize_email(value: str) -> str:
+    """Strip and lower-case an email address, then check its structure.
+
+    ASCII only (an internationalised domain must be given in its ``xn--`` form): exactly
+    one ``@``; a local part of 1..64 RFC 5322 atext characters with no leading, trailing or
+    double dots; domain labels of 1..63 letters, digits and inner hyphens; at least one dot;
+    an alphabetic or punycode top-level domain; at most 254 characters in all.
+
+    Raises:
+        InvalidValue: ``invalid_email``.
+    """
+    email = value.strip()
+    if len(email) > _EMAIL_MAX:
+        raise InvalidValue("invalid_email", f"Email must be at most {_EMAIL_MAX} characters")
+    # isascii first: str.lower() turns a few non-ASCII letters (KELVIN SIGN) into ASCII.
+    if not email.isascii():
+        raise InvalidValue("invalid_email", _EMAIL_INVALID)
+    email = email.lower()
+    at = email.find("@")
+    if not 0 < at <= 64 or _EMAIL.fullmatch(email) is None:
+        raise InvalidValue("invalid_email", _EMAIL_INVALID)
+    # Only a domain longer than 63 characters can hold a label that is.
+    if len(email) - at > 64 and max(map(len, email[at + 1 :].split("."))) > 63:
+        raise InvalidValue("invalid_email", _EMAIL_INVALID)
+    return email
+
+
+_NAME_MAX = 100
+# Invisible characters that reorder or hide text (Trojan Source, CVE-2021-42574) and lone
+# surrogates (which cannot be encoded back to UTF-8) are dropped along with the C0/C1
+# controls; the controls that are whitespace (tab, newline, NEL...) become spaces instead,
+# so "Ann\tLee" stays two words.
+_NAME_DROP: dict[int, int | None] = dict.fromkeys(
+    (
+        *range(0x20),
+        *range(0x7F, 0xA0),
+        0x200B,
+        0x200E,
+        0x200F,
+        *range(0x202A, 0x202F),
+        0x2060,
+        *range(0x2066, 0x206A),
+        0xFEFF,
+        *range(0xD800, 0xE000),
+    )
+)
+_NAME_DROP.update({cp: 0x20 for cp in range(0xA0) if chr(cp).isspace()})
+
+
+def normalize_name(value: str) -> str:
+    """Clean a person's name: controls removed, whitespace collapsed, NFC, 1..100 characters.
+
+    C0 and C1 control characters (U+0000-001F, U+007F-009F), bidi overrides and
+    zero-width characters are removed (whitespace controls such as tab and newline become a
+    space), every run of Unicode whitespace becomes one space, the ends are stripped, and
+    the result is put in Unicode NFC form.
+
+    Raises:
+        InvalidValue: ``too_short`` (empty after cleaning) or ``too_long``.
+    """
+    name = value
+    # Fast path: a clean name is printable, single-spaced and already trimmed.
+    if not (name.isprintable() and "  " not in name and name[:1] != " " and name[-1:] != " "):
+        name = " ".join(name.translate(_NAME_DROP).split())
+    if not name.isascii():
+        name = unicodedata.normalize("NFC", name)
+    if not name:
+        raise InvalidValue("too_short", "Must be at least 1 character")
+    if len(name) > _NAME_MAX:
+        raise InvalidValue("too_long", f"Must be at most {_NAME_MAX} characters")
+    return name
+
+
+Email: TypeAlias = Annotated[
+    str,
+    msgspec.Meta(
+        description="An email address (stripped and lower-cased)",
+        extra_json_schema={"format": "email", "maxLength": _EMAIL_MAX},
+    ),
+    Normalize(normalize_email),
+]
+"""An email address: stripped, lower-cased, structure checked, at most 254 characters."""
+
+Name: TypeAlias = Annotated[
+    str,
+    msgspec.Meta(
+        description="A person's name (controls removed, whitespace collapsed)",
+        extra_json_schema={"minLength": 1, "maxLength": _NAME_MAX},
+    ),
+    Normalize(normalize_name),
+]
+"""A person's name: control characters removed, whitespace collapsed, 1..100 characters."""
+
+
+def Text(
+    *,
+    min_length: int | None = None,
+    max_length: int | None = None,
+    pattern: str | None = None,
+    strip: bool = False,
+) -> Any:
+    """A bounded string type in one line: ``title: Text(min_length=1, max_length=200)``.
+
+    Args:
+        min_length: fewest characters (``too_short`` below it).
+        max_length: most characters (``too_long`` above it).
+        pattern: a regex the value must contain a match of (``invalid_format``).
+        strip: strip surrounding whitespace first; the bounds then apply to the stripped
+            value (a normaliser instead of ``msgspec.Meta``).
+
+    Raises:
+        ConfigError: a bound is negative, the bounds cross, or the pattern does not compile.
+    """
+    _check_bounds("Text", min_length, max_length)
+    regex = _compile_pattern("Text", pattern)
+    if not strip:
+        return Annotated[str, _meta(min_length=min_length, max_length=max_length, pattern=pattern)]
+
+    def strip_and_check(value: str) -> str:
+        value = value.strip()
+        if min_length is not None and len(value) < min_length:
+            raise InvalidValue("too_short", f"Must be at least {_plural(min_length, 'character')}")
+        if max_length is not None and len(value) > max_length:
+            raise InvalidValue("too_long", f"Must be at most {_plural(max_length, 'character')}")
+        if regex is not None and regex.search(value) is None:
+            raise InvalidValue("invalid_format", "Does not match the required format")
+        return value
+
+    schema: dict[str, Any] = {}
+    if min_length is not None:
+        schema["minLength"] = min_length
+    if max_length is not None:
+        schema["maxLength"] = max_length
+    if pattern is not None:
+        schema["pattern"] = pattern
+    return Annotated[str, msgspec.Meta(extra_json_schema=schema), Normalize(strip_and_check)]
+
+
+def Int(
+    *,
+    ge: int | None = None,
+    gt: int | None = None,
+    le: int | None = None,
+    lt: int | None = None,
+    multiple_of: int | None = None,
+) -> Any:
+    """A bounded integer type in one line: ``age: Int(ge=0, le=150)`` (``out_of_range``).
+
+    Raises:
+        ConfigError: a bound is not an int.
+    """
+    for label, bound in (
+        ("ge", ge),
+        ("gt", gt),
+        ("le", le),
+        ("lt", lt),
+        ("multiple_of", multiple_of),
+    ):
+        if bound is not None and not _is_int(bound):
+            raise ConfigError(f"Int: {label}={bound!r} is not an integer")
+    return Annotated[int, _meta(ge=ge, gt=gt, le=le, lt=lt, multiple_of=multiple_of)]
+
+
+def Float(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A bounded number type in one line: ``price: Float(gt=0)`` (``out_of_range``).
+
+    Raises:
+        ConfigError: a bound is not a number.
+    """
+    for label, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
+        if bound is not None and not (_is_int(bound) or isinstance(bound, float)):
+            raise ConfigError(f"Float: {label}={bound!r} is not a number")
+    return Annotated[float, _meta(ge=ge, gt=gt, le=le, lt=lt)]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# msgspec's stubs overload Meta per constraint family; the helpers pass optional bounds.
+_meta: Any = msgspec.Meta
+
+
+def _check_bounds(what: str, low: int | None, high: int | None) -> None:
+    for label, bound in (("min_length", low), ("max_length", high)):
+        if bound is not None and not (_is_int(bound) and bound >= 0):
+            raise ConfigError(f"{what}: {label}={bound!r} is not a non-negative integer")
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"{what}: min_length={low} is greater than max_length={high}")
+
+
+def _compile_pattern(what: str, pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{what}: pattern={pattern!r} does not compile: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------
+# The compiled validation tree (slow path) and normaliser plan (fast path)
+# --------------------------------------------------------------------------------------
+
+_FLOAT_MAX: Final = sys.float_info.max
+_BAD: Final = object()  # a validator's "this value failed" (its errors are already recorded)
+Path = tuple[str | int, ...]
+
+
+def _field(path: Path) -> str | None:
+    return ".".join(map(str, path)) if path else None
+
+
+def _segment(key: object) -> str:
+    text = key if isinstance(key, str) else repr(key)
+    return text if len(text) <= _SEGMENT_MAX else text[:_SEGMENT_MAX] + "..."
+
+
+def _add(errors: list[ErrorDetail], code: str, message: str, path: Path) -> None:
+    if len(errors) < MAX_DETAILS:
+        errors.append(ErrorDetail(code, message, _field(path)))
+
+
+class _Node:
+    """One type of the model: validates untyped JSON (slow path), normalises typed values."""
+
+    __slots__ = ("annotation", "expected", "kinds", "lax_str", "normalizes", "pytypes", "scalar")
+
+    def __init__(
+        self,
+        annotation: Any,
+        expected: str,
+        kinds: frozenset[type] | None,
+        pytypes: tuple[type, ...] = (object,),
+        lax_str: bool = False,
+        scalar: bool = False,
+    ) -> None:
+        self.annotation = annotation
+        # Scalar nodes hand the validated raw value to normalisers as it is; the others
+        # convert it to the typed value first.
+        self.scalar = scalar
+        self.expected = expected
+        # JSON value types this node can accept (None: any, or unknown) for union dispatch.
+        self.kinds = kinds
+        self.pytypes = pytypes  # what the decoded value is an instance of
+        self.lax_str = lax_str  # in query mode, also accepts a string to coerce
+        self.normalizes = False
+
+    def children(self) -> Iterable[_Node]:
+        return ()
+
+    def refresh(self) -> bool:
+        """Recompute ``normalizes`` from the children; True when it changed."""
+        value = any(child.normalizes for child in self.children())
+        changed = value != self.normalizes
+        self.normalizes = value
+        return changed
+
+    def accepts(self, value: object, lax: bool) -> bool:
+        kinds = self.kinds
+        return (
+            kinds is None or type(value) in kinds or (lax and self.lax_str and type(value) is str)
+        )
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        raise NotImplementedError
+
+    def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        return value
+
+    def wrong_type(self, path: Path, errors: list[ErrorDetail]) -> Any:
+        _add(errors, "invalid_type", f"Expected {self.expected}", path)
+        return _BAD
+
+
+class _AnyNode(_Node):
+    __slots__ = ()
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        return value
+
+
+class _NoneNode(_Node):
+    __slots__ = ()
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        if value is None or (lax and value == "null"):
+            return None
+        return self.wrong_type(path, errors)
+
+
+class _Range:
+    """Numeric bounds from ``msgspec.Meta``, with one precomputed message."""
+
+    __slots__ = ("ge", "gt", "le", "lt", "message", "multiple_of")
+
+    def __init__(self, meta: Mapping[str, Any]) -> None:
+        self.ge = meta.get("ge")
+        self.gt = meta.get("gt")
+        self.le = meta.get("le")
+        self.lt = meta.get("lt")
+        self.multiple_of = meta.get("multiple_of")
+        parts = [
+            f"{op} {bound}"
+            for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            if bound is not None
+        ]
+        if self.multiple_of is not None:
+            parts.append(f"a multiple of {self.multiple_of}")
+        self.message = "Must be " + " and ".join(parts)
+
+    def __bool__(self) -> bool:
+        return any(b is not None for b in (self.ge, self.gt, self.le, self.lt, self.multiple_of))
+
+    def ok(self, value: float) -> bool:
+        if value != value:  # NaN compares false with every bound
+            return not (
+                self.ge is not None
+                or self.gt is not None
+                or self.le is not None
+                or self.lt is not None
+            )
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+            or (self.multiple_of is not None and value % self.multiple_of != 0)
+        )
+
+
+class _LengthBounds:
+    __slots__ = ("max_length", "min_length", "unit")
+
+    def __init__(self, meta: Mapping[str, Any], unit: str) -> None:
+        self.min_length: int | None = meta.get("min_length")
+        self.max_length: int | None = meta.get("max_length")
+        self.unit = unit
+
+    def check(self, n: int, path: Path, errors: list[ErrorDetail]) -> bool:
+        low, high = self.min_length, self.max_length
+        if low is not None and n < low:
+            _add(
+                errors, "too_short", f"Must {self._have()} at least {_plural(low, self.unit)}", path
+            )
+            return False
+        if high is not None and n > high:
+            _add(
+                errors, "too_long", f"Must {self._have()} at most {_plural(high, self.unit)}", path
+            )
+            return False
+        return True
+
+    def _have(self) -> str:
+        return "be" if self.unit == "character" else "have"
+
+
+class _StrNode(_Node):
+    __slots__ = ("bounds", "pattern")
+
+    def __init__(self, annotation: Any, meta: Mapping[str, Any]) -> None:
+        super().__init__(annotation, "a string", frozenset({str}), (str,), scalar=True)
+        self.bounds = _LengthBounds(meta, "character")
+        pattern = meta.get("pattern")
+        self.pattern = None if pattern is None else re.compile(pattern)
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        if type(value) is not str:
+            return self.wrong_type(path, errors)
+        if not self.bounds.check(len(value), path, errors):
+            return _BAD
+        # msgspec's pattern semantics are re.search, not fullmatch.
+        if self.pattern is not None and self.pattern.search(value) is None:
+            _add(errors, "invalid_format", "Does not match the required format", path)
+            return _BAD
+        return value
+
+
+class _NumberNode(_Node):
+    __slots__ = ("base", "range")
+
+    def __init__(self, annotation: Any, base: type, meta: Mapping[str, Any]) -> None:
+        if base is int:
+            super().__init__(annotation, "an integer", frozenset({int}), (int,), True, True)
+        else:
+            super().__init__(annotation, "a number", frozenset({int, float}), (float,), True, True)
+        self.base = base
+        self.range = _Range(meta)
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        kind = type(value)
+        if kind is str and lax:
+            try:
+                value = msgspec.convert(value, self.base, strict=False)
+            except msgspec.ValidationError:
+                return self.wrong_type(path, errors)
+        elif kind not in self.kinds:  # type: ignore[operator]
+            return self.wrong_type(path, errors)
+        elif kind is int and self.base is float and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
+            # msgspec refuses an integer literal no float can hold.
+            _add(errors, "out_of_range", "Number out of range", path)
+            return _BAD
+        if self.range and not self.range.ok(value):
+            _add(errors, "out_of_range", self.range.message, path)
+            return _BAD
+        return value
+
+
+class _BoolNode(_Node):
+    __slots__ = ()
+
+    def __init__(self, annotation: Any) -> None:
+        super().__init__(annotation, "a boolean", frozenset({bool}), (bool,), True, True)
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        if type(value) is bool:
+            return value
+        if lax and type(value) is str:
+            try:
+                return msgspec.convert(value, bool, strict=False)
+            except msgspec.ValidationError:
+                pass
+        return self.wrong_type(path, errors)
+
+
+class _ChoiceNode(_Node):
+    """``Literal[...]`` and enums: the value must be one of a fixed set."""
+
+    __slots__ = ("allowed",)
+
+    def __init__(self, annotation: Any, values: Sequence[Any], *, scalar: bool) -> None:
+        shown = ", ".join(repr(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        kinds = frozenset(type(v) for v in values)
+        super().__init__(annotation, f"one of {shown}", kinds, lax_str=int in kinds, scalar=scalar)
+        # (type, value) pairs: True == 1 in Python, but not in JSON.
+        self.allowed = frozenset((type(v), v) for v in values)
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        kind = type(value)
+        if kind in self.kinds and (kind, value) in self.allowed:  # type: ignore[operator]
+            return value
+        if lax and type(value) is str and int in self.kinds:  # type: ignore[operator]
+            try:
+                number = int(value) if len(value) <= 20 else None
+            except ValueError:
+                number = None
+            if (int, number) in self.allowed:
+                return number
+        code = "invalid_format" if kind in self.kinds else "invalid_type"  # type: ignore[operator]
+        _add(errors, code, f"Must be {self.expected}", path)
+        return _BAD
+
+
+class _OpaqueNode(_Node):
+    """Types validated by ``msgspec.convert`` itself (datetime, UUID, Decimal, bytes, ...)."""
+
+    __slots__ = ()
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        try:
+            return msgspec.convert(value, self.annotation, strict=not lax)
+        except msgspec.ValidationError as exc:
+            if len(errors) < MAX_DETAILS:
+                errors.append(_translate(str(exc), path))
+            return _BAD
+
+
+class _NormalizedNode(_Node):
+    __slots__ = ("funcs", "inner")
+
+    def __init__(
+        self, annotation: Any, inner: _Node, funcs: tuple[Callable[[Any], Any], ...]
+    ) -> None:
+        super().__init__(
+            annotation, inner.expected, inner.kinds, inner.pytypes, inner.lax_str, False
+        )
+        self.inner = inner
+        self.funcs = funcs
+        self.normalizes = True
+
+    def refresh(self) -> bool:
+        return False
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        value = self.inner.validate(value, path, errors, lax)
+        if value is _BAD:
+            return _BAD
+        if not self.inner.scalar:
+            try:
+                value = msgspec.convert(value, self.inner.annotation, strict=not lax)
+            except msgspec.ValidationError:
+                return value  # cannot happen once the inner node passed; nothing to add
+        return self._apply(value, path, errors)
+
+    def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        if self.inner.normalizes:
+            value = self.inner.normalize(value, path, errors)
+        result = self._apply(value, path, errors)
+        # On failure the error is recorded and the whole decode fails; keep the old value
+        # so that containers never hold the sentinel meanwhile.
+        return value if result is _BAD else result
+
+    def _apply(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        if value is None:
+            return None  # normalisers never see None (an Optional field left empty)
+        for func in self.funcs:
+            try:
+                value = func(value)
+            except ValueError as exc:
+                _record(errors, exc, path)
+                return _BAD
+        return value
+
+
+class _ArrayNode(_Node):
+    """list, set, frozenset and ``tuple[X, ...]``."""
+
+    __slots__ = ("bounds", "container", "item")
+
+    def __init__(
+        self, annotation: Any, container: type, item: _Node, meta: Mapping[str, Any]
+    ) -> None:
+        super().__init__(annotation, "an array", frozenset({list}), (container,))
+        self.container = container
+        self.item = item
+        self.bounds = _LengthBounds(meta, "item")
+
+    def children(self) -> Iterable[_Node]:
+        return (self.item,)
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        if type(value) is not list:
+            return self.wrong_type(path, errors)
+        ok = self.bounds.check(len(value), path, errors)
+        item = self.item
+        for index, element in enumerate(value):
+            if item.validate(element, (*path, index), errors, lax) is _BAD:
+                ok = False
+            if len(errors) >= MAX_DETAILS:
+                return _BAD
+        return value if ok else _BAD
+
+    def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        item = self.item
+        if type(value) is list:
+            for index, element in enumerate(value):
+                new = item.normalize(element, (*path, index), errors)
+                if new is not element:
+                    value[index] = new
+            return value
+        return type(value)(item.normalize(e, (*path, i), errors) for i, e in enumerate(value))
+
+
+class _TupleNode(_Node):
+    __slots__ = ("items",)
+
+    def __init__(self, annotation: Any, items: tuple[_Node, ...]) -> None:
+        super().__init__(
+            annotation, f"an array of {_plural(len(items), 'item')}", frozenset({list}), (tuple,)
+        )
+        self.items = items
+
+    def children(self) -> Iterable[_Node]:
+        return self.items
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        if type(value) is not list or len(value) != len(self.items):
+            return self.wrong_type(path, errors)
+        ok = True
+        for index, (node, element) in enumerate(zip(self.items, value, strict=True)):
+            if node.validate(element, (*path, index), errors, lax) is _BAD:
+                ok = False
+        return value if ok else _BAD
+
+    def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        return tuple(
+            node.normalize(element, (*path, index), errors) if node.normalizes else element
+            for index, (node, element) in enumerate(zip(self.items, value, strict=True))
+        )
+
+
+class _DictNode(_Node):
+    __slots__ = ("bounds", "key", "value")
+
+    def __init__(self, annotation: Any, key: _Node, value: _Node, meta: Mapping[str, Any]) -> None:
+        super().__init__(annotation, "an object", frozenset({dict}), (dict,))
+        self.key = key
+        self.value = value
+        self.bounds = _LengthBounds(meta, "item")
+
+    def children(self) -> Iterable[_Node]:
+        return (self.key, self.value)
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        if type(value) is not dict:
+            return self.wrong_type(path, errors)
+        ok = self.bounds.check(len(value), path, errors)
+        for key, element in value.items():
+            where = (*path, _segment(key))
+            # JSON keys are strings; msgspec coerces them to int/enum keys as needed.
+            if self.key.validate(key, where, errors, True) is _BAD:
+                ok = False
+            if self.value.validate(element, where, errors, lax) is _BAD:
+                ok = False
+            if len(errors) >= MAX_DETAILS:
+                return _BAD
+        return value if ok else _BAD
+
+    def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        knode, vnode = self.key, self.value
+        if not knode.normalizes:
+            for key, element in value.items():
+                new = vnode.normalize(element, (*path, _segment(key)), errors)
+                if new is not element:
+                    value[key] = new
+            return value
+        return {
+            knode.normalize(k, (*path, _segment(k)), errors): (
+                vnode.normalize(v, (*path, _segment(k)), errors) if vnode.normalizes else v
+            )
+            for k, v in value.items()
+        }
+
+
+class _StructField:
+    __slots__ = ("default", "key", "name", "node", "required")
+
+    def __init__(self, info: msgspec.structs.FieldInfo, node: _Node) -> None:
+        self.name = info.name
+        self.key = info.encode_name
+        self.node = node
+        self.required = info.required
+        self.default = info.default
+
+
+class _StructNode(_Node):
+    __slots__ = ("fields", "forbid_unknown", "known", "norm_plan", "tag", "tag_field")
+
+    def __init__(self, cls: type[msgspec.Struct]) -> None:
+        super().__init__(cls, "an object", frozenset({dict}), (cls,))
+        config = cls.__struct_config__
+        self.forbid_unknown = config.forbid_unknown_fields
+        self.tag_field = config.tag_field
+        self.tag = config.tag
+        self.fields: tuple[_StructField, ...] = ()
+        self.norm_plan: tuple[_NormStep, ...] = ()
+        self.known: frozenset[str] = frozenset()
+
+    def set_fields(self, fields: tuple[_StructField, ...]) -> None:
+        self.fields = fields
+        self.known = frozenset(f.key for f in fields) | (
+            {self.tag_field} if self.tag_field else set()
+        )
+
+    def children(self) -> Iterable[_Node]:
+        return (f.node for f in self.fields)
+
+    def refresh(self) -> bool:
+        changed = super().refresh()
+        self.norm_plan = tuple(_norm_step(f) for f in self.fields if f.node.normalizes)
+        return changed
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        if type(value) is not dict:
+            return self.wrong_type(path, errors)
+        ok = True
+        for field in self.fields:
+            key = field.key
+            if key in value:
+                if field.node.validate(value[key], (*path, key), errors, lax) is _BAD:
+                    ok = False
+            elif field.required:
+                _add(errors, "required", "This field is required", (*path, key))
+                ok = False
+        tag_field = self.tag_field
+        if tag_field is not None and tag_field in value and value[tag_field] != self.tag:
+            _add(errors, "invalid_format", f"Must be {self.tag!r}", (*path, tag_field))
+            ok = False
+        if self.forbid_unknown:
+            known = self.known
+            for key in value:
+                if key not in known:
+                    _add(errors, "unknown_field", "Unknown field", (*path, _segment(key)))
+                    ok = False
+        return value if ok else _BAD
+
+    def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        # The hot loop of every valid decode with normalisers: locals only, and a field
+        # path is built only when something fails.
+        setter = _force_setattr
+        for name, default, key, node, direct in self.norm_plan:
+            current = getattr(value, name)
+            if current is default or current is None:
+                continue  # defaults are the model author's values; None is never normalised
+            if direct is not None:
+                try:
+                    new = direct(current)
+                except ValueError as exc:
+                    _record(errors, exc, (*path, key))
+                    continue
+            else:
+                new = node.normalize(current, (*path, key), errors)
+            if new is not current:
+                setter(value, name, new)
+        return value
+
+
+# (attribute, default, key, node, the lone normaliser when it applies straight to the value)
+_NormStep = tuple[str, Any, str, _Node, Callable[[Any], Any] | None]
+_force_setattr = msgspec.structs.force_setattr
+
+
+def _norm_step(field: _StructField) -> _NormStep:
+    node = field.node
+    direct = None
+    if isinstance(node, _UnionNode):
+        # Email | None: None is skipped above, so the other member's normaliser is direct.
+        others = [m for m in node.members if not isinstance(m, _NoneNode)]
+        if len(others) == 1:
+            node = others[0]
+    if isinstance(node, _NormalizedNode) and len(node.funcs) == 1 and not node.inner.normalizes:
+        direct = node.funcs[0]
+    return (field.name, field.default, field.key, field.node, direct)
+
+
+def _record(errors: list[ErrorDetail], exc: ValueError, path: Path) -> None:
+    if isinstance(exc, InvalidValue):
+        _add(errors, exc.code, exc.message, path)
+    else:
+        # Its message might quote the value; report the fact, not the text.
+        _add(errors, "invalid_format", "Invalid value", path)
+
+
+class _UnionNode(_Node):
+    __slots__ = ("members", "tagged")
+
+    def __init__(self, annotation: Any, members: tuple[_Node, ...]) -> None:
+        kinds: frozenset[type] | None = frozenset()
+        for member in members:
+            kinds = None if kinds is None or member.kinds is None else kinds | member.kinds
+        expected = " or ".join(m.expected for m in members)
+        pytypes = tuple(t for m in members for t in m.pytypes)
+        super().__init__(annotation, expected, kinds, pytypes, any(m.lax_str for m in members))
+        self.members = members
+        tagged = {}
+        for member in members:
+            if isinstance(member, _StructNode) and member.tag_field is not None:
+                tagged[(member.tag_field, member.tag)] = member
+        self.tagged = tagged
+
+    def children(self) -> Iterable[_Node]:
+        return self.members
+
+    def validate(self, value: Any, path: Path, errors: list[ErrorDetail], lax: bool) -> Any:
+        candidates = [m for m in self.members if m.accepts(value, lax)]
+        if not candidates:
+            return self.wrong_type(path, errors)
+        if type(value) is dict and self.tagged:
+            for (tag_field, tag), tagged in self.tagged.items():
+                if value.get(tag_field) == tag:
+                    return tagged.validate(value, path, errors, lax)
+            tag_field = next(iter(self.tagged))[0]
+            tags = ", ".join(repr(t) for _, t in self.tagged)
+            if tag_field not in value:
+                _add(errors, "required", "This field is required", (*path, tag_field))
+            else:
+                _add(errors, "invalid_format", f"Must be one of {tags}", (*path, tag_field))
+            return _BAD
+        if len(candidates) == 1:
+            return candidates[0].validate(value, path, errors, lax)
+        first: list[ErrorDetail] | None = None
+        for member in candidates:
+            scratch: list[ErrorDetail] = []
+            result = member.validate(value, path, scratch, lax)
+            if result is not _BAD:
+                return result
+            if first is None:
+                first = scratch
+        for detail in first or ():
+            if len(errors) < MAX_DETAILS:
+                errors.append(detail)
+        return _BAD
+
+    def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
+        for member in self.members:
+            if member.normalizes and isinstance(value, member.pytypes):
+                return member.normalize(value, path, errors)
+        return value
+
+
+_ARRAYS: Final[dict[Any, type]] = {
+    list: list,
+    set: set,
+    frozenset: frozenset,
+    Sequence: list,
+    MutableSequence: list,
+    AbstractSet: frozenset,
+    MutableSet: set,
+}
+_MAPPINGS: Final = frozenset({dict, Mapping, MutableMapping})
+_META_KEYS: Final = ("gt", "ge", "lt", "le", "multiple_of", "pattern", "min_length", "max_length")
+
+
+class _Compiler:
+    """Turns a type into a node tree; recursive Structs share one node."""
+
+    def __init__(self) -> None:
+        self.structs: dict[type, _StructNode] = {}
+        self.nodes: list[_Node] = []
+
+    def compile(self, annotation: Any) -> _Node:
+        node = self._compile(annotation)
+        # Fixpoint: with recursive models a Struct learns late that a descendant normalises.
+        while any([n.refresh() for n in self.nodes]):  # noqa: C419 - refresh every node
+            pass
+        return node
+
+    def _add(self, node: _Node) -> _Node:
+        self.nodes.append(node)
+        return node
+
+    def _compile(self, annotation: Any) -> _Node:
+        meta: dict[str, Any] = {}
+        funcs: list[Callable[[Any], Any]] = []
+        base = annotation
+        while True:
+            origin = get_origin(base)
+            if origin is Annotated:
+                for extra in base.__metadata__:
+                    if isinstance(extra, msgspec.Meta):
+                        meta.update(
+                            {
+                                k: getattr(extra, k)
+                                for k in _META_KEYS
+                                if getattr(extra, k) is not None
+                            }
+                        )
+                    elif isinstance(extra, Normalize):
+                        funcs.append(extra.func)
+                base = base.__origin__
+            elif isinstance(base, NewType):
+                base = base.__supertype__
+            elif hasattr(base, "__value__") and type(base).__name__ == "TypeAliasType":
+                base = base.__value__
+            else:
+                break
+        node = self._base(base, annotation if not funcs else _strip_normalizers(annotation), meta)
+        if funcs:
+            node = self._add(_NormalizedNode(annotation, node, tuple(funcs)))
+        return node
+
+    def _base(self, base: Any, annotation: Any, meta: Mapping[str, Any]) -> _Node:
+        origin = get_origin(base)
+        args = get_args(base)
+        if base is Any or base is object:
+            return self._add(_AnyNode(annotation, "any value", None))
+        if base is None or base is type(None):
+            none = frozenset({type(None)})
+            return self._add(_NoneNode(annotation, "null", none, (type(None),), True, True))
+        if base is bool:
+            return self._add(_BoolNode(annotation))
+        if base is int or base is float:
+            return self._add(_NumberNode(annotation, base, meta))
+        if base is str:
+            return self._add(_StrNode(annotation, meta))
+        if origin is Union or origin is types.UnionType:
+            members = tuple(self._compile(arg) for arg in args)
+            return self._add(_UnionNode(annotation, members))
+        if origin is Literal:
+            return self._add(_ChoiceNode(annotation, args, scalar=True))
+        if isinstance(base, type) and issubclass(base, enum.Enum):
+            return self._add(_ChoiceNode(annotation, [m.value for m in base], scalar=False))
+        if isinstance(base, type) and issubclass(base, msgspec.Struct):
+            if base.__struct_config__.array_like:
+                return self._add(_OpaqueNode(annotation, "an array", frozenset({list})))
+            found = self.structs.get(base)
+            if found is None:
+                found = self.structs[base] = _StructNode(base)
+                self.nodes.append(found)
+                found.set_fields(
+                    tuple(
+                        _StructField(info, self._compile(info.type))
+                        for info in msgspec.structs.fields(base)
+                    )
+                )
+            return found
+        container = _ARRAYS.get(base) or _ARRAYS.get(origin)
+        if container is not None:
+            item = self._compile(args[0]) if args else self._add(_AnyNode(Any, "any value", None))
+            return self._add(_ArrayNode(annotation, container, item, meta))
+        if base is tuple or origin is tuple:
+            if not args or (len(args) == 2 and args[1] is Ellipsis):
+                item = (
+                    self._compile(args[0]) if args else self._add(_AnyNode(Any, "any value", None))
+                )
+                return self._add(_ArrayNode(annotation, tuple, item, meta))
+            if args == ((),):
+                return self._add(_TupleNode(annotation, ()))
+            return self._add(_TupleNode(annotation, tuple(self._compile(a) for a in args)))
+        if base in _MAPPINGS or origin in _MAPPINGS:
+            key = self._compile(args[0]) if args else self._add(_AnyNode(Any, "any value", None))
+            value = self._compile(args[1]) if args else self._add(_AnyNode(Any, "any value", None))
+            return self._add(_DictNode(annotation, key, value, meta))
+        return self._add(_OpaqueNode(annotation, _opaque_name(base), None))
+
+
+def _opaque_name(base: Any) -> str:
+    name = getattr(base, "__name__", None)
+    return f"a valid {name}" if isinstance(name, str) else "a valid value"
+
+
+def _strip_normalizers(annotation: Any) -> Any:
+    """The same type without ``Normalize`` markers, for ``msgspec.convert``."""
+    if get_origin(annotation) is not Annotated:
+        return annotation
+    kept = tuple(m for m in annotation.__metadata__ if not isinstance(m, Normalize))
+    inner = _strip_normalizers(annotation.__origin__)
+    return Annotated[(inner, *kept)] if kept else inner
+
+
+# msgspec error text -> (code, message); the fallback for what the tree cannot see
+# (array-like Structs, __post_init__ errors, custom types). msgspec's own words are kept
+# only where they name types, never where they might quote the input.
+_MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$", re.DOTALL)
+_MSGSPEC_SEGMENT = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+_MISSING = "Object missing required field `"
+_UNKNOWN = "Object contains unknown field `"
+
+
+def _translate(text: str, prefix: Path = ()) -> ErrorDetail:
+    path = list(prefix)
+    found = _MSGSPEC_PATH.search(text)
+    if found is not None:
+        text = text[: found.start()]
+        for segment in _MSGSPEC_SEGMENT.finditer(found.group(1)):
+            name, index = segment.group(1), segment.group(2)
+            if name is not None:
+                path.append(_segment(name))
+            elif index is not None:
+                path.append(int(index))
+            else:
+                break  # msgspec does not name dict keys; the path ends at the dict
+    if text.startswith(_MISSING):
+        path.append(_segment(text[len(_MISSING) :].rstrip("`")))
+        return ErrorDetail("required", "This field is required", _field(tuple(path)))
+    if text.startswith(_UNKNOWN):
+        path.append(_segment(text[len(_UNKNOWN) :].rstrip("`")))
+        return ErrorDetail("unknown_field", "Unknown field", _field(tuple(path)))
+    where = _field(tuple(path))
+    if text.startswith("Expected `") and "`, got `" in text:
+        return ErrorDetail("invalid_type", text[:200], where)
+    if " of length >= " in text:
+        return ErrorDetail("too_short", text[:200], where)
+    if " of length <= " in text:
+        return ErrorDetail("too_long", text[:200], where)
+    if text.startswith("Expected `") and (
+        " >= " in text or " <= " in text or " > " in text or " < " in text
+    ):
+        return ErrorDetail("out_of_range", text[:200], where)
+    if "multiple of" in text or "out of range" in text:
+        return ErrorDetail(
+            "out_of_range", "Number out of range" if "range" in text else text[:200], where
+        )
+    return ErrorDetail("invalid_format", "Invalid value", where)
+
+
+# --------------------------------------------------------------------------------------
+# decode / decode_query
+# --------------------------------------------------------------------------------------
+
+
+class _Plan:
+    __slots__ = ("decode", "list_keys", "node", "normalize")
+
+    def __init__(self, model: Any) -> None:
+        self.decode: Callable[[bytes], Any] = msgspec.json.Decoder(model).decode
+        self.node = _Compiler().compile(model)
+        self.normalize = self.node.normalize if self.node.normalizes else None
+        self.list_keys: frozenset[str] | None = None  # query-string keys that take every value
+
+
+_plans: dict[Any, _Plan] = {}
+_PLAN_CACHE_MAX = 1024
+_untyped: Final = msgspec.json.Decoder()
+
+
+def _plan(model: Any) -> _Plan:
+    try:
+        return _plans[model]
+    except KeyError:
+        pass
+    plan = _Plan(model)
+    if len(_plans) >= _PLAN_CACHE_MAX:
+        # Models are normally a fixed set; only code minting types per call gets here.
+        _plans.clear()
+    _plans[model] = plan
+    return plan
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# Openers become +1 and closers -1 as signed bytes, so the running sum is the depth.
+_BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_OPEN_CLOSE = b"\x01\xff"
+
+
+def _check_depth(data: bytes, limit: int) -> None:
+    """Reject documents nested deeper than ``limit`` before any parser recurses into them.
+
+    Every step is linear and runs in C (no Python loop per byte, no regex that could
+    backtrack on an unterminated string): under 50 ms for the worst megabyte.
+
+    Raises:
+        InvalidJSON: the nesting is deeper than ``limit``.
+    """
+    if limit < 1:
+        raise ValueError("max_json_depth must be at least 1")
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return  # the common case: two memchr-speed scans and done
+    # JSON escapes pair up left to right, so dropping every \\ and then every \" leaves
+    # exactly the quotes that open and close strings; the even pieces between quotes are
+    # outside strings.
+    plain = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(plain.split(b'"')[::2])
+    signs = outside.translate(_BRACKET_SIGNS, _NOT_BRACKETS)
+    too_deep = InvalidJSON(f"JSON nesting is deeper than {limit} levels")
+    if b"\x01" * (limit + 1) in signs:
+        raise too_deep
+    # Each pass deletes the innermost pairs (depth minus one): wide documents of many
+    # small objects shrink to almost nothing before the running sum below.
+    passes = 0
+    while passes < 2:
+        shorter = signs.replace(_OPEN_CLOSE, b"")
+        if len(shorter) == len(signs):
+            break
+        signs = shorter
+        passes += 1
+        if not signs:
+            break
+    # An upper bound of the depth any parser reaches before it stops (it stops at the
+    # first unbalanced closer, and passes only ever remove a matched pair).
+    depth = passes + max(0, max(accumulate(array("b", signs)), default=0))
+    if depth > limit:
+        raise too_deep
+
+
+_BYTE_POSITION = re.compile(r"\(byte (\d+)\)")
+
+
+def _invalid_json(exc: Exception) -> InvalidJSON:
+    found = _BYTE_POSITION.search(str(exc))
+    if found is not None:
+        return InvalidJSON(f"Request body is not valid JSON (at byte {found.group(1)})")
+    return InvalidJSON()
+
+
+def decode(body: bytes | str, model: type[T], *, max_json_depth: int = 32) -> T:
+    """Decode a JSON body into ``model``, reporting every field error at once.
+
+    Valid input costs one cached msgspec decode plus the normalisers the model declares.
+
+    Args:
+        body: the raw JSON (bytes, or str).
+        model: a ``msgspec.Struct`` class (or any type msgspec decodes).
+        max_json_depth: deepest nesting of arrays and objects accepted.
+
+    Raises:
+        InvalidJSON: malformed JSON, invalid UTF-8, or nesting deeper than ``max_json_depth``.
+        ValidationFailed: well-formed JSON that does not fit ``model``; one detail per field
+            (codes required, unknown_field, invalid_type, too_short, too_long, out_of_range,
+            invalid_format, invalid_email), at most ``MAX_DETAILS``.
+    """
+    if type(body) is bytes:
+        data = body
+    elif isinstance(body, str):
+        try:
+            data = body.encode()
+        except UnicodeEncodeError:
+            raise InvalidJSON() from None
+    elif isinstance(body, bytes | bytearray | memoryview):
+        data = bytes(body)
+    else:
+        raise TypeError(f"decode: body must be bytes or str, not {type(body).__name__}")
+    # Inline, because it is the whole cost of the check for almost every body.
+    if data.count(b"[") + data.count(b"{") > max_json_depth or max_json_depth < 1:
+        _check_depth(data, max_json_depth)
+    plan = _plans.get(model) or _plan(model)
+    try:
+        value = plan.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _slow_path(plan, data, exc) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _invalid_json(exc) from None
+    normalize = plan.normalize
+    if normalize is not None:
+        errors: list[ErrorDetail] = []
+        value = normalize(value, (), errors)
+        if errors:
+            raise ValidationFailed(details=errors)
+    return value  # type: ignore[no-any-return]
+
+
+def _slow_path(plan: _Plan, data: bytes, exc: msgspec.ValidationError) -> ArmorError:
+    try:
+        raw = _untyped.decode(data)
+    except msgspec.ValidationError as inner:
+        # The document itself holds a number no Python type can take (over 4300 digits,
+        # or a float beyond 1.8e308): one error for it, placed by the typed decoder when
+        # that is the error it stopped at (the untyped one cannot name struct fields).
+        text = str(exc) if "out of range" in str(exc) else str(inner)
+        return ValidationFailed(details=[_translate(text)])
+    except (msgspec.DecodeError, UnicodeDecodeError) as inner:
+        return _invalid_json(inner)
+    errors: list[ErrorDetail] = []
+    plan.node.validate(raw, (), errors, False)
+    _ensure_reported(errors, exc)
+    return ValidationFailed(details=errors)
+
+
+def _ensure_reported(errors: list[ErrorDetail], exc: msgspec.ValidationError) -> None:
+    """Add msgspec's own error unless the walk already reported that field (or below it).
+
+    The walk mirrors msgspec's rules; this keeps a rule it does not know (a
+    ``__post_init__`` check, a custom type) from ever turning a 422 into an empty one.
+    """
+    first = _translate(str(exc))
+    field = first.field
+    if field is None:
+        covered = bool(errors)
+    else:
+        below = field + "."
+        covered = any(d.field == field or (d.field or "").startswith(below) for d in errors)
+    if not covered and len(errors) < MAX_DETAILS:
+        errors.append(first)
+
+
+def _list_keys(plan: _Plan) -> frozenset[str]:
+    """Keys of the model whose field takes a sequence: repeated query keys fill it."""
+    node = plan.node
+    if not isinstance(node, _StructNode):
+        raise TypeError("decode_query needs a msgspec.Struct model")
+    keys = set()
+    for field in node.fields:
+        candidates = [field.node]
+        while candidates:
+            current = candidates.pop()
+            if isinstance(current, _NormalizedNode):
+                candidates.append(current.inner)
+            elif isinstance(current, _UnionNode):
+                candidates.extend(current.members)
+            elif isinstance(current, _ArrayNode | _TupleNode):
+                keys.add(field.key)
+    return frozenset(keys)
+
+
+def decode_query(scope: Scope | bytes | str, model: type[T], *, max_fields: int = 100) -> T:
+    """Decode a query string into ``model``, reporting every field error at once.
+
+    Repeated keys fill sequence fields (``?tag=a&tag=b``); a repeated key for a single-value
+    field is an error rather than a silent first-or-last pick (HTTP parameter pollution).
+    Strings are coerced to int, float and bool as msgspec's lax mode does.
+
+    Args:
+        scope: an ASGI HTTP scope (its ``query_string`` is read), or the raw query string.
+        model: a ``msgspec.Struct`` class.
+        max_fields: most ``&``-separated fields accepted.
+
+    Raises:
+        ValidationFailed: the query does not fit ``model``; one detail per field, also for
+            too many fields or percent-encoded bytes that are not UTF-8.
+        TypeError: ``model`` is not a ``msgspec.Struct``.
+    """
+    if isinstance(scope, str):
+        query = scope
+    else:
+        raw = scope if isinstance(scope, bytes | bytearray) else scope.get("query_string", b"")
+        try:
+            query = bytes(raw).decode()
+        except UnicodeDecodeError:
+            raise _query_not_utf8() from None
+    plan = _plan(model)
+    list_keys = plan.list_keys
+    if list_keys is None:
+        list_keys = plan.list_keys = _list_keys(plan)
+    try:
+        # str in, str out: parse_qsl's bytes mode insists on ASCII.
+        pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=max_fields, errors="strict")
+    except UnicodeDecodeError:
+        raise _query_not_utf8() from None
+    except ValueError:
+        detail = ErrorDetail("too_long", f"The query string has more than {max_fields} fields")
+        raise ValidationFailed(details=[detail]) from None
+    data: dict[str, Any] = {}
+    repeated: set[str] = set()
+    for key, text in pairs:
+        if key in list_keys:
+            data.setdefault(key, []).append(text)
+        elif key in data:
+            repeated.add(key)
+        else:
+            data[key] = text
+    node = plan.node
+    errors: list[ErrorDetail] = []
+    if not repeated:
+        try:
+            value = msgspec.convert(data, model, strict=False)
+        except msgspec.ValidationError as exc:
+            node.validate(data, (), errors, True)
+            _ensure_reported(errors, exc)
+        else:
+            if node.normalizes:
+                value = node.normalize(value, (), errors)
+            if not errors:
+                return value
+    else:
+        for key in sorted(repeated):
+            _add(errors, "invalid_type", "Expected a single value", (_segment(key),))
+        # Keep going so that the answer lists every problem, not just the repeats.
+        found: list[ErrorDetail] = []
+        node.validate(data, (), found, True)
+        fields = {_segment(key) for key in repeated}
+        for detail in found:
+            if detail.field not in fields and len(errors) < MAX_DETAILS:
+                errors.append(detail)
+    raise ValidationFailed(details=errors)
+
+
+def _query_not_utf8() -> ValidationFailed:
+    detail = ErrorDetail("invalid_format", "The query string is not valid UTF-8")
+    return ValidationFailed(details=[detail])
+
+
+# --------------------------------------------------------------------------------------
+# InputLimits
+# --------------------------------------------------------------------------------------
+
+
+def _is_json_media_type(content_type: bytes | None) -> bool:
+    """``application/json`` or ``application/<anything>+json``, parameters allowed (RFC 6839)."""
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json") and len(media) > 17
+    )
+
+
+def _positive(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"InputLimits: {name}={value!r} must be a positive integer")
+    return value
+
+
+_MALFORMED: Final = -1
+
+
+class InputLimits:
+    """Refuse oversized, overlong or mistyped requests before the app runs.
+
+    Checks, in order: path and query over ``max_url_bytes`` (414 uri_too_long); more than
+    ``max_headers`` headers or more than ``max_header_bytes`` of names and values (431
+    headers_too_large); a ``Content-Length`` over ``max_body_bytes``, or one that is not
+    a plain non-negative decimal (413 payload_too_large, without reading a byte); a body
+    whose content type is not JSON on a ``json_routes`` route (415
+    unsupported_media_type). Then the body is counted as it streams: the chunk that would
+    pass ``max_body_bytes`` is never handed to the app, the client gets 413 if the
+    response has not started (the connection is aborted if it has), and the app's
+    ``receive`` raises ``PayloadTooLarge``. Nothing is buffered.
+
+    Args:
+        app: the ASGI app to wrap.
+        max_body_bytes: largest request body.
+        max_url_bytes: longest path plus ``?`` plus query string, in bytes.
+        max_headers: most request headers.
+        max_header_bytes: most bytes of header names and values together.
+        json_routes: route patterns (``"POST /api/*"``) whose bodies must be JSON.
+
+    Raises:
+        ConfigError: a limit is not a positive integer, or a route pattern is invalid.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int = 1_048_576,
+        max_url_bytes: int = 8192,
+        max_headers: int = 100,
+        max_header_bytes: int = 16384,
+        json_routes: Iterable[str | Route] = (),
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = _positive("max_body_bytes", max_body_bytes)
+        self.max_url_bytes = _positive("max_url_bytes", max_url_bytes)
+        self.max_headers = _positive("max_headers", max_headers)
+        self.max_header_bytes = _positive("max_header_bytes", max_header_bytes)
+        if isinstance(json_routes, str | bytes):
+            raise ConfigError(
+                "InputLimits: json_routes must be a list of route patterns, not one string"
+            )
+        self.json_routes: RouteMap[bool] = RouteMap((route, True) for route in json_routes)
+        # Longer than this, a Content-Length is over the cap whatever its digits say, and
+        # int() of it would cost time (or trip the 4300-digit guard).
+        self._max_length_digits = len(str(self.max_body_bytes))
+
+    def _check(self, scope: Scope) -> tuple[ArmorError | None, int | None, bool, bytes | None]:
+        """Return (rejection, content length, has transfer-encoding, content-type)."""
+        raw_path = scope.get("raw_path")
+        if raw_path is None:
+            raw_path = scope["path"].encode("utf-8", "surrogatepass")
+        query = scope.get("query_string", b"")
+        url_bytes = len(raw_path) + (len(query) + 1 if query else 0)
+        if url_bytes > self.max_url_bytes:
+            return URITooLong(f"Request URI exceeds {self.max_url_bytes} bytes"), None, False, None
+        headers = scope["headers"]
+        if len(headers) > self.max_headers:
+            return (
+                HeadersTooLarge(f"More than {self.max_headers} request headers"),
+                None,
+                False,
+                None,
+            )
+        total = 0
+        lengths: list[bytes] = []
+        chunked = False
+        content_type = None
+        for name, value in headers:
+            total += len(name) + len(value)
+            if name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"content-type" and content_type is None:
+                content_type = value
+        if total > self.max_header_bytes:
+            return (
+                HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes"),
+                None,
+                False,
+                None,
+            )
+        length: int | None = None
+        if lengths:
+            length = self._content_length(lengths)
+            if length == _MALFORMED:
+                # RFC 9110 8.6 wants 400 here, but the envelope's vocabulary has no generic
+                # bad_request: a length we cannot read cannot be shown to be within the cap.
+                return (
+                    PayloadTooLarge("Content-Length header is not a valid length"),
+                    None,
+                    False,
+                    None,
+                )
+            if length > self.max_body_bytes:
+                return PayloadTooLarge(max_bytes=self.max_body_bytes), None, False, None
+        return None, length, chunked, content_type
+
+    def _content_length(self, values: list[bytes]) -> int:
+        first = values[0].strip()
+        # Repeated Content-Length is tolerable only when every copy agrees (RFC 9110 8.6).
+        if any(v.strip() != first for v in values[1:]):
+            return _MALFORMED
+        if not first.isdigit():  # ASCII digits only: no sign, no space, no "1_000"
+            return _MALFORMED
+        if len(first.lstrip(b"0")) > self._max_length_digits:
+            return self.max_body_bytes + 1
+        return int(first)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error, length, chunked, content_type = self._check(scope)
+        if error is not None:
+            await send_error(scope, send, error)
+            return
+        json_only = bool(self.json_routes) and (
+            self.json_routes.first(scope["method"], scope["path"]) is not None
+        )
+        json_ok = _is_json_media_type(content_type) if json_only else True
+        if not json_ok and ((length is not None and length > 0) or chunked):
+            await send_error(scope, send, UnsupportedMediaType())
+            return
+
+        max_body = self.max_body_bytes
+        received = 0
+        response_started = False
+        answered = False  # we sent the response ourselves; the app's sends are dropped
+        rejection: ArmorError | None = None
+
+        async def reject(exc: ArmorError) -> NoReturn:
+            nonlocal response_started, answered, rejection
+            rejection = exc
+            if not response_started:
+                response_started = answered = True
+                await send_error(scope, send, exc)
+            raise exc
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if rejection is not None:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                if chunk:
+                    received += len(chunk)
+                    if received > max_body:
+                        await reject(PayloadTooLarge(max_bytes=max_body))
+                    if not json_ok:
+                        # No length and no chunked framing (HTTP/2) hid the body until now.
+                        await reject(UnsupportedMediaType())
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception as exc:
+            if not answered:
+                raise
+            # The client already has our 413/415; what the app did next is noise, unless
+            # it is something other than the rejection working its way out.
+            if not _caused_by(exc, rejection):
+                logger.warning(
+                    "exception after InputLimits answered [request_id=%s]",
+                    ensure_request_id(scope),
+                    exc_info=exc,
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"InputLimits(max_body_bytes={self.max_body_bytes}, "
+            f"max_url_bytes={self.max_url_bytes}, max_headers={self.max_headers}, "
+            f"max_header_bytes={self.max_header_bytes}, "
+            f"json_routes={[route.pattern for route, _ in self.json_routes.entries]!r})"
+        )
+
+
+def _caused_by(exc: BaseException, target: BaseException | None) -> bool:
+    """Whether ``target`` is ``exc``, inside its exception group, or in its cause chain."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is target:
+            return True
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False

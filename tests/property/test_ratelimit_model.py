@@ -1,0 +1,143 @@
+"""The limiter on a MemoryStore with a fake clock against a reference model that counts
+tokens exactly (``fractions.Fraction``), refilling continuously up to the bucket depth.
+
+Rates, clock steps and the start time are exact binary fractions, so the float GCRA state
+holds the model's values exactly and no epsilon boundary is ever in play.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Coroutine
+from fractions import Fraction
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from asgi_armor.errors import RateLimited
+from asgi_armor.ratelimit import Decision, Rate, RateLimiter
+from asgi_armor.stores.memory import MemoryStore
+from tests.conftest import FakeClock
+
+T = TypeVar("T")
+
+RATES = [
+    Rate(4, 2),  # interval 0.5 s
+    Rate(8, 1, burst=12),  # interval 0.125 s, deeper than its limit
+    Rate(2, 4, burst=1),  # interval 2 s, shallower than its limit
+    Rate(16, 8),  # interval 0.5 s, deep
+]
+KEYS = ["a", "b"]
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (MemoryStore never awaits) to completion."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise AssertionError("MemoryStore suspended")
+
+
+class Bucket:
+    """Exact token counting: ``tokens`` at time ``at``, refilled continuously."""
+
+    def __init__(self, rate: Rate, now: Fraction) -> None:
+        self.rate = rate
+        self.per_second = Fraction(rate.limit) / Fraction(rate.period)
+        self.tokens = Fraction(rate.capacity)
+        self.at = now
+
+    def refill(self, now: Fraction) -> None:
+        self.tokens = min(
+            Fraction(self.rate.capacity), self.tokens + (now - self.at) * self.per_second
+        )
+        self.at = now
+
+    def seconds_for(self, tokens: Fraction) -> Fraction:
+        return tokens / self.per_second
+
+
+class LimiterModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock(1024.0)
+        self.store = MemoryStore(clock=self.clock)
+        self.limiter = RateLimiter(self.store)
+        self.buckets: dict[tuple[int, str], Bucket] = {}
+
+    def now(self) -> Fraction:
+        return Fraction(self.clock.now)
+
+    def bucket(self, index: int, key: str) -> Bucket:
+        found = self.buckets.get((index, key))
+        if found is None:
+            found = self.buckets[index, key] = Bucket(RATES[index], self.now())
+        found.refill(self.now())
+        return found
+
+    @rule(sixteenths=st.integers(0, 80))
+    def advance(self, sixteenths: int) -> None:
+        self.clock.advance(sixteenths / 16)
+
+    @rule(
+        chosen=st.lists(
+            st.integers(0, len(RATES) - 1), min_size=1, max_size=len(RATES), unique=True
+        ),
+        key=st.sampled_from(KEYS),
+        cost=st.integers(0, 3),
+        enforce=st.booleans(),
+    )
+    def hit(self, chosen: list[int], key: str, cost: int, enforce: bool) -> None:
+        items = [(key, RATES[i], f"p{i}") for i in chosen]
+        if cost > min(RATES[i].capacity for i in chosen):
+            with pytest.raises(ValueError, match="exceeds the burst"):
+                run(self.limiter.hit_many(items, cost))
+            return
+        buckets = [self.bucket(i, key) for i in chosen]
+        allowed = all(b.tokens >= cost for b in buckets)
+        if allowed:
+            for b in buckets:
+                b.tokens -= cost
+        expected = [
+            Decision(
+                allowed,
+                b.rate.capacity,
+                math.floor(b.tokens),
+                float(b.seconds_for(b.rate.capacity - b.tokens)),
+                0.0 if allowed else float(max(Fraction(0), b.seconds_for(cost - b.tokens))),
+                f"p{i}",
+                b.rate,
+            )
+            for i, b in zip(chosen, buckets, strict=True)
+        ]
+        if enforce and not allowed:
+            with pytest.raises(RateLimited) as info:
+                run(self.limiter.hit_many(items, cost, enforce=True))
+            longest = max(d.retry_after for d in expected)
+            assert info.value.retry_after == math.ceil(longest)
+            return
+        assert run(self.limiter.hit_many(items, cost, enforce=enforce)) == expected
+
+    @precondition(lambda self: bool(self.buckets))
+    @rule(data=st.data())
+    def peek(self, data: st.DataObject) -> None:
+        index, key = data.draw(st.sampled_from(sorted(self.buckets)))
+        b = self.bucket(index, key)
+        decision = run(self.limiter.hit(key, RATES[index], 0, policy=f"p{index}"))
+        assert (decision.allowed, decision.remaining) == (True, math.floor(b.tokens))
+
+    @invariant()
+    def store_never_holds_more_than_the_depth(self) -> None:
+        now = self.clock.now
+        for key, tat in self.store._tats.items():
+            index = int(key.split(":")[1][1:])
+            assert tat - now <= RATES[index].spec[1]
+
+
+TestLimiterModel = LimiterModel.TestCase
+TestLimiterModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -1,0 +1,181 @@
+"""The limiter and the middleware on the real Redis (asyncio only): exactness under
+concurrency, all-or-nothing layers, agreement with MemoryStore, and fail-open on a dead Redis."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import pytest
+
+from asgi_armor._asgi import Receive, Scope, Send, get_header
+from asgi_armor.errors import ErrorMiddleware
+from asgi_armor.ratelimit import Rate, RateLimiter, RateLimitMiddleware, Rule
+from asgi_armor.stores.memory import MemoryStore
+from asgi_armor.stores.redis import RedisStore
+from tests.conftest import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """redis.asyncio runs on asyncio only."""
+    return "asyncio"
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def identify(scope: Scope) -> str | None:
+    raw = get_header(scope, b"authorization")
+    return None if raw is None else raw.decode()
+
+
+def seed_rules() -> list[Rule]:
+    return [
+        Rule("* /api/*", "1000/minute", "ip", name="global"),
+        Rule("POST /api/expensive-operation", "10/minute", "ip", name="expensive"),
+        Rule("POST /api/send-email", "5/hour", "user", name="email"),
+        Rule("POST /api/projects/{project_id}/builds", "20/hour", "path:project_id", name="builds"),
+    ]
+
+
+@pytest.fixture
+async def redis_store(
+    asyncio_only: None, redis_url: str, redis_prefix: str
+) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def test_exact_limit(redis_store: RedisStore) -> None:
+    limiter = RateLimiter(redis_store)
+    rate = Rate.parse("10/hour")
+    for n in range(10):
+        decision = await limiter.hit("k", rate)
+        assert (decision.allowed, decision.remaining) == (True, 9 - n)
+    denied = await limiter.hit("k", rate)
+    assert (denied.allowed, denied.remaining) == (False, 0)
+    assert 359 < denied.retry_after <= 360
+    assert 3599 < denied.reset_after <= 3600
+
+
+async def test_concurrency_exact(redis_store: RedisStore) -> None:
+    limiter = RateLimiter(redis_store)
+    rate = Rate.parse("50/hour")
+    allowed = 0
+
+    async def one() -> None:
+        nonlocal allowed
+        if (await limiter.hit("shared", rate)).allowed:
+            allowed += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(one)
+    assert allowed == 50
+    assert limiter.store_errors == 0
+
+
+async def test_all_or_nothing(redis_store: RedisStore) -> None:
+    limiter = RateLimiter(redis_store)
+    items = [("ip", "10/hour", "wide"), ("ip", "2/hour", "narrow")]
+    for _ in range(2):
+        assert all(d.allowed for d in await limiter.hit_many(items))
+    for _ in range(3):
+        denied = await limiter.hit_many(items)
+        assert [d.allowed for d in denied] == [False, False]
+        assert [d.remaining for d in denied] == [8, 0]
+    assert (await limiter.hit("ip", "10/hour", policy="wide")).remaining == 7
+
+
+RATES = [Rate.parse("5/hour"), Rate.parse("3/hour burst 6"), Rate.parse("8/day")]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_agrees_with_memory(redis_store: RedisStore, seed: int) -> None:
+    # Refill over the few milliseconds the test runs is far below one token at these
+    # rates, so a frozen memory clock and Redis's moving clock must decide the same.
+    memory = RateLimiter(MemoryStore(clock=lambda: 5000.0))
+    redis = RateLimiter(redis_store)
+    rng = random.Random(seed)
+    for _ in range(40):
+        chosen = rng.sample(range(len(RATES)), rng.randint(1, len(RATES)))
+        key = rng.choice(["a", "b"])
+        items = [(key, RATES[i], f"p{i}") for i in chosen]
+        cost = rng.choice([0, 1, 1, 1, 2, 3])
+        expected = await memory.hit_many(items, cost)
+        got = await redis.hit_many(items, cost)
+        assert [(d.allowed, d.remaining, d.limit) for d in got] == [
+            (d.allowed, d.remaining, d.limit) for d in expected
+        ]
+        for g, e in zip(got, expected, strict=True):
+            assert g.retry_after == pytest.approx(e.retry_after, abs=1.0)
+            assert g.reset_after == pytest.approx(e.reset_after, abs=1.0)
+
+
+async def test_middleware_on_redis(redis_store: RedisStore) -> None:
+    asgi = ErrorMiddleware(
+        RateLimitMiddleware(app, rules=seed_rules(), store=redis_store, identify=identify)
+    )
+    transport = httpx.ASGITransport(app=asgi, client=("1.2.3.4", 123))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for n in range(10):
+            response = await client.post("/api/expensive-operation")
+            assert response.status_code == 200
+            assert response.headers["ratelimit"] == f'"expensive";r={9 - n};t={6 * (n + 1)}'
+        denied = await client.post("/api/expensive-operation")
+        assert denied.status_code == 429
+        assert denied.headers["retry-after"] == "6"
+        assert denied.json()["request_id"] == denied.headers["x-request-id"]
+        other = await client.get("/api/other")
+        assert other.headers["x-ratelimit-remaining"] == "989"
+
+
+async def test_dead_redis_fails_open(asyncio_only: None) -> None:
+    # Nothing listens on port 1: a real connection failure, not a simulated one.
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    try:
+        limiter = RateLimiter(store)
+        assert (await limiter.hit("k", "1/hour")).allowed
+        assert (await limiter.hit("k", "1/hour")).allowed
+        assert limiter.store_errors == 2
+        asgi = ErrorMiddleware(
+            RateLimitMiddleware(
+                app, rules=[Rule("* *", "1/hour", "ip")], store=store, on_store_error="deny"
+            )
+        )
+        transport = httpx.ASGITransport(app=asgi, client=("1.2.3.4", 123))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/x")
+        assert response.status_code == 503
+        assert response.json()["error"] == "service_unavailable"
+    finally:
+        await store.aclose()
+
+
+async def test_redis_restart_fails_open_then_limits_again(
+    asyncio_only: None, private_redis: RedisServer
+) -> None:
+    store = RedisStore.from_url(private_redis.url, timeout=0.5)
+    try:
+        limiter = RateLimiter(store)
+        assert (await limiter.hit("k", "1/hour")).allowed
+        assert not (await limiter.hit("k", "1/hour")).allowed
+        private_redis.stop()
+        assert (await limiter.hit("k", "1/hour")).allowed  # fail open while it is down
+        assert limiter.store_errors == 1
+        private_redis.start()  # empty again: a restarted Redis forgot the buckets
+        assert (await limiter.hit("k", "1/hour")).allowed
+        assert not (await limiter.hit("k", "1/hour")).allowed
+        assert limiter.store_errors == 1
+    finally:
+        await store.aclose()

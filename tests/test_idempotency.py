@@ -1,0 +1,887 @@
+"""IdempotencyMiddleware: keys, scoping, fingerprints, replay, release, exactly-once."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from asgi_armor._asgi import Message, Receive, Scope, Send
+from asgi_armor.errors import ConfigError, ErrorMiddleware
+from asgi_armor.idempotency import (
+    IdempotencyMiddleware,
+    IdempotencyOptions,
+    parse_idempotency_key,
+)
+from asgi_armor.stores.base import StoreError
+from asgi_armor.stores.memory import MemoryStore
+from tests.conftest import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+ROUTES = [
+    "POST /api/payments",
+    "POST /api/refunds",
+    "POST /api/stream",
+    "POST /api/status/{code}",
+    "POST /api/boom",
+    "POST /api/wait",
+    "POST /api/disconnect",
+    "POST /api/big",
+    "POST /api/nothing",
+    ("POST /api/optional", {"required": False}),
+]
+
+
+class Backend:
+    """The app behind the middleware: counts every run, per path."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.gate: anyio.Event | None = None
+        self.started: anyio.Event | None = None
+        self.block_first_only = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        self.calls[path] += 1
+        run = self.calls[path]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        if path == "/api/wait":
+            assert self.started is not None
+            assert self.gate is not None
+            self.started.set()
+            if run == 1 or not self.block_first_only:
+                await self.gate.wait()
+        if path == "/api/boom":
+            raise RuntimeError("secret database password in here")
+        if path == "/api/nothing":
+            return  # no response at all
+        if path == "/api/disconnect":
+            assert self.started is not None
+            self.started.set()
+            message = await receive()
+            assert message["type"] == "http.disconnect"
+            return
+        if path == "/api/stream":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/csv; charset=utf-8"),
+                        (b"x-run", str(run).encode()),
+                        (b"date", b"Mon, 01 Jan 2024 00:00:00 GMT"),
+                        (b"x-request-id", b"inner-id"),
+                        (b"connection", b"keep-alive, x-hop"),
+                        (b"x-hop", b"1"),
+                        (b"set-cookie", b"a=1"),
+                        (b"set-cookie", b"b=2"),
+                    ],
+                }
+            )
+            for chunk in (b"id,amount\n", b"", b"1,100\n", f"2,{run}\n".encode()):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"\xff\x00end", "more_body": False})
+            return
+        if path == "/api/big":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for _ in range(4):
+                await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        status = 201
+        if path.startswith("/api/status/"):
+            status = int(path.rsplit("/", 1)[1])
+        payload = json.dumps(
+            {
+                "run": run,
+                "path": path,
+                "body": body.decode("latin-1"),
+                "query": scope["query_string"].decode(),
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"x-run", str(run).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def identify(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-user":
+            if value == b"explode":
+                raise RuntimeError("identity backend down")
+            return value.decode()  # type: ignore[no-any-return]
+    return None
+
+
+def build(backend: Backend | None = None, **options: Any) -> tuple[ErrorMiddleware, Backend]:
+    backend = backend or Backend()
+    options.setdefault("routes", ROUTES)
+    options.setdefault("identify", identify)
+    return ErrorMiddleware(IdempotencyMiddleware(backend, **options)), backend
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("1.2.3.4", 123)), base_url="http://t"
+    )
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    data: dict[str, Any] = response.json()
+    assert set(data) == {"error", "message", "details", "request_id"}
+    assert data["error"] == code
+    assert data["message"]
+    assert isinstance(data["details"], list)
+    assert response.headers["x-request-id"] == data["request_id"]
+    assert data["request_id"]
+    return data
+
+
+def key(value: str) -> dict[str, str]:
+    return {"Idempotency-Key": value}
+
+
+async def call_raw(
+    app: Any,
+    path: str,
+    *,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    body_chunks: Sequence[bytes] = (b"",),
+    disconnect: anyio.Event | None = None,
+    disconnect_mid_body: bool = False,
+) -> list[Message]:
+    """Drive the ASGI app directly and return every message it sent."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "client": ("1.2.3.4", 123),
+        "server": ("t", 80),
+    }
+    pending = list(body_chunks)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if pending:
+            chunk = pending.pop(0)
+            if disconnect_mid_body and not pending:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+        if disconnect is not None:
+            await disconnect.wait()
+        else:
+            await anyio.sleep_forever()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.fixture
+async def app_client() -> AsyncIterator[tuple[httpx.AsyncClient, Backend]]:
+    app, backend = build()
+    async with client_for(app) as client:
+        yield client, backend
+
+
+# -- the key header ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"abc", "abc"),
+        (b'"abc"', "abc"),
+        (b'  "abc" ', "abc"),
+        (b'"a\\"b\\\\c"', 'a"b\\c'),
+        (b"with space inside", "with space inside"),
+        (b"x" * 255, "x" * 255),
+        (b'"' + b"x" * 255 + b'"', "x" * 255),
+        (b"", None),
+        (b'""', None),
+        (b"   ", None),
+        (b"x" * 256, None),
+        (b"caf\xc3\xa9", None),
+        (b"a\x01b", None),
+        (b"a\x7fb", None),
+        (b'"abc', None),
+        (b'"a"b"', None),
+        (b'"a\\nb"', None),
+    ],
+)
+def test_parse_idempotency_key(raw: bytes, expected: str | None) -> None:
+    assert parse_idempotency_key(raw) == expected
+
+
+async def test_missing_key_is_400(app_client: tuple[httpx.AsyncClient, Backend]) -> None:
+    client, backend = app_client
+    response = await client.post("/api/payments", json={"amount": 1})
+    assert_error(response, 400, "idempotency_key_missing")
+    assert backend.calls["/api/payments"] == 0
+
+
+@pytest.mark.parametrize(
+    "header_value",
+    [b"", b"x" * 256, b"caf\xc3\xa9", b"a\x01b", b'"unterminated'],
+    ids=["empty", "too-long", "non-ascii", "control", "bad-sf-string"],
+)
+async def test_invalid_key_is_400(anyio_backend: str, header_value: bytes) -> None:
+    app, backend = build()
+    messages = await call_raw(app, "/api/payments", headers=[(b"idempotency-key", header_value)])
+    start = messages[0]
+    assert start["status"] == 400
+    body = json.loads(messages[1]["body"])
+    assert body["error"] == "idempotency_key_invalid"
+    assert dict(start["headers"])[b"x-request-id"].decode() == body["request_id"]
+    assert backend.calls["/api/payments"] == 0
+
+
+async def test_several_key_headers_are_invalid(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    response = await client.post(
+        "/api/payments",
+        headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "a")],
+        json={},
+    )
+    assert_error(response, 400, "idempotency_key_invalid")
+    assert backend.calls["/api/payments"] == 0
+
+
+async def test_quoted_key_is_the_bare_key(app_client: tuple[httpx.AsyncClient, Backend]) -> None:
+    client, backend = app_client
+    first = await client.post("/api/payments", headers=key('"k-1"'), json={"amount": 5})
+    second = await client.post("/api/payments", headers=key("k-1"), json={"amount": 5})
+    assert first.status_code == second.status_code == 201
+    assert second.headers["idempotent-replayed"] == "true"
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_custom_header_name(anyio_backend: str) -> None:
+    app, backend = build(header="X-Request-Key")
+    async with client_for(app) as client:
+        assert_error(
+            await client.post("/api/payments", headers=key("k"), json={}),
+            400,
+            "idempotency_key_missing",
+        )
+        first = await client.post("/api/payments", headers={"X-Request-Key": "k"}, json={})
+        second = await client.post("/api/payments", headers={"X-Request-Key": "k"}, json={})
+    assert first.status_code == 201
+    assert second.headers["idempotent-replayed"] == "true"
+    assert backend.calls["/api/payments"] == 1
+
+
+# -- pass-through ------------------------------------------------------------------------
+
+
+async def test_unconfigured_routes_pass_through(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    for _ in range(2):
+        response = await client.post("/api/other", headers=key("k"), json={})
+        assert response.status_code == 201
+        assert "idempotent-replayed" not in response.headers
+    # Another method on a configured path is another route.
+    assert (await client.put("/api/payments", json={})).status_code == 201
+    assert backend.calls["/api/other"] == 2
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_optional_route_without_key_runs_every_time(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    for _ in range(2):
+        assert (await client.post("/api/optional", json={})).status_code == 201
+    assert backend.calls["/api/optional"] == 2
+    first = await client.post("/api/optional", headers=key("k"), json={})
+    second = await client.post("/api/optional", headers=key("k"), json={})
+    assert first.json() == second.json()
+    assert second.headers["idempotent-replayed"] == "true"
+    assert backend.calls["/api/optional"] == 3
+
+
+async def test_non_http_scopes_pass_through(anyio_backend: str) -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    middleware = IdempotencyMiddleware(inner, routes=["* /*"])
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing should be sent")
+
+    await middleware({"type": "lifespan"}, receive, send)
+    await middleware({"type": "websocket", "path": "/", "headers": []}, receive, send)
+    assert seen == ["lifespan", "websocket"]
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+async def test_replay_is_identical_and_marked(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    first = await client.post("/api/payments?x=1", headers=key("pay-1"), json={"amount": 100})
+    second = await client.post("/api/payments?x=1", headers=key("pay-1"), json={"amount": 100})
+    assert first.status_code == second.status_code == 201
+    assert second.content == first.content
+    assert second.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    for name in ("content-type", "content-length", "x-run"):
+        assert second.headers[name] == first.headers[name]
+    # Each response has its own request id.
+    assert second.headers["x-request-id"] != first.headers["x-request-id"]
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_streaming_replay_is_byte_identical_chunk_by_chunk(anyio_backend: str) -> None:
+    app, backend = build()
+    headers = [(b"idempotency-key", b"stream-1")]
+    first = await call_raw(app, "/api/stream", headers=headers)
+    second = await call_raw(app, "/api/stream", headers=headers)
+    assert backend.calls["/api/stream"] == 1
+
+    assert [m["type"] for m in second] == [m["type"] for m in first]
+    assert len(first) == 6  # start + five body chunks
+    for live, replayed in zip(first[1:], second[1:], strict=True):
+        assert replayed["body"] == live["body"]
+        assert replayed.get("more_body", False) == live.get("more_body", False)
+    assert b"".join(m["body"] for m in second[1:]) == b"id,amount\n1,100\n2,1\n\xff\x00end"
+
+    assert first[0]["status"] == second[0]["status"] == 200
+    live_headers = first[0]["headers"]
+    replayed_headers = second[0]["headers"]
+    assert (b"content-type", b"text/csv; charset=utf-8") in replayed_headers
+    assert replayed_headers.count((b"set-cookie", b"a=1")) == 1
+    assert (b"set-cookie", b"b=2") in replayed_headers
+    assert (b"idempotent-replayed", b"true") in replayed_headers
+    names = [name for name, _ in replayed_headers]
+    # Hop-by-hop (including those named by Connection), Date and the old request id
+    # are not replayed; ErrorMiddleware gives this request its own id.
+    assert b"date" not in names
+    assert b"connection" not in names
+    assert b"x-hop" not in names
+    assert names.count(b"x-request-id") == 1
+    assert dict(replayed_headers)[b"x-request-id"] != dict(live_headers)[b"x-request-id"]
+    assert dict(replayed_headers)[b"x-request-id"] != b"inner-id"
+
+
+async def test_client_errors_are_stored_but_retry_later_ones_are_not(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    for code, stored in [(422, True), (404, True), (302, True), (409, False), (429, False)]:
+        path = f"/api/status/{code}"
+        first = await client.post(path, headers=key(f"k{code}"), json={})
+        second = await client.post(path, headers=key(f"k{code}"), json={})
+        assert first.status_code == second.status_code == code
+        assert ("idempotent-replayed" in second.headers) is stored
+        assert backend.calls[path] == (1 if stored else 2)
+
+
+# -- conflicts ---------------------------------------------------------------------------
+
+
+async def test_same_key_different_request_is_422(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    assert (await client.post("/api/payments", headers=key("k"), json={"a": 1})).status_code == 201
+    assert_error(
+        await client.post("/api/payments", headers=key("k"), json={"a": 2}),
+        422,
+        "idempotency_key_reused",
+    )
+    assert_error(
+        await client.post("/api/payments?x=1", headers=key("k"), json={"a": 1}),
+        422,
+        "idempotency_key_reused",
+    )
+    # A trailing slash reaches the same route, but it is another request.
+    assert_error(
+        await client.post("/api/payments/", headers=key("k"), json={"a": 1}),
+        422,
+        "idempotency_key_reused",
+    )
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_in_flight_same_request_is_409_and_different_request_is_422(
+    anyio_backend: str,
+) -> None:
+    app, backend = build()
+    backend.gate, backend.started = anyio.Event(), anyio.Event()
+    async with client_for(app) as client, anyio.create_task_group() as tg:
+        results: list[httpx.Response] = []
+
+        async def first() -> None:
+            results.append(await client.post("/api/wait", headers=key("k"), json={"a": 1}))
+
+        tg.start_soon(first)
+        await backend.started.wait()
+        in_use = await client.post("/api/wait", headers=key("k"), json={"a": 1})
+        assert_error(in_use, 409, "idempotency_key_in_use")
+        assert in_use.headers["retry-after"] == "1"
+        assert_error(
+            await client.post("/api/wait", headers=key("k"), json={"a": 2}),
+            422,
+            "idempotency_key_reused",
+        )
+        backend.gate.set()
+    assert results[0].status_code == 201
+    assert backend.calls["/api/wait"] == 1
+
+
+# -- scoping and expiry ------------------------------------------------------------------
+
+
+async def test_key_reused_on_another_route_executes_there(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    payment = await client.post("/api/payments", headers=key("shared"), json={"a": 1})
+    refund = await client.post("/api/refunds", headers=key("shared"), json={"a": 1})
+    assert payment.status_code == refund.status_code == 201
+    assert "idempotent-replayed" not in refund.headers
+    assert refund.json()["path"] == "/api/refunds"
+    assert backend.calls["/api/payments"] == backend.calls["/api/refunds"] == 1
+
+
+async def test_route_params_share_one_route_scope(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, _ = app_client
+    # Same route pattern, other path: the key is already bound to another request.
+    assert (await client.post("/api/status/200", headers=key("p"), json={})).status_code == 200
+    assert_error(
+        await client.post("/api/status/201", headers=key("p"), json={}),
+        422,
+        "idempotency_key_reused",
+    )
+
+
+async def test_principals_do_not_collide(app_client: tuple[httpx.AsyncClient, Backend]) -> None:
+    client, _ = app_client
+    alice = await client.post(
+        "/api/payments", headers={**key("k"), "X-User": "alice"}, json={"a": 1}
+    )
+    bob = await client.post("/api/payments", headers={**key("k"), "X-User": "bob"}, json={"a": 2})
+    anonymous = await client.post("/api/payments", headers=key("k"), json={"a": 3})
+    assert alice.status_code == bob.status_code == anonymous.status_code == 201
+    assert [r.json()["run"] for r in (alice, bob, anonymous)] == [1, 2, 3]
+    again = await client.post(
+        "/api/payments", headers={**key("k"), "X-User": "alice"}, json={"a": 1}
+    )
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["run"] == 1
+
+
+async def test_failing_identify_is_500_and_never_anonymous(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    response = await client.post(
+        "/api/payments", headers={**key("k"), "X-User": "explode"}, json={}
+    )
+    data = assert_error(response, 500, "internal_error")
+    assert "identity" not in data["message"]
+    assert backend.calls["/api/payments"] == 0
+
+
+async def test_replay_after_ttl_executes_anew(anyio_backend: str, clock: FakeClock) -> None:
+    app, _ = build(store=MemoryStore(clock=clock), clock=clock, ttl=100.0)
+    async with client_for(app) as client:
+        first = await client.post("/api/payments", headers=key("k"), json={})
+        clock.advance(99)
+        replay = await client.post("/api/payments", headers=key("k"), json={})
+        clock.advance(2)
+        fresh = await client.post("/api/payments", headers=key("k"), json={})
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.json()["run"] == first.json()["run"] == 1
+    assert "idempotent-replayed" not in fresh.headers
+    assert fresh.json()["run"] == 2
+
+
+async def test_per_route_ttl_option(anyio_backend: str, clock: FakeClock) -> None:
+    routes = [("POST /api/payments", IdempotencyOptions(ttl=10.0)), "POST /api/refunds"]
+    app, backend = build(routes=routes, store=MemoryStore(clock=clock), clock=clock)
+    async with client_for(app) as client:
+        for path in ("/api/payments", "/api/refunds"):
+            await client.post(path, headers=key("k"), json={})
+        clock.advance(11)
+        for path in ("/api/payments", "/api/refunds"):
+            await client.post(path, headers=key("k"), json={})
+    assert backend.calls == {"/api/payments": 2, "/api/refunds": 1}
+
+
+# -- release -----------------------------------------------------------------------------
+
+
+async def test_server_errors_release_the_key(
+    app_client: tuple[httpx.AsyncClient, Backend],
+) -> None:
+    client, backend = app_client
+    for expected_runs in (1, 2):
+        response = await client.post("/api/status/503", headers=key("k"), json={})
+        assert response.status_code == 503
+        assert "idempotent-replayed" not in response.headers
+        assert backend.calls["/api/status/503"] == expected_runs
+
+
+async def test_exception_releases_the_key(app_client: tuple[httpx.AsyncClient, Backend]) -> None:
+    client, backend = app_client
+    for expected_runs in (1, 2):
+        data = assert_error(
+            await client.post("/api/boom", headers=key("k"), json={}), 500, "internal_error"
+        )
+        assert "secret" not in json.dumps(data)
+        assert backend.calls["/api/boom"] == expected_runs
+
+
+async def test_no_response_releases_the_key(anyio_backend: str) -> None:
+    app, backend = build()
+    for expected_runs in (1, 2):
+        await call_raw(app, "/api/nothing", headers=[(b"idempotency-key", b"k")])
+        assert backend.calls["/api/nothing"] == expected_runs
+
+
+async def test_cancellation_mid_handler_leaves_no_locked_key(anyio_backend: str) -> None:
+    app, backend = build()
+    backend.gate, backend.started = anyio.Event(), anyio.Event()
+    backend.block_first_only = True
+    async with client_for(app) as client:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(client.post, "/api/wait", headers=key("k")))
+            await backend.started.wait()
+            tg.cancel_scope.cancel()
+        response = await client.post("/api/wait", headers=key("k"))
+    assert response.status_code == 201
+    assert "idempotent-replayed" not in response.headers
+    assert backend.calls["/api/wait"] == 2
+
+
+async def test_disconnect_mid_handler_leaves_no_locked_key(anyio_backend: str) -> None:
+    app, backend = build()
+    backend.started = anyio.Event()
+    gone = anyio.Event()
+    headers = [(b"idempotency-key", b"k")]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: call_raw(app, "/api/disconnect", headers=headers, disconnect=gone))
+        await backend.started.wait()
+        gone.set()
+    backend.started = anyio.Event()
+    gone = anyio.Event()
+    gone.set()
+    await call_raw(app, "/api/disconnect", headers=headers, disconnect=gone)
+    assert backend.calls["/api/disconnect"] == 2
+
+
+async def test_disconnect_mid_body_never_runs_the_app(anyio_backend: str) -> None:
+    app, backend = build()
+    headers = [(b"idempotency-key", b"k")]
+    sent = await call_raw(
+        app, "/api/payments", headers=headers, body_chunks=[b'{"a":', b""], disconnect_mid_body=True
+    )
+    assert sent == []
+    assert backend.calls["/api/payments"] == 0
+    # Nothing was locked or stored: the full request runs.
+    messages = await call_raw(app, "/api/payments", headers=headers, body_chunks=[b'{"a":1}'])
+    assert messages[0]["status"] == 201
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_lease_expiry_lets_a_new_request_run(anyio_backend: str, clock: FakeClock) -> None:
+    app, backend = build(store=MemoryStore(clock=clock), clock=clock, lock_ttl=30.0)
+    backend.gate, backend.started = anyio.Event(), anyio.Event()
+    backend.block_first_only = True
+    async with client_for(app) as client, anyio.create_task_group() as tg:
+        stuck: list[httpx.Response] = []
+
+        async def first() -> None:
+            stuck.append(await client.post("/api/wait", headers=key("k")))
+
+        tg.start_soon(first)
+        await backend.started.wait()
+        assert (await client.post("/api/wait", headers=key("k"))).status_code == 409
+        clock.advance(31)
+        second = await client.post("/api/wait", headers=key("k"))
+        assert second.status_code == 201
+        assert second.json()["run"] == 2
+        backend.gate.set()
+    # The first request outlived its lease: its answer reached its client but was not
+    # stored over the second one's.
+    assert stuck[0].json()["run"] == 1
+    async with client_for(app) as client:
+        third = await client.post("/api/wait", headers=key("k"))
+    assert third.headers["idempotent-replayed"] == "true"
+    assert third.json()["run"] == 2
+
+
+# -- limits ------------------------------------------------------------------------------
+
+
+async def test_request_body_over_cap_is_413(anyio_backend: str) -> None:
+    app, backend = build(max_body_bytes=10)
+    async with client_for(app) as client:
+        response = await client.post("/api/payments", headers=key("k"), content=b"x" * 11)
+        assert_error(response, 413, "payload_too_large")
+        ok = await client.post("/api/payments", headers=key("k"), content=b"x" * 10)
+        assert ok.status_code == 201
+    # Streamed without Content-Length: counted as it arrives.
+    messages = await call_raw(
+        app, "/api/payments", headers=[(b"idempotency-key", b"k2")], body_chunks=[b"x" * 6] * 2
+    )
+    assert messages[0]["status"] == 413
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_big_response_is_passed_through_unstored(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, backend = build(max_response_bytes=3000)
+    async with client_for(app) as client:
+        with caplog.at_level(logging.WARNING, logger="asgi_armor.idempotency"):
+            first = await client.post("/api/big", headers=key("k"))
+        second = await client.post("/api/big", headers=key("k"))
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content == b"x" * 4000
+    assert "idempotent-replayed" not in second.headers
+    assert backend.calls["/api/big"] == 2
+    assert any("not stored" in record.getMessage() for record in caplog.records)
+
+
+# -- store failures ----------------------------------------------------------------------
+
+
+class BrokenStore:
+    """A store whose backend is down: every call fails as a real one would."""
+
+    async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
+        raise StoreError("down")
+
+    async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
+        raise StoreError("down")
+
+    async def lease_release(self, key: str, lease: bytes) -> bool:
+        raise StoreError("down")
+
+
+async def test_store_failure_denies_by_default(anyio_backend: str) -> None:
+    app, backend = build(store=BrokenStore())
+    async with client_for(app) as client:
+        response = await client.post("/api/payments", headers=key("k"), json={})
+    assert_error(response, 503, "service_unavailable")
+    assert response.headers["retry-after"] == "1"
+    assert backend.calls["/api/payments"] == 0
+
+
+async def test_store_failure_allow_runs_unprotected(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, backend = build(store=BrokenStore(), on_store_error="allow")
+    async with client_for(app) as client:
+        with caplog.at_level(logging.WARNING, logger="asgi_armor.idempotency"):
+            for _ in range(2):
+                response = await client.post("/api/payments", headers=key("k"), json={"a": 1})
+                assert response.status_code == 201
+                assert response.json()["body"] == '{"a":1}'
+    assert backend.calls["/api/payments"] == 2
+    assert any("without idempotency" in r.getMessage() for r in caplog.records)
+
+
+async def test_garbage_in_the_store_is_a_store_failure(anyio_backend: str) -> None:
+    store = MemoryStore()
+    app, backend = build(store=store)
+    async with client_for(app) as client:
+        assert (await client.post("/api/payments", headers=key("k"), json={})).status_code == 201
+        for stored_key in list(store._entries):
+            store._entries[stored_key] = (store._entries[stored_key][0], b"not msgpack \xc1")
+        response = await client.post("/api/payments", headers=key("k"), json={})
+    assert_error(response, 503, "service_unavailable")
+    assert backend.calls["/api/payments"] == 1
+
+
+@pytest.mark.redis
+async def test_dead_redis_denies(redis_url: str, asyncio_only: None) -> None:
+    from asgi_armor.stores.redis import RedisStore
+
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    try:
+        app, backend = build(store=store)
+        async with client_for(app) as client:
+            response = await client.post("/api/payments", headers=key("k"), json={})
+        assert_error(response, 503, "service_unavailable")
+        assert backend.calls["/api/payments"] == 0
+    finally:
+        await store.aclose()
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"routes": []}, "routes"),
+        ({"routes": "POST /api/x"}, "routes"),
+        ({"routes": ["POST api/x"]}, "api/x"),
+        ({"routes": [("POST /api/x", {"ttl": 0})]}, "'POST /api/x' ttl"),
+        ({"routes": [("POST /api/x", {"tll": 5})]}, "tll"),
+        ({"routes": [("POST /api/x", {"ttl": "soon"})]}, "ttl"),
+        ({"routes": [("POST /api/x", 5)]}, "'POST /api/x'"),
+        ({"routes": ["POST /api/x"], "ttl": -1}, "ttl"),
+        ({"routes": ["POST /api/x"], "lock_ttl": float("nan")}, "lock_ttl"),
+        ({"routes": ["POST /api/x"], "max_body_bytes": -1}, "max_body_bytes"),
+        ({"routes": ["POST /api/x"], "max_response_bytes": 1.5}, "max_response_bytes"),
+        ({"routes": ["POST /api/x"], "ttl": "1h"}, "ttl"),
+        ({"routes": ["POST /api/x"], "required": "yes"}, "required"),
+        ({"routes": ["POST /api/x"], "on_store_error": "maybe"}, "on_store_error"),
+        ({"routes": ["POST /api/x"], "header": "Bad Header"}, "header"),
+    ],
+)
+def test_config_errors_name_the_entry(options: dict[str, Any], names: str) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError
+
+    with pytest.raises(ConfigError, match=names.replace("(", r"\(")):
+        IdempotencyMiddleware(app, **options)
+
+
+# -- exactly once ------------------------------------------------------------------------
+
+
+async def hammer(app: Any, backend: Backend, requests: int = 100) -> list[httpx.Response]:
+    """``requests`` identical requests at once; the handler is held until half have answered."""
+    backend.gate, backend.started = anyio.Event(), anyio.Event()
+    original_done = anyio.Event()
+    responses: list[httpx.Response] = []
+    half = requests // 2
+
+    async with client_for(app) as client:
+
+        async def one(index: int) -> None:
+            if index >= half:
+                # The second half arrives while the first request is finishing or done.
+                await original_done.wait()
+            response = await client.post("/api/wait", headers=key("once"), json={"amount": 7})
+            responses.append(response)
+            if response.status_code == 201 and "idempotent-replayed" not in response.headers:
+                original_done.set()
+            if len(responses) == half - 1:
+                assert backend.gate is not None
+                backend.gate.set()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for index in range(requests):
+                    tg.start_soon(one, index)
+    return responses
+
+
+def assert_exactly_once(responses: list[httpx.Response], backend: Backend) -> None:
+    assert backend.calls["/api/wait"] == 1
+    assert len(responses) == 100
+    originals = [
+        r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers
+    ]
+    assert len(originals) == 1
+    replays = [r for r in responses if r.headers.get("idempotent-replayed") == "true"]
+    in_use = [r for r in responses if r.status_code == 409]
+    assert len(replays) + len(in_use) == 99
+    assert replays
+    assert in_use
+    for response in replays:
+        assert response.status_code == 201
+        assert response.content == originals[0].content
+    for response in in_use:
+        assert_error(response, 409, "idempotency_key_in_use")
+
+
+async def test_exactly_once_under_concurrency_memory(anyio_backend: str) -> None:
+    app, backend = build()
+    assert_exactly_once(await hammer(app, backend), backend)
+
+
+@pytest.mark.redis
+async def test_exactly_once_under_concurrency_redis(
+    redis_url: str, redis_prefix: str, asyncio_only: None
+) -> None:
+    from asgi_armor.stores.redis import RedisStore
+
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix, timeout=2.0)
+    try:
+        app, backend = build(store=store)
+        assert_exactly_once(await hammer(app, backend), backend)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_records_are_prefixed_and_expire(
+    redis_url: str, redis_prefix: str, asyncio_only: None
+) -> None:
+    import redis.asyncio as aioredis
+
+    from asgi_armor.stores.redis import RedisStore
+
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        app, _ = build(store=store, ttl=3600.0)
+        async with client_for(app) as http:
+            first = await http.post("/api/stream", headers={**key("k"), "X-User": "u1"})
+            second = await http.post("/api/stream", headers={**key("k"), "X-User": "u1"})
+        assert second.content == first.content
+        assert second.headers["idempotent-replayed"] == "true"
+        keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
+        assert keys == [f"{redis_prefix}idem:u1:POST:POST /api/stream:k".encode()]
+        assert 3500 < await client.ttl(keys[0]) <= 3600
+    finally:
+        await client.aclose()
+        await store.aclose()

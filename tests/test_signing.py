@@ -1,0 +1,745 @@
+"""Request and webhook signing: schemes, verify/sign, and SignatureMiddleware."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import standardwebhooks
+import stripe
+
+from asgi_armor._asgi import Message, Receive, Scope, Send
+from asgi_armor.errors import ConfigError, ErrorMiddleware, InvalidSignature, PayloadTooLarge
+from asgi_armor.signing import (
+    SCHEMES,
+    GitHub,
+    HexHmac,
+    ParsedSignature,
+    Scheme,
+    SignatureMiddleware,
+    SignedRoute,
+    StandardWebhooks,
+    Stripe,
+    VerifiedMessage,
+    sign,
+    verify,
+)
+from asgi_armor.stores.base import StoreError
+from asgi_armor.stores.memory import MemoryStore
+from asgi_armor.stores.redis import RedisStore
+
+NOW = 1_700_000_000
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+BODY = b'{"type":"payment.succeeded","amount":4200}'
+GITHUB_SECRET = "It's a Secret to Everybody"
+GITHUB_SIGNATURE = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+
+
+def code_of(excinfo: pytest.ExceptionInfo[InvalidSignature]) -> str:
+    return excinfo.value.code
+
+
+# -- official vectors ----------------------------------------------------------------
+
+
+def test_github_documented_example_verifies() -> None:
+    headers = {"X-Hub-Signature-256": GITHUB_SIGNATURE}
+    message = verify(headers, b"Hello, World!", GITHUB_SECRET, GitHub())
+    assert message.scheme == "github"
+    assert message.secret_index == 0
+    assert sign(b"Hello, World!", GITHUB_SECRET, GitHub()) == headers
+
+
+def test_standardwebhooks_library_signature_verifies_with_ours() -> None:
+    theirs = standardwebhooks.Webhook(WHSEC)
+    signature = theirs.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", datetime.fromtimestamp(NOW, UTC), "hi")
+    headers = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-timestamp": str(NOW)}
+    headers["webhook-signature"] = signature
+    message = verify(headers, b"hi", WHSEC, StandardWebhooks(), now=NOW)
+    assert message.msg_id == "msg_p5jXN8AQM9LWM0D4loKWxJek"
+    assert message.timestamp == NOW
+
+
+def test_our_standardwebhooks_signature_verifies_with_the_library() -> None:
+    # The library checks the timestamp against the real clock, so sign "now".
+    headers = sign(BODY, WHSEC, StandardWebhooks())
+    assert standardwebhooks.Webhook(WHSEC).verify(BODY, headers) == json.loads(BODY)
+    raw_key = b"\x01\x02secret-bytes"
+    headers = sign(BODY, raw_key, StandardWebhooks(), msg_id="msg_x")
+    assert standardwebhooks.Webhook(raw_key).verify(BODY, headers, json_parse=False) is None
+    assert headers["webhook-id"] == "msg_x"
+
+
+def test_standardwebhooks_svix_aliases_and_several_entries() -> None:
+    theirs = standardwebhooks.Webhook(WHSEC)
+    good = theirs.sign("msg_1", datetime.fromtimestamp(NOW, UTC), "body")
+    wrong = "v1," + base64.b64encode(b"\0" * 32).decode()
+    headers = {
+        "svix-id": "msg_1",
+        "svix-timestamp": str(NOW),
+        "svix-signature": f"v1a,c29tZXRoaW5n {wrong}  {good}",
+    }
+    assert verify(headers, b"body", WHSEC, StandardWebhooks(), now=NOW).msg_id == "msg_1"
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, b"body", WHSEC, StandardWebhooks(svix_aliases=False), now=NOW)
+    assert code_of(excinfo) == "missing_signature"
+
+
+def test_standardwebhooks_whsec_secret_decoded_plain_secret_is_utf8() -> None:
+    scheme = StandardWebhooks()
+    assert scheme.key(WHSEC) == base64.b64decode(WHSEC[6:])
+    assert scheme.key("whsec_YWJj") == b"abc"
+    assert scheme.key("whsec_YWI") == b"ab"  # unpadded, as the official library allows
+    assert scheme.key("plain-secret") == b"plain-secret"
+    assert scheme.key(b"whsec_YWJj") == b"whsec_YWJj"  # bytes are the key itself
+
+
+def test_stripe_library_accepts_our_header() -> None:
+    secret = "whsec_test_secret"
+    headers = sign(BODY, secret, Stripe())
+    assert set(headers) == {"Stripe-Signature"}
+    assert stripe.WebhookSignature.verify_header(BODY, headers["Stripe-Signature"], secret, 300)
+
+
+def test_stripe_library_header_verifies_with_ours() -> None:
+    secret = "whsec_test_secret"
+    header = stripe.WebhookSignature.generate_signature_header(BODY.decode(), secret, NOW)
+    message = verify({"Stripe-Signature": header}, BODY, secret, Stripe(), now=NOW)
+    assert message.timestamp == NOW
+
+
+def test_stripe_documented_algorithm_with_several_entries() -> None:
+    # https://docs.stripe.com/webhooks#verify-manually: HMAC-SHA256 of "{t}.{payload}",
+    # hex; several v1 entries while a secret is rolled; v0 is ignored.
+    secret = "whsec_new"
+    expected = hmac.new(secret.encode(), b"%d." % NOW + BODY, hashlib.sha256).hexdigest()
+    other = hmac.new(b"whsec_old", b"%d." % NOW + BODY, hashlib.sha256).hexdigest()
+    header = f"t={NOW},v1={other},v1={expected},v0={'a' * 64}"
+    verify({"stripe-signature": header}, BODY, secret, Stripe(), now=NOW)
+
+
+def test_hex_hmac_seed_format_with_and_without_prefix() -> None:
+    digest = hmac.new(b"demo-webhook-secret", BODY, hashlib.sha256).hexdigest()
+    for value in (digest, "sha256=" + digest, digest.upper(), "SHA256=" + digest):
+        verify({"X-Signature": value}, BODY, "demo-webhook-secret")
+    assert sign(BODY, "demo-webhook-secret") == {"X-Signature": digest}
+
+
+def test_hex_hmac_options() -> None:
+    scheme = HexHmac(header="X-Sig", algorithm="sha512", prefix_optional=None)
+    digest = hmac.new(b"k", BODY, hashlib.sha512).hexdigest()
+    verify({"x-sig": digest}, BODY, "k", scheme)
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify({"x-sig": "sha256=" + digest}, BODY, "k", scheme)
+    assert code_of(excinfo) == "malformed_signature"
+
+
+def test_hex_hmac_with_timestamp_header() -> None:
+    scheme = HexHmac(timestamp_header="X-Timestamp")
+    headers = sign(BODY, "k", scheme, timestamp=NOW)
+    expected = hmac.new(b"k", f"{NOW}.".encode() + BODY, hashlib.sha256).hexdigest()
+    assert headers == {"X-Timestamp": str(NOW), "X-Signature": expected}
+    assert verify(headers, BODY, "k", scheme, now=NOW).timestamp == NOW
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify({"X-Signature": expected}, BODY, "k", scheme, now=NOW)
+    assert code_of(excinfo) == "missing_signature"
+    assert excinfo.value.details[0].field == "X-Timestamp"
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, "k", scheme, now=NOW + 301)
+    assert code_of(excinfo) == "timestamp_out_of_tolerance"
+
+
+# -- verification failures -----------------------------------------------------------
+
+ALL_SCHEMES: list[Scheme] = [
+    HexHmac(),
+    HexHmac(timestamp_header="X-Timestamp"),
+    StandardWebhooks(),
+    Stripe(),
+    GitHub(),
+]
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_round_trip_and_tampering(scheme: Scheme) -> None:
+    headers = sign(BODY, "secret", scheme, timestamp=NOW)
+    message = verify(headers, BODY, "secret", scheme, now=NOW)
+    assert message.scheme == scheme.name
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY + b" ", "secret", scheme, now=NOW)
+    assert code_of(excinfo) == "signature_mismatch"
+    assert excinfo.value.status == 401
+    assert excinfo.value.error == "invalid_signature"
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, "other-secret", scheme, now=NOW)
+    assert code_of(excinfo) == "signature_mismatch"
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_rotated_secrets_old_and_new_both_verify(scheme: Scheme) -> None:
+    secrets: list[str | bytes] = ["new-secret", b"old-secret"]
+    old = sign(BODY, b"old-secret", scheme, timestamp=NOW)
+    new = sign(BODY, "new-secret", scheme, timestamp=NOW)
+    assert verify(old, BODY, secrets, scheme, now=NOW).secret_index == 1
+    assert verify(new, BODY, secrets, scheme, now=NOW).secret_index == 0
+    with pytest.raises(InvalidSignature):
+        verify(sign(BODY, "retired", scheme, timestamp=NOW), BODY, secrets, scheme, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "scheme", [HexHmac(timestamp_header="X-Timestamp"), StandardWebhooks(), Stripe()], ids=repr
+)
+def test_timestamps_checked_in_both_directions(scheme: Scheme) -> None:
+    headers = sign(BODY, "s", scheme, timestamp=NOW)
+    verify(headers, BODY, "s", scheme, now=NOW + 300)  # boundary included
+    verify(headers, BODY, "s", scheme, now=NOW - 300)
+    for now in (NOW + 301, NOW - 301, NOW + 10**9, 0):
+        with pytest.raises(InvalidSignature) as excinfo:
+            verify(headers, BODY, "s", scheme, now=now)
+        assert code_of(excinfo) == "timestamp_out_of_tolerance"
+    verify(headers, BODY, "s", scheme, now=NOW + 3000, tolerance=3600)
+
+
+def test_sign_makes_timestamp_and_id_now() -> None:
+    before = int(time.time())
+    headers = sign(BODY, WHSEC, StandardWebhooks())
+    assert headers["webhook-id"].startswith("msg_")
+    assert before <= int(headers["webhook-timestamp"]) <= time.time()
+    assert verify(headers, BODY, WHSEC, StandardWebhooks()).msg_id == headers["webhook-id"]
+    assert sign(BODY, WHSEC, StandardWebhooks())["webhook-id"] != headers["webhook-id"]
+    verify(sign(BODY, "s", Stripe()), BODY, "s", Stripe())
+
+
+def test_raw_asgi_headers_are_accepted() -> None:
+    headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW)
+    raw = [(b"host", b"t")] + [(k.encode(), v.encode()) for k, v in headers.items()]
+    verify(raw, BODY, WHSEC, StandardWebhooks(), now=NOW)
+
+
+def test_unrelated_non_ascii_header_is_ignored() -> None:
+    headers = [(b"x-signature", sign(BODY, "s")["X-Signature"].encode()), (b"x-name", b"\xff\xfe")]
+    verify(headers, BODY, "s")
+
+
+SW_OK = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW, msg_id="msg_1")
+STRIPE_OK = sign(BODY, "s", Stripe(), timestamp=NOW)["Stripe-Signature"]
+HEX_OK = sign(BODY, "s")["X-Signature"]
+
+
+def _sw(**changes: str | None) -> dict[str, str]:
+    headers = dict(SW_OK)
+    for name, value in changes.items():
+        name = "webhook-" + name
+        if value is None:
+            del headers[name]
+        else:
+            headers[name] = value
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("scheme", "headers", "code", "field"),
+    [
+        (HexHmac(), {}, "missing_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": "  "}, "missing_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": "xyz"}, "malformed_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": HEX_OK[:-1]}, "malformed_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": HEX_OK + "00"}, "malformed_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": HEX_OK[:-2] + " 0"}, "malformed_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": "sha1=" + HEX_OK}, "malformed_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": HEX_OK[:-1] + "é"}, "malformed_signature", "X-Signature"),
+        (HexHmac(), {"X-Signature": "a" * 100_000}, "malformed_signature", "X-Signature"),
+        (HexHmac(), [(b"x-signature", HEX_OK.encode() + b"\xff")], "malformed_signature", None),
+        (HexHmac(), [(b"x-signature", HEX_OK.encode())] * 2, "malformed_signature", None),
+        (HexHmac(), {"X-Signature": HEX_OK, "x-signature": HEX_OK}, "malformed_signature", None),
+        (GitHub(), {"X-Hub-Signature-256": HEX_OK}, "malformed_signature", None),
+        (GitHub(), {"X-Hub-Signature": "sha1=" + "a" * 40}, "missing_signature", None),
+        (GitHub(), {"X-Hub-Signature-256": "sha256="}, "malformed_signature", None),
+        (Stripe(), {}, "missing_signature", "Stripe-Signature"),
+        (Stripe(), {"Stripe-Signature": "garbage"}, "malformed_signature", "Stripe-Signature"),
+        (Stripe(), {"Stripe-Signature": f"v1={HEX_OK}"}, "malformed_signature", None),
+        (Stripe(), {"Stripe-Signature": f"t={NOW}"}, "malformed_signature", None),
+        (Stripe(), {"Stripe-Signature": f"t={NOW},v0={HEX_OK}"}, "malformed_signature", None),
+        (Stripe(), {"Stripe-Signature": f"t=1{'0' * 40},v1={HEX_OK}"}, "malformed_signature", None),
+        (Stripe(), {"Stripe-Signature": f"t=-5,v1={HEX_OK}"}, "malformed_signature", None),
+        (
+            Stripe(),
+            {"Stripe-Signature": f"t={NOW},t={NOW},{STRIPE_OK}"},
+            "malformed_signature",
+            None,
+        ),
+        (Stripe(), {"Stripe-Signature": f"t={NOW},v1=zz"}, "malformed_signature", None),
+        (Stripe(), {"Stripe-Signature": STRIPE_OK + ",v1"}, "malformed_signature", None),
+        (Stripe(), {"Stripe-Signature": STRIPE_OK + ",x=1" * 50}, "malformed_signature", None),
+        (StandardWebhooks(), _sw(id=None), "missing_signature", "webhook-id"),
+        (StandardWebhooks(), _sw(timestamp=None), "missing_signature", "webhook-timestamp"),
+        (StandardWebhooks(), _sw(signature=None), "missing_signature", "webhook-signature"),
+        (StandardWebhooks(), _sw(timestamp="1.5e9"), "malformed_signature", "webhook-timestamp"),
+        (StandardWebhooks(), _sw(id="msg id"), "malformed_signature", "webhook-id"),
+        (StandardWebhooks(), _sw(id="m" * 300), "malformed_signature", "webhook-id"),
+        (StandardWebhooks(), _sw(id="msg_ü"), "malformed_signature", "webhook-id"),
+        (StandardWebhooks(), _sw(signature="v1"), "malformed_signature", "webhook-signature"),
+        (StandardWebhooks(), _sw(signature="v1,"), "malformed_signature", "webhook-signature"),
+        (StandardWebhooks(), _sw(signature="v1,!!!"), "malformed_signature", "webhook-signature"),
+        (StandardWebhooks(), _sw(signature="v1,YWJj"), "malformed_signature", "webhook-signature"),
+        (StandardWebhooks(), _sw(signature="v1a,YWJj"), "malformed_signature", "webhook-signature"),
+        (StandardWebhooks(), _sw(signature="v1,YWJj" * 100), "malformed_signature", None),
+        (StandardWebhooks(), _sw(signature="v2,YWJj " * 20), "malformed_signature", None),
+    ],
+)
+def test_missing_and_malformed_headers(
+    scheme: Scheme, headers: Any, code: str, field: str | None
+) -> None:
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(
+            headers, BODY, WHSEC if isinstance(scheme, StandardWebhooks) else "s", scheme, now=NOW
+        )
+    assert code_of(excinfo) == code
+    if field is not None:
+        assert excinfo.value.details[0].field == field
+
+
+def test_verify_caps_the_body() -> None:
+    headers = sign(BODY, "s")
+    verify(headers, BODY, "s", max_body_bytes=len(BODY))
+    with pytest.raises(PayloadTooLarge):
+        verify(headers, BODY, "s", max_body_bytes=len(BODY) - 1)
+
+
+def test_replay_ids() -> None:
+    sw = verify(SW_OK, BODY, WHSEC, StandardWebhooks(), now=NOW)
+    assert sw.replay_id == f"msg_1:{NOW}"
+    # Secret-independent: a message signed with the old and the new secret is one message.
+    a = verify(sign(BODY, "a", Stripe(), timestamp=NOW), BODY, ["a", "b"], Stripe(), now=NOW)
+    b = verify(sign(BODY, "b", Stripe(), timestamp=NOW), BODY, ["a", "b"], Stripe(), now=NOW)
+    assert a.replay_id == b.replay_id
+    c = verify(sign(BODY, "a", Stripe(), timestamp=NOW + 1), BODY, "a", Stripe(), now=NOW)
+    assert c.replay_id != a.replay_id
+
+
+@pytest.mark.parametrize(
+    ("secrets", "scheme"),
+    [
+        ("", HexHmac()),
+        (b"", GitHub()),
+        ([], Stripe()),
+        (["ok", ""], HexHmac()),
+        ("whsec_", StandardWebhooks()),
+        ("whsec_not base64!", StandardWebhooks()),
+        ([42], HexHmac()),
+    ],
+)
+def test_verify_refuses_missing_secrets(secrets: Any, scheme: Scheme) -> None:
+    with pytest.raises(ConfigError):
+        verify({"X-Signature": HEX_OK}, BODY, secrets, scheme)
+
+
+def test_scheme_config_errors() -> None:
+    with pytest.raises(ConfigError, match="algorithm"):
+        HexHmac(algorithm="md5")
+    with pytest.raises(ConfigError, match="header"):
+        HexHmac(header="X Signature")
+    with pytest.raises(ConfigError, match="timestamp_header"):
+        HexHmac(timestamp_header="")
+    with pytest.raises(ConfigError):
+        Stripe(header="a:b")
+    with pytest.raises(ConfigError):
+        verify({}, BODY, "s", tolerance=0)
+    with pytest.raises(ValueError, match="msg_id"):
+        sign(BODY, WHSEC, StandardWebhooks(), msg_id="has space")
+
+
+def test_schemes_are_frozen_slotted_and_named() -> None:
+    assert {
+        "github": GitHub,
+        "hex-hmac": HexHmac,
+        "standard-webhooks": StandardWebhooks,
+        "stripe": Stripe,
+    } == SCHEMES
+    scheme = HexHmac()
+    assert not hasattr(scheme, "__dict__")
+    with pytest.raises(AttributeError):
+        scheme.header = "X-Other"  # type: ignore[misc]
+    assert HexHmac() == HexHmac()
+    parsed = Stripe().extract({"stripe-signature": STRIPE_OK})
+    assert isinstance(parsed, ParsedSignature)
+    assert Stripe().signed_payload(parsed, BODY) == f"{NOW}.".encode() + BODY
+
+
+# -- middleware ----------------------------------------------------------------------
+
+
+class Recorder:
+    """A bare ASGI app that records what it received."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.messages: list[VerifiedMessage | None] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        self.bodies.append(b"".join(chunks))
+        self.messages.append(scope.get("state", {}).get("signature"))
+        body = b'{"received":true}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class FailingStore:
+    """A NonceStore whose backend is down."""
+
+    async def remember(self, key: str, ttl: float) -> bool:
+        raise StoreError("down")
+
+
+ROUTES: dict[str, Any] = {
+    "POST /webhooks/hex": SignedRoute(HexHmac(), "hex-secret"),
+    "POST /webhooks/sw": SignedRoute(StandardWebhooks(), WHSEC),
+    "POST /webhooks/stripe": (Stripe(), ["whsec_new", "whsec_old"]),
+    "POST /webhooks/github": SignedRoute(GitHub(), GITHUB_SECRET),
+}
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=ErrorMiddleware(app), client=("1.2.3.4", 123))
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+def make(recorder: Recorder, **options: Any) -> SignatureMiddleware:
+    options.setdefault("routes", ROUTES)
+    options.setdefault("wall_clock", lambda: float(NOW))
+    return SignatureMiddleware(recorder, **options)
+
+
+def assert_signature_error(response: httpx.Response, code: str) -> None:
+    assert response.status_code == 401, response.text
+    payload = response.json()
+    assert payload["error"] == "invalid_signature"
+    assert [d["code"] for d in payload["details"]] == [code]
+    assert set(payload["details"][0]) == {"code", "message", "field"}
+    assert payload["request_id"] == response.headers["x-request-id"]
+    assert payload["request_id"]
+
+
+@pytest.mark.anyio
+async def test_middleware_accepts_each_scheme_and_replays_exact_body() -> None:
+    recorder = Recorder()
+    body = b'{"a": 1,\n "b": "\xc3\xa9"}  '  # whitespace and UTF-8 kept byte for byte
+    cases = [
+        ("/webhooks/hex", sign(body, "hex-secret")),
+        ("/webhooks/sw", sign(body, WHSEC, StandardWebhooks(), timestamp=NOW)),
+        ("/webhooks/stripe", sign(body, "whsec_old", Stripe(), timestamp=NOW)),
+        ("/webhooks/github", sign(body, GITHUB_SECRET, GitHub())),
+    ]
+    async with client_for(make(recorder)) as client:
+        for path, headers in cases:
+            response = await client.post(path, content=body, headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.json() == {"received": True}
+    assert recorder.bodies == [body] * 4
+    assert [m.scheme for m in recorder.messages if m] == [
+        "hex-hmac",
+        "standard-webhooks",
+        "stripe",
+        "github",
+    ]
+    assert recorder.messages[2] is not None
+    assert recorder.messages[2].secret_index == 1
+
+
+@pytest.mark.anyio
+async def test_middleware_rejects_wrong_and_missing_signatures() -> None:
+    recorder = Recorder()
+    async with client_for(make(recorder)) as client:
+        response = await client.post("/webhooks/hex", content=BODY)
+        assert_signature_error(response, "missing_signature")
+        assert response.json()["details"][0]["field"] == "X-Signature"
+        wrong = sign(BODY, "not-the-secret")
+        assert_signature_error(
+            await client.post("/webhooks/hex", content=BODY, headers=wrong), "signature_mismatch"
+        )
+        tampered = sign(BODY, "hex-secret")
+        assert_signature_error(
+            await client.post("/webhooks/hex", content=BODY + b"!", headers=tampered),
+            "signature_mismatch",
+        )
+        bad = {b"X-Signature": "sha256=\u00e9".encode() + b"0" * 62}
+        response = await client.post("/webhooks/hex", content=BODY, headers=bad)
+        assert_signature_error(response, "malformed_signature")
+        stale = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW - 301)
+        assert_signature_error(
+            await client.post("/webhooks/sw", content=BODY, headers=stale),
+            "timestamp_out_of_tolerance",
+        )
+        future = sign(BODY, "whsec_new", Stripe(), timestamp=NOW + 301)
+        assert_signature_error(
+            await client.post("/webhooks/stripe", content=BODY, headers=future),
+            "timestamp_out_of_tolerance",
+        )
+    assert recorder.bodies == []
+
+
+@pytest.mark.anyio
+async def test_middleware_rejects_replays() -> None:
+    recorder = Recorder()
+    sw = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW, msg_id="msg_dup")
+    hexed = sign(BODY, "hex-secret")
+    async with client_for(make(recorder)) as client:
+        for path, headers in (("/webhooks/sw", sw), ("/webhooks/hex", hexed)):
+            first = await client.post(path, content=BODY, headers=headers)
+            assert first.status_code == 200
+            assert_signature_error(
+                await client.post(path, content=BODY, headers=headers), "replayed"
+            )
+        # A sender's retry re-signs with a new timestamp: the same message id gets through
+        # (deduplicating deliveries is the app's job, with VerifiedMessage.msg_id).
+        retry = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW + 5, msg_id="msg_dup")
+        assert (await client.post("/webhooks/sw", content=BODY, headers=retry)).status_code == 200
+    assert len(recorder.bodies) == 3
+
+
+@pytest.mark.anyio
+async def test_replay_cache_lasts_twice_the_tolerance(clock: Any) -> None:
+    recorder = Recorder()
+    store = MemoryStore(clock=clock)
+    headers = sign(BODY, "hex-secret")
+    async with client_for(make(recorder, store=store, tolerance=60)) as client:
+        assert (
+            await client.post("/webhooks/hex", content=BODY, headers=headers)
+        ).status_code == 200
+        clock.advance(119)
+        assert_signature_error(
+            await client.post("/webhooks/hex", content=BODY, headers=headers), "replayed"
+        )
+        clock.advance(2)
+        assert (
+            await client.post("/webhooks/hex", content=BODY, headers=headers)
+        ).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_replay_protection_can_be_disabled() -> None:
+    recorder = Recorder()
+    headers = sign(BODY, "hex-secret")
+    async with client_for(make(recorder, replay_protection=False)) as client:
+        for _ in range(2):
+            response = await client.post("/webhooks/hex", content=BODY, headers=headers)
+            assert response.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_middleware_body_cap() -> None:
+    recorder = Recorder()
+    body = b"x" * 101
+    headers = sign(body, "hex-secret")
+    async with client_for(make(recorder, max_body_bytes=100)) as client:
+        response = await client.post("/webhooks/hex", content=body, headers=headers)
+        assert response.status_code == 413
+        assert response.json()["error"] == "payload_too_large"
+        assert response.headers["x-request-id"] == response.json()["request_id"]
+        ok = b"y" * 100
+        response = await client.post("/webhooks/hex", content=ok, headers=sign(ok, "hex-secret"))
+        assert response.status_code == 200
+    assert recorder.bodies == [ok]
+    # Streamed without a Content-Length: refused once the bytes pass the cap.
+    app = ErrorMiddleware(make(recorder, max_body_bytes=100))
+    status, sent = await call_asgi(app, "/webhooks/hex", headers, [b"x" * 50] * 3)
+    assert status == 413
+    assert json.loads(sent[1]["body"])["error"] == "payload_too_large"
+    assert recorder.bodies == [ok]
+
+
+async def call_asgi(
+    app: Any, path: str, headers: dict[str, str], chunks: list[bytes]
+) -> tuple[int, list[Message]]:
+    """Call ``app`` directly with a body in ``chunks`` and no Content-Length."""
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "state": {},
+    }
+    incoming: list[Message] = [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+        for i, chunk in enumerate(chunks)
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], sent
+
+
+@pytest.mark.anyio
+async def test_chunked_body_is_reassembled_and_replayed() -> None:
+    recorder = Recorder()
+    body = b"0123456789" * 10
+    chunks = [body[i : i + 7] for i in range(0, len(body), 7)]
+    status, _ = await call_asgi(make(recorder), "/webhooks/hex", sign(body, "hex-secret"), chunks)
+    assert status == 200
+    assert recorder.bodies == [body]
+
+
+@pytest.mark.anyio
+async def test_unmatched_routes_and_other_scopes_pass_through() -> None:
+    recorder = Recorder()
+    async with client_for(make(recorder)) as client:
+        assert (await client.post("/other", content=b"raw")).status_code == 200
+        assert (await client.get("/webhooks/hex")).status_code == 200  # POST only
+    assert recorder.bodies == [b"raw", b""]
+    assert recorder.messages == [None, None]
+
+    seen: list[str] = []
+
+    async def lifespan_app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    async def no_receive() -> Message:
+        raise AssertionError("not called")
+
+    async def no_send(message: Message) -> None:
+        raise AssertionError("not called")
+
+    await SignatureMiddleware(lifespan_app, routes=ROUTES)(
+        {"type": "lifespan"}, no_receive, no_send
+    )
+    assert seen == ["lifespan"]
+
+
+@pytest.mark.anyio
+async def test_store_failure_denies_by_default_and_allows_when_asked() -> None:
+    recorder = Recorder()
+    headers = sign(BODY, "hex-secret")
+    async with client_for(make(recorder, store=FailingStore())) as client:
+        response = await client.post("/webhooks/hex", content=BODY, headers=headers)
+        assert response.status_code == 503
+        assert response.json()["error"] == "service_unavailable"
+        assert response.json()["request_id"] == response.headers["x-request-id"]
+        # A bad signature is refused before the store is asked.
+        wrong = sign(BODY, "nope")
+        assert_signature_error(
+            await client.post("/webhooks/hex", content=BODY, headers=wrong), "signature_mismatch"
+        )
+    assert recorder.bodies == []
+    app = make(recorder, store=FailingStore(), on_store_error="allow")
+    async with client_for(app) as client:
+        for _ in range(2):
+            response = await client.post("/webhooks/hex", content=BODY, headers=headers)
+            assert response.status_code == 200
+    assert recorder.bodies == [BODY, BODY]
+
+
+@pytest.mark.anyio
+async def test_replay_cache_on_redis(redis_url: str, redis_prefix: str, asyncio_only: None) -> None:
+    recorder = Recorder()
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW)
+        async with client_for(make(recorder, store=store)) as client:
+            response = await client.post("/webhooks/sw", content=BODY, headers=headers)
+            assert response.status_code == 200
+            assert_signature_error(
+                await client.post("/webhooks/sw", content=BODY, headers=headers), "replayed"
+            )
+        keys = [key async for key in store.client.scan_iter(match=redis_prefix + "*")]
+        assert len(keys) == 1
+        assert keys[0].startswith((redis_prefix + "nonce:").encode())
+        ttl = await store.client.pttl(keys[0])
+        assert 590_000 < ttl <= 600_000
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_dead_redis_is_a_503(asyncio_only: None) -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    try:
+        async with client_for(make(Recorder(), store=store)) as client:
+            headers = sign(BODY, "hex-secret")
+            response = await client.post("/webhooks/hex", content=BODY, headers=headers)
+            assert response.status_code == 503
+    finally:
+        await store.aclose()
+
+
+def _reject(**options: Any) -> str:
+    with pytest.raises(ConfigError) as excinfo:
+        SignatureMiddleware(Recorder(), **options)
+    return str(excinfo.value)
+
+
+def test_middleware_config_fails_closed() -> None:
+    assert "'POST /hook'" in _reject(routes={"POST /hook": SignedRoute(HexHmac(), "")})
+    assert "'POST /hook'" in _reject(routes={"POST /hook": SignedRoute(HexHmac(), [])})
+    assert "'POST /hook'" in _reject(routes={"POST /hook": (HexHmac(), [b"", "x"])})
+    assert "'POST /hook'" in _reject(routes={"POST /hook": (HexHmac(),)})
+    assert "'POST /hook'" in _reject(routes={"POST /hook": ("hex-hmac", "s")})
+    assert "'POST /hook'" in _reject(routes={"POST /hook": SignedRoute(HexHmac(), "s", -1)})
+    assert "'POST /hook'" in _reject(routes=[("POST /hook", (StandardWebhooks(), "whsec_%%"))])
+    assert "hook" in _reject(routes={"POST hook": SignedRoute(HexHmac(), "s")})
+    assert "at least one" in _reject(routes={})
+    assert "on_store_error" in _reject(routes=ROUTES, on_store_error="maybe")
+    assert "tolerance" in _reject(routes=ROUTES, tolerance=0)
+    assert "max_body_bytes" in _reject(routes=ROUTES, max_body_bytes=0)
+
+
+def test_middleware_repr_and_route_tolerance() -> None:
+    app = SignatureMiddleware(
+        Recorder(), routes=[("POST /a", SignedRoute(Stripe(), "s", tolerance=10))]
+    )
+    assert repr(app) == "SignatureMiddleware(routes=['POST /a'])"
+    assert app.routes.entries[0][1].tolerance == 10
+
+
+@pytest.mark.anyio
+async def test_per_route_tolerance_is_used() -> None:
+    recorder = Recorder()
+    routes = {"POST /a": SignedRoute(Stripe(), "s", tolerance=10)}
+    headers = sign(BODY, "s", Stripe(), timestamp=NOW - 11)
+    async with client_for(make(recorder, routes=routes)) as client:
+        assert_signature_error(
+            await client.post("/a", content=BODY, headers=headers), "timestamp_out_of_tolerance"
+        )
+
+
+def _clock_of(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
+@pytest.mark.anyio
+async def test_wall_clock_is_injectable() -> None:
+    headers = sign(BODY, "s", Stripe(), timestamp=5_000)
+    routes = {"POST /a": SignedRoute(Stripe(), "s")}
+    async with client_for(make(Recorder(), routes=routes, wall_clock=_clock_of(5_100))) as c:
+        assert (await c.post("/a", content=BODY, headers=headers)).status_code == 200
+    async with client_for(make(Recorder(), routes=routes, wall_clock=_clock_of(9_000))) as c:
+        assert_signature_error(
+            await c.post("/a", content=BODY, headers=headers), "timestamp_out_of_tolerance"
+        )
