@@ -11,7 +11,7 @@ from typing import Any
 
 from asgi_armor.errors import ConfigError
 
-__all__ = ["main"]
+__all__ = ["armored_from_env", "main"]
 
 _DESCRIPTION = """\
 asgi_armor wraps any ASGI app (Starlette, FastAPI, Quart, Litestar, a bare callable) in
@@ -25,6 +25,8 @@ examples:
   asgi-armor demo --store redis://127.0.0.1:6379/0 the same, state shared through Redis
   asgi-armor check armor.toml                      validate a config and print the stack
   asgi-armor run myproject.main:app --config armor.toml --port 8080
+
+docs: README.md and docs/ (`make docs` builds the site)
 """
 
 
@@ -84,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RUN_APP = "ARMOR_RUN_APP"
+_RUN_CONFIG = "ARMOR_RUN_CONFIG"
+
+
+def armored_from_env() -> Any:
+    """The app ``asgi-armor run --workers N`` serves: each worker process builds its own."""
+    from asgi_armor.config import ArmorConfig
+    from asgi_armor.stack import armor
+
+    return armor(_import_app(os.environ[_RUN_APP]), ArmorConfig.from_toml(os.environ[_RUN_CONFIG]))
+
+
 def _serve(app: Any, *, host: str, port: int, limits: Any = None, workers: int = 1) -> None:
     try:
         import uvicorn
@@ -100,6 +114,7 @@ def _serve(app: Any, *, host: str, port: int, limits: Any = None, workers: int =
         "server_header": False,
         "lifespan": "auto",
         "workers": workers,
+        "factory": isinstance(app, str),
     }
     if limits is not None:
         # Let a request line and headers as large as [limits] allows reach armor, so an
@@ -135,7 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             config = ArmorConfig.from_toml(args.config)
-            app = armor(_import_app(args.app), config)
+            app: Any = armor(_import_app(args.app), config)  # fail here, once, on any mistake
+            if args.workers > 1:
+                # Worker processes import the app by name and build their own stack.
+                os.environ[_RUN_APP] = args.app
+                os.environ[_RUN_CONFIG] = os.path.abspath(args.config)
+                app = "asgi_armor.cli:armored_from_env"
             _serve(app, host=args.host, port=args.port, limits=config.limits, workers=args.workers)
             return 0
         from asgi_armor.demo import banner, create_demo

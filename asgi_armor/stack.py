@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
+from asgi_armor.clientip import ClientIP
 from asgi_armor.config import ArmorConfig, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
@@ -159,6 +160,7 @@ def armor(
     config = config or ArmorConfig()
     if identify is None and config.identify:
         identify = _import(config.identify, "identify")
+    client_ip = ClientIP(config.trusted_proxies)
     store = store or build_store(config)
     layers: list[object] = []
 
@@ -231,7 +233,7 @@ def armor(
                 rules=rules,
                 store=store,
                 identify=identify,
-                trusted_proxies=config.trusted_proxies,
+                client_ip=client_ip,
                 exempt=config.rate_limit_exempt,
                 on_store_error=config.rate_limit_on_store_error,
             )

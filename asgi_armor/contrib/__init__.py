@@ -1,1 +1,2 @@
 """Framework adapters: render ``ArmorError`` raised inside routes as the envelope."""
+__all__: list[str] = []

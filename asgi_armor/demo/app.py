@@ -218,7 +218,9 @@ docs: `make docs` builds them into site/
 
 
 def _webhook_secret() -> str:
-    return os.environ.setdefault(WEBHOOK_SECRET_ENV, DEFAULT_WEBHOOK_SECRET)
+    if not os.environ.get(WEBHOOK_SECRET_ENV):
+        os.environ[WEBHOOK_SECRET_ENV] = DEFAULT_WEBHOOK_SECRET
+    return os.environ[WEBHOOK_SECRET_ENV]
 
 
 def banner(config: ArmorConfig, host: str, port: int) -> str:
@@ -246,4 +248,4 @@ def create_demo(
     if store is not None:
         config = config.with_store(store)
     demo = Demo()
-    return armor(demo.app(), config, identify=demo_identify), config
+    return armor(demo.app(), config), config

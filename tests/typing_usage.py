@@ -1,0 +1,77 @@
+"""Typed usage of the public API: checked by ``mypy --strict`` (``make typecheck``), not run.
+
+If a signature changes in a way that breaks users' type-checking, this file stops
+type-checking.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from asgi_armor import (
+    ArmorConfig,
+    Armored,
+    BreakerState,
+    CircuitBreaker,
+    Decision,
+    Email,
+    HexHmac,
+    MemoryStore,
+    Name,
+    Partial,
+    Rate,
+    RateLimiter,
+    RateLimitEntry,
+    armor,
+    decode,
+    gather_partial,
+    sign,
+    verify,
+    with_timeout,
+)
+from asgi_armor._asgi import Receive, Scope, Send
+
+
+class Signup(msgspec.Struct):
+    email: Email
+    name: Name
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    pass
+
+
+def build() -> Armored:
+    config = ArmorConfig(rate_limit=[RateLimitEntry(route="* /api/*", rate="10/minute")])
+    return armor(app, config)
+
+
+def validate(body: bytes) -> str:
+    signup: Signup = decode(body, Signup)
+    return signup.email
+
+
+breaker = CircuitBreaker(fail_max=5, reset_timeout=30.0)
+
+
+@breaker
+async def fetch(user_id: int) -> dict[str, int]:
+    return {"id": user_id}
+
+
+async def use() -> None:
+    limiter = RateLimiter(MemoryStore())
+    decision: Decision = await limiter.hit("user:1", Rate.parse("10/minute"))
+    allowed: bool = decision.allowed
+    user: dict[str, int] = await fetch(1)
+    same: dict[str, int] = await breaker.call(fetch, 2)
+    state: BreakerState = breaker.state
+    value: int = await with_timeout(fetch_value(), 1.0)
+    partial: Partial = await gather_partial({"user": (lambda: fetch(3), None)}, timeout=1.0)
+    headers: dict[str, str] = sign(b"{}", "secret", scheme=HexHmac())
+    verify(headers, b"{}", "secret", scheme=HexHmac())
+    del allowed, user, same, state, value, partial
+
+
+async def fetch_value() -> int:
+    return 1
