@@ -862,7 +862,9 @@ class SignatureMiddleware:
                 type(exc).__name__,
             )
             if self.on_store_error == "deny":
-                raise ServiceUnavailable() from None
+                # Same answer as the idempotency layer's: the store's breaker lets a trial
+                # call through after about a second, so that is when a retry may succeed.
+                raise ServiceUnavailable(retry_after=1.0) from None
             return
         if not new:
             raise InvalidSignature("replayed")

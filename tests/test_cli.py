@@ -26,7 +26,9 @@ def test_each_command_has_help(command: str, capsys: pytest.CaptureFixture[str])
     assert "usage: asgi-armor " + command in capsys.readouterr().out
 
 
-def test_check_prints_the_stack(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_prints_the_stack(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("ARMOR_DEMO_WEBHOOK_SECRET", "s3cret")
     assert main(["check", str(BUNDLED_CONFIG)]) == 0
     out = capsys.readouterr().out
@@ -36,7 +38,9 @@ def test_check_prints_the_stack(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     assert "s3cret" not in out
 
 
-def test_check_fails_with_the_entry_at_fault(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_fails_with_the_entry_at_fault(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = tmp_path / "armor.toml"
     broken.write_text(
         '[[rate_limit]]\nroute = "* /api/*"\nrate = "1000/minute"\n\n'

@@ -38,6 +38,6 @@ def test_python_blocks_run(page: Path, monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setitem(sys.modules, module.__name__, module)
     for index, source in enumerate(blocks):
         try:
-            exec(compile(source, f"{page.name}[block {index}]", "exec"), module.__dict__)  # noqa: S102
+            exec(compile(source, f"{page.name}[block {index}]", "exec"), module.__dict__)
         except Exception as exc:
             pytest.fail(f"{page.name} block {index} failed: {type(exc).__name__}: {exc}\n{source}")

@@ -9,14 +9,45 @@ import pytest
 
 import asgi_armor
 
-CONTRACT = """
-armor ArmorConfig ErrorResponse ErrorDetail ArmorError ErrorMiddleware
-ValidationFailed RateLimited CircuitOpenError RequestTimeout InvalidSignature
-decode decode_query Email Name InputLimits
-Rate RateLimiter Decision Rule RateLimitMiddleware MemoryStore RedisStore
-IdempotencyMiddleware CircuitBreaker with_timeout TimeoutMiddleware gather_partial Partial
-sign verify SignatureMiddleware HexHmac StandardWebhooks Stripe GitHub ConcurrencyLimit
-""".split()
+CONTRACT = [
+    "armor",
+    "ArmorConfig",
+    "ErrorResponse",
+    "ErrorDetail",
+    "ArmorError",
+    "ErrorMiddleware",
+    "ValidationFailed",
+    "RateLimited",
+    "CircuitOpenError",
+    "RequestTimeout",
+    "InvalidSignature",
+    "decode",
+    "decode_query",
+    "Email",
+    "Name",
+    "InputLimits",
+    "Rate",
+    "RateLimiter",
+    "Decision",
+    "Rule",
+    "RateLimitMiddleware",
+    "MemoryStore",
+    "RedisStore",
+    "IdempotencyMiddleware",
+    "CircuitBreaker",
+    "with_timeout",
+    "TimeoutMiddleware",
+    "gather_partial",
+    "Partial",
+    "sign",
+    "verify",
+    "SignatureMiddleware",
+    "HexHmac",
+    "StandardWebhooks",
+    "Stripe",
+    "GitHub",
+    "ConcurrencyLimit",
+]
 
 OPTIONAL = {"asgi_armor.contrib.quart": "quart", "asgi_armor.contrib.litestar": "litestar"}
 

@@ -99,7 +99,9 @@ def test_run_serves_a_user_app_without_trusting_forwarded_headers(tmp_path: Path
     served = Served(["run", "tests.integration.sample_app:app", "--config", str(config)])
     try:
         with httpx.Client(base_url=served.url, timeout=10) as client:
-            first = client.get("/", headers={"X-Forwarded-For": "203.0.113.5", "X-Request-ID": "trace-1"})
+            first = client.get(
+                "/", headers={"X-Forwarded-For": "203.0.113.5", "X-Request-ID": "trace-1"}
+            )
             assert first.json() == {"client": "127.0.0.1", "request_id": "trace-1"}
             assert client.get("/").status_code == 200
             limited = client.get("/", headers={"X-Forwarded-For": "203.0.113.6"})
@@ -112,7 +114,9 @@ def test_run_serves_a_user_app_without_trusting_forwarded_headers(tmp_path: Path
 def test_run_with_two_workers(tmp_path: Path) -> None:
     config = tmp_path / "armor.toml"
     config.write_text("")
-    served = Served(["run", "tests.integration.sample_app:app", "--config", str(config), "--workers", "2"])
+    served = Served(
+        ["run", "tests.integration.sample_app:app", "--config", str(config), "--workers", "2"]
+    )
     try:
         with httpx.Client(base_url=served.url, timeout=10) as client:
             deadline = time.monotonic() + 20
