@@ -1,2 +1,3 @@
 """Framework adapters: render ``ArmorError`` raised inside routes as the envelope."""
+
 __all__: list[str] = []
