@@ -79,6 +79,7 @@ class LimitsConfig(_Entry):
     max_headers: int = 100
     max_header_bytes: int = 16384
     json_routes: list[str] = msgspec.field(default_factory=list)
+    body_timeout: Duration | None = None
 
 
 class SheddingConfig(_Entry):

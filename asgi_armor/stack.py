@@ -260,6 +260,7 @@ def armor(
                 max_headers=limits.max_headers,
                 max_header_bytes=limits.max_header_bytes,
                 json_routes=limits.json_routes,
+                body_timeout=None if limits.body_timeout is None else float(limits.body_timeout),
             )
 
     add(ErrorMiddleware, error_format=config.error_format)

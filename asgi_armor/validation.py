@@ -44,6 +44,7 @@ from typing import (
 )
 from urllib.parse import parse_qsl
 
+import anyio
 import msgspec
 
 from asgi_armor.errors import (
@@ -53,6 +54,7 @@ from asgi_armor.errors import (
     HeadersTooLarge,
     InvalidJSON,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
     URITooLong,
     ValidationFailed,
@@ -1423,7 +1425,10 @@ class InputLimits:
     unsupported_media_type). Then the body is counted as it streams: the chunk that would
     pass ``max_body_bytes`` is never handed to the app, the client gets 413 if the
     response has not started (the connection is aborted if it has), and the app's
-    ``receive`` raises ``PayloadTooLarge``. Nothing is buffered.
+    ``receive`` raises ``PayloadTooLarge``. Nothing is buffered. With ``body_timeout``, a
+    body still incomplete that many seconds after it is first read is cut off the same way
+    (504 timeout): a slowloris upload is bounded whichever layer reads it, including the
+    signature and idempotency layers, which read the body before ``TimeoutMiddleware`` runs.
 
     Args:
         app: the ASGI app to wrap.
@@ -1432,9 +1437,12 @@ class InputLimits:
         max_headers: most request headers.
         max_header_bytes: most bytes of header names and values together.
         json_routes: route patterns (``"POST /api/*"``) whose bodies must be JSON.
+        body_timeout: seconds the whole body may take to arrive, from the first read;
+            None (the default) means no limit.
 
     Raises:
-        ConfigError: a limit is not a positive integer, or a route pattern is invalid.
+        ConfigError: a limit is not a positive integer, a route pattern is invalid, or
+            ``body_timeout`` is not a positive number of seconds.
     """
 
     def __init__(
@@ -1446,6 +1454,7 @@ class InputLimits:
         max_headers: int = 100,
         max_header_bytes: int = 16384,
         json_routes: Iterable[str | Route] = (),
+        body_timeout: float | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = _positive("max_body_bytes", max_body_bytes)
@@ -1457,6 +1466,16 @@ class InputLimits:
                 "InputLimits: json_routes must be a list of route patterns, not one string"
             )
         self.json_routes: RouteMap[bool] = RouteMap((route, True) for route in json_routes)
+        seconds: object = body_timeout
+        if seconds is not None and (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 < seconds < float("inf")
+        ):
+            raise ConfigError(
+                f"body_timeout: {body_timeout!r} must be a positive number of seconds or None"
+            )
+        self.body_timeout = None if body_timeout is None else float(body_timeout)
         # Longer than this, a Content-Length is over the cap whatever its digits say, and
         # int() of it would cost time (or trip the 4300-digit guard).
         self._max_length_digits = len(str(self.max_body_bytes))
@@ -1554,11 +1573,27 @@ class InputLimits:
                 await send_error(scope, send, exc)
             raise exc
 
+        body_seconds = self.body_timeout or 0.0
+        body_deadline: float | None = None
+        body_done = self.body_timeout is None
+
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_deadline, body_done
             if rejection is not None:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done:
+                message = await receive()
+            else:
+                # Timed from the first read, so time spent queued (ConcurrencyLimit) is not
+                # charged to the client.
+                if body_deadline is None:
+                    body_deadline = anyio.current_time() + body_seconds
+                with anyio.CancelScope(deadline=body_deadline) as waiting:
+                    message = await receive()
+                if waiting.cancelled_caught:
+                    await reject(RequestTimeout(body_seconds))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    body_done = True
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 if chunk:
@@ -1597,7 +1632,8 @@ class InputLimits:
             f"InputLimits(max_body_bytes={self.max_body_bytes}, "
             f"max_url_bytes={self.max_url_bytes}, max_headers={self.max_headers}, "
             f"max_header_bytes={self.max_header_bytes}, "
-            f"json_routes={[route.pattern for route, _ in self.json_routes.entries]!r})"
+            f"json_routes={[route.pattern for route, _ in self.json_routes.entries]!r}, "
+            f"body_timeout={self.body_timeout!r})"
         )
 
 

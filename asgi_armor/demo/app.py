@@ -181,7 +181,7 @@ class Demo:
 
     def app(self) -> Starlette:
         """The unprotected Starlette app."""
-        return Starlette(
+        app = Starlette(
             routes=[
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/api/users", self.create_user, methods=["POST"]),
@@ -198,6 +198,11 @@ class Demo:
             ],
             exception_handlers=armor_exception_handlers(),
         )
+        # Starlette's trailing-slash redirect decodes the raw query string as UTF-8 and
+        # raises on any other byte (a 500 for "GET /api/users/?\xe0"); an unknown path is
+        # simply a 404 envelope here.
+        app.router.redirect_slashes = False
+        return app
 
 
 _BANNER = """\
