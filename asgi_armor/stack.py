@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -139,7 +139,7 @@ class Armored:
 
 
 def armor(
-    app: ASGIApp,
+    app: Callable[[Any, Any, Any], Awaitable[None]],
     config: ArmorConfig | None = None,
     *,
     identify: Identify | None = None,

@@ -46,6 +46,14 @@ def build() -> Armored:
     return armor(app, config)
 
 
+def build_for_frameworks() -> list[Armored]:
+    from litestar import Litestar
+    from quart import Quart
+    from starlette.applications import Starlette
+
+    return [armor(Starlette()), armor(Quart(__name__)), armor(Litestar())]
+
+
 def validate(body: bytes) -> str:
     signup: Signup = decode(body, Signup)
     return signup.email

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from asgi_armor.contrib._common import armor_error_in
 from asgi_armor.errors import (
     ArmorError,
     HTTPError,
@@ -34,14 +35,17 @@ __all__ = ["armor_exception_handlers", "as_armor_error", "handle_armor_error", "
 
 def as_armor_error(exc: Exception) -> ArmorError:
     """The ``ArmorError`` to render for an exception a Starlette app raised."""
-    if isinstance(exc, ArmorError):
-        return exc
+    found = armor_error_in(exc)  # also inside exception groups, as ErrorMiddleware looks
+    if found is not None:
+        return found
     if isinstance(exc, HTTPException):
         if exc.status_code == 404:
             return NotFound()
         if exc.status_code == 405:
             allow = (exc.headers or {}).get("Allow", "")
             return MethodNotAllowed([m.strip() for m in allow.split(",") if m.strip()])
+        if exc.status_code == 500:
+            return InternalError()
         return HTTPError(exc.status_code, exc.detail)
     return InternalError()
 
