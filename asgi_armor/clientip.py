@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import Literal
 
 from asgi_armor._asgi import Scope
 from asgi_armor.errors import ConfigError
@@ -57,14 +58,28 @@ class ClientIP:
     Args:
         trusted_proxies: addresses or CIDR networks of your own proxies (``"10.0.0.0/8"``),
             or ``"*"`` to trust every peer (only when the app is reachable solely through them).
+        header: the forwarding header your proxies write: ``"x-forwarded-for"`` (nginx,
+            load balancers, CDNs) or ``"forwarded"`` (RFC 7239). Only that one is read:
+            most proxies append to one and pass the other through untouched, so reading
+            both would let a client write its own address into the one left alone.
 
     Raises:
-        ConfigError: an entry is not an address or network.
+        ConfigError: an entry is not an address or network, or ``header`` is unknown.
     """
 
-    __slots__ = ("_networks", "_trust_all")
+    __slots__ = ("_header", "_networks", "_trust_all")
 
-    def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        trusted_proxies: Iterable[str] = (),
+        *,
+        header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for",
+    ) -> None:
+        if header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigError(
+                f"forwarded_header: {header!r} is not 'x-forwarded-for' or 'forwarded'"
+            )
+        self._header = header.encode()
         networks: list[_Network] = []
         self._trust_all = False
         for index, entry in enumerate(trusted_proxies):
@@ -95,14 +110,11 @@ class ClientIP:
         peer = client[0] if client else UNKNOWN_CLIENT
         if not self.enabled or not self._trusted(_parse_node(peer)):
             return peer
-        forwarded: list[str] = []
-        for_: list[str] = []
+        chain: list[str] = []
         for key, value in scope["headers"]:
-            if key == b"forwarded":
-                forwarded.extend(_forwarded_for(value.decode("latin-1")))
-            elif key == b"x-forwarded-for":
-                for_.extend(value.decode("latin-1").split(","))
-        chain = forwarded or for_
+            if key == self._header:
+                text = value.decode("latin-1")
+                chain.extend(_forwarded_for(text) if key == b"forwarded" else text.split(","))
         client_ip = peer
         for node in reversed(chain):
             address = _parse_node(node)

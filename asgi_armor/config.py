@@ -146,6 +146,7 @@ class ArmorConfig(_Entry):
     store_prefix: str = "armor:"
     store_timeout: Duration = Duration(0.5)
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     identify: str | None = None
     error_format: Literal["json", "problem"] = "json"
     limits: LimitsConfig | None = msgspec.field(default_factory=LimitsConfig)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -335,8 +337,37 @@ class MethodNotAllowed(ArmorError):
         super().__init__(headers={"Allow": ", ".join(allow)} if allow else None)
 
 
+_HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    409: "conflict",
+    410: "gone",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "timeout",
+}
+_NOT_SNAKE = re.compile(r"[^a-z0-9]+")
+
+
 class HTTPError(ArmorError):
-    """Any other HTTP error a framework raised (``error`` derived from the status phrase)."""
+    """Any other HTTP error a framework raised.
+
+    ``error`` comes from a fixed table that uses this envelope's vocabulary where it has a
+    word (429 is ``rate_limited``, 504 ``timeout``), not from ``HTTPStatus`` phrases, which
+    change between Python versions.
+    """
 
     def __init__(self, status: int, message: str | None = None) -> None:
         self.status = status  # type: ignore[misc]
@@ -344,7 +375,8 @@ class HTTPError(ArmorError):
             phrase = HTTPStatus(status).phrase
         except ValueError:
             phrase = "HTTP error"
-        self.error = phrase.lower().replace(" ", "_").replace("-", "_")  # type: ignore[misc]
+        fallback = _NOT_SNAKE.sub("_", phrase.lower()).strip("_")
+        self.error = _HTTP_ERROR_CODES.get(status, fallback)  # type: ignore[misc]
         super().__init__(message or phrase)
 
 
@@ -386,8 +418,15 @@ def render(
     return exc.status, headers, body
 
 
+# Request ids must be unique, not secret (a client may choose its own, see above): a
+# generator seeded from the OS saves a system call per request on the hot path.
+_ids = random.Random(secrets.token_bytes(32))  # noqa: S311 - uniqueness, not secrecy
+# Forked workers (uvicorn --workers, gunicorn) must not repeat each other's ids.
+os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.token_bytes(32)))
+
+
 def _new_request_id() -> str:
-    return "req_" + secrets.token_hex(10)
+    return f"req_{_ids.getrandbits(80):020x}"
 
 
 def ensure_request_id(scope: Scope) -> str:
@@ -472,7 +511,11 @@ class ErrorMiddleware:
             nonlocal response_started, response_complete
             if message["type"] == "http.response.start":
                 response_started = True
-                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+                headers = [
+                    h
+                    for h in message.get("headers", ())
+                    if len(h[0]) != 12 or h[0].lower() != b"x-request-id"
+                ]
                 headers.append(id_header)
                 message["headers"] = headers
             elif not message.get("more_body", False):

@@ -316,7 +316,7 @@ class IdempotencyMiddleware:
             return
         receive = replay_body(body, receive)
         fingerprint = _fingerprint(scope, body)
-        record_key = make_key("idem", who or "-", scope["method"], config.pattern, key)
+        record_key = _record_key(who, scope["method"], config.pattern, key)
         lease = _encoder.encode(_InFlight(fingerprint, secrets.token_bytes(16)))
 
         try:
@@ -393,50 +393,61 @@ class IdempotencyMiddleware:
             await send(message)
 
         started = self.clock()
-        settled = False
         try:
             await self.app(scope, receive, capture)
-            if status is None or not complete or not 200 <= status < 500:
-                # 5xx (or no full response): the client may retry, so the key is freed.
-                return
-            if status in _RETRYABLE_4XX:
-                return
-            if not storable:
-                logger.warning(
-                    "response over %d bytes (or not capturable) not stored; key released "
-                    "[request_id=%s]",
-                    config.max_response_bytes,
-                    ensure_request_id(scope),
-                )
-                return
-            record = _Completed(fingerprint, status, _storable_headers(headers), chunks)
-            try:
-                kept = await self.store.lease_complete(
-                    record_key, lease, _encoder.encode(record), config.ttl
-                )
-            except StoreError as exc:
-                # The finally block still tries to free the key for a retry.
-                logger.warning(
-                    "idempotency store failed to keep a response [request_id=%s]: %s",
-                    ensure_request_id(scope),
-                    exc,
-                )
-                return
-            settled = True
-            if not kept:
-                logger.warning(
-                    "idempotency lease lost after %.1fs (lock_ttl=%gs); response not stored "
-                    "[request_id=%s]",
-                    self.clock() - started,
-                    config.lock_ttl,
-                    ensure_request_id(scope),
-                )
         finally:
-            if not settled:
-                # Reached on 5xx, on an exception and on cancellation (a disconnect, a
-                # timeout): shielded, so a cancelled request still frees its key.
-                with anyio.move_on_after(_RELEASE_TIMEOUT, shield=True):
+            # Decided by the response the client received, not by how the app ended: an
+            # app that raises after its complete response (a failing background task, a
+            # disconnect on the last send) has done its work, and freeing the key would
+            # let a retry do it again. Shielded, so a cancelled request still settles.
+            final = status if complete else None
+            with anyio.move_on_after(_RELEASE_TIMEOUT, shield=True):
+                if final is None or not 200 <= final < 500 or final in _RETRYABLE_4XX:
+                    # 5xx, no full response, or "retry later": the client may retry.
                     await self._release(scope, record_key, lease)
+                elif not storable:
+                    logger.warning(
+                        "response over %d bytes (or not capturable) not stored; key released "
+                        "[request_id=%s]",
+                        config.max_response_bytes,
+                        ensure_request_id(scope),
+                    )
+                    await self._release(scope, record_key, lease)
+                else:
+                    record = _Completed(fingerprint, final, _storable_headers(headers), chunks)
+                    await self._keep(scope, config, record_key, lease, record, started)
+
+    async def _keep(
+        self,
+        scope: Scope,
+        config: _RouteConfig,
+        record_key: str,
+        lease: bytes,
+        record: _Completed,
+        started: float,
+    ) -> None:
+        try:
+            kept = await self.store.lease_complete(
+                record_key, lease, _encoder.encode(record), config.ttl
+            )
+        except StoreError as exc:
+            # Never released here: the handler succeeded, so a retry must not run it
+            # again; the in-flight lease answers 409 until it expires after lock_ttl.
+            logger.warning(
+                "idempotency store failed to keep a response; the key stays locked for its "
+                "lock_ttl [request_id=%s]: %s",
+                ensure_request_id(scope),
+                exc,
+            )
+            return
+        if not kept:
+            logger.warning(
+                "idempotency lease lost after %.1fs (lock_ttl=%gs); response not stored "
+                "[request_id=%s]",
+                self.clock() - started,
+                config.lock_ttl,
+                ensure_request_id(scope),
+            )
 
     async def _release(self, scope: Scope, record_key: str, lease: bytes) -> None:
         try:
@@ -452,6 +463,16 @@ class IdempotencyMiddleware:
     def __repr__(self) -> str:
         patterns = [route.pattern for route, _ in self.routes.entries]
         return f"IdempotencyMiddleware(routes={patterns!r}, store={self.store!r})"
+
+
+def _record_key(who: str | None, method: str, pattern: str, key: str) -> str:
+    """``idem:<digest>`` of (principal, method, route, key).
+
+    Hashed as one unambiguous encoding: the parts are free text (a principal may hold
+    ``:``) and together could pass the 256-byte key limit.
+    """
+    parts = _encoder.encode((who, method, pattern, key))
+    return make_key("idem", hashlib.sha256(parts).hexdigest()[:40])
 
 
 async def _replay(send: Send, record: _Completed) -> None:

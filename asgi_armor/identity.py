@@ -29,8 +29,14 @@ async def principal(scope: Scope, identify: Identify | None) -> str | None:
     found = state.get(_KEY, _UNSET)
     if found is not _UNSET:
         return found  # type: ignore[no-any-return]
-    result = identify(scope)
-    if inspect.isawaitable(result):
-        result = await result
+    raw: object = identify(scope)
+    # The common answers (a name, or None) skip the awaitable check, which costs more.
+    if raw is not None and type(raw) is not str and inspect.isawaitable(raw):
+        raw = await raw
+    # Hooks return ids from databases (ints, UUIDs): keys need text. An empty id is anonymous.
+    if raw is None or type(raw) is str:
+        result = raw or None
+    else:
+        result = str(raw)
     state[_KEY] = result
     return result

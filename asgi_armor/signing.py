@@ -30,8 +30,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
+import anyio
+
 from asgi_armor._asgi import (
     ASGIApp,
+    Message,
     Receive,
     Scope,
     Send,
@@ -46,6 +49,7 @@ from asgi_armor.errors import (
     InvalidSignature,
     PayloadTooLarge,
     ServiceUnavailable,
+    ensure_request_id,
     send_error,
 )
 from asgi_armor.routes import Route, RouteMap
@@ -110,7 +114,8 @@ class _HeaderView(Mapping[str, str]):
         found: dict[str, list[object]] = {}
         items: Iterable[object] = headers.items() if isinstance(headers, Mapping) else headers
         for item in items:
-            if not isinstance(item, tuple) or len(item) != 2:
+            # ASGI allows any two-item iterable per header, lists included.
+            if not isinstance(item, tuple | list) or len(item) != 2:
                 continue
             name, value = item
             if isinstance(name, bytes | bytearray):
@@ -717,11 +722,13 @@ class SignedRoute:
         scheme: the signing convention.
         secrets: one secret or several (rotation).
         tolerance: overrides the middleware's tolerance for this route.
+        replay_protection: overrides the middleware's ``replay_protection`` for this route.
     """
 
     scheme: Scheme
     secrets: Secrets
     tolerance: float | None = None
+    replay_protection: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -730,6 +737,7 @@ class _Compiled:
     scheme: Scheme
     keys: tuple[bytes, ...]
     tolerance: float
+    replay_protection: bool
 
 
 class SignatureMiddleware:
@@ -792,8 +800,11 @@ class SignatureMiddleware:
             route_tolerance = tolerance if spec.tolerance is None else spec.tolerance
             _check_tolerance(route_tolerance, where)
             keys = _keys(spec.secrets, spec.scheme, where)
+            remember = (
+                replay_protection if spec.replay_protection is None else spec.replay_protection
+            )
             compiled.append(
-                (Route(pattern), _Compiled(pattern, spec.scheme, keys, route_tolerance))
+                (Route(pattern), _Compiled(pattern, spec.scheme, keys, route_tolerance, remember))
             )
         if not compiled:
             raise ConfigError("signature routes: at least one route is required")
@@ -829,13 +840,30 @@ class SignatureMiddleware:
                 route.tolerance,
                 self.wall_clock(),
             )
-            if self.replay_protection:
-                await self._remember(scope, route, message)
+            nonce = await self._remember(scope, route, message) if route.replay_protection else None
         except ArmorError as exc:
             await send_error(scope, send, exc)
             return
         scope_state(scope)["signature"] = message
-        await self.app(scope, replay_body(body, receive), send)
+        if nonce is None:
+            await self.app(scope, replay_body(body, receive), send)
+            return
+        status = 500
+
+        async def watch_status(reply: Message) -> None:
+            nonlocal status
+            if reply["type"] == "http.response.start":
+                status = reply["status"]
+            await send(reply)
+
+        try:
+            await self.app(scope, replay_body(body, receive), watch_status)
+        finally:
+            if status >= 500:
+                # The app failed to handle the message: a sender retrying the same
+                # signed request must get through, not be refused as a replay.
+                with anyio.move_on_after(1.0, shield=True):
+                    await self._forget(scope, nonce)
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         declared = get_header(scope, b"content-length")
@@ -849,7 +877,10 @@ class SignatureMiddleware:
             raise PayloadTooLarge(max_bytes=self.max_body_bytes)
         return await read_body(receive, self.max_body_bytes)
 
-    async def _remember(self, scope: Scope, route: _Compiled, message: VerifiedMessage) -> None:
+    async def _remember(
+        self, scope: Scope, route: _Compiled, message: VerifiedMessage
+    ) -> str | None:
+        """Record the message as seen; its nonce key, or None when the store failed open."""
         key = make_key("nonce", route.pattern, message.replay_id)
         try:
             new = await self.store.remember(key, 2 * route.tolerance)
@@ -858,16 +889,28 @@ class SignatureMiddleware:
                 "replay cache unavailable for %r (%s) [request_id=%s]: %s",
                 route.pattern,
                 self.on_store_error,
-                scope_state(scope).get("request_id"),
+                ensure_request_id(scope),
                 type(exc).__name__,
             )
             if self.on_store_error == "deny":
                 # Same answer as the idempotency layer's: the store's breaker lets a trial
                 # call through after about a second, so that is when a retry may succeed.
                 raise ServiceUnavailable(retry_after=1.0) from None
-            return
+            return None
         if not new:
             raise InvalidSignature("replayed")
+        return key
+
+    async def _forget(self, scope: Scope, key: str) -> None:
+        try:
+            await self.store.forget(key)
+        except Exception as exc:
+            self.logger.warning(
+                "replay cache could not forget a failed message; a retry is refused until it "
+                "expires [request_id=%s]: %s",
+                ensure_request_id(scope),
+                type(exc).__name__,
+            )
 
     def __repr__(self) -> str:
         patterns = [route.pattern for _, route in self.routes.entries]

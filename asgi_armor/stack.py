@@ -57,6 +57,10 @@ def build_store(config: ArmorConfig) -> Store:
     if config.store == "memory":
         return MemoryStore()
     if config.store.startswith(("redis://", "rediss://", "unix://")):
+        if not config.store_timeout > 0:
+            raise ConfigError("store_timeout: must be more than 0 seconds")
+        if not config.store_prefix:
+            raise ConfigError("store_prefix: must not be empty (keys would mix with other data)")
         try:
             from asgi_armor.stores.redis import RedisStore
 
@@ -160,7 +164,7 @@ def armor(
     config = config or ArmorConfig()
     if identify is None and config.identify:
         identify = _import(config.identify, "identify")
-    client_ip = ClientIP(config.trusted_proxies)
+    client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
     store = store or build_store(config)
     layers: list[object] = []
 
@@ -204,18 +208,15 @@ def armor(
             with _entry(f"{path}.route"):
                 Route(sig.route)
             with _entry(path):
-                signed.append(
-                    (
-                        sig.route,
-                        SignedRoute(_scheme(sig), _secrets(sig, path), float(sig.tolerance)),
-                    )
+                spec = SignedRoute(
+                    _scheme(sig), _secrets(sig, path), float(sig.tolerance), sig.replay_protection
                 )
+                signed.append((sig.route, spec))
         with _entry("signature"):
             add(
                 SignatureMiddleware,
                 routes=signed,
                 store=store,
-                replay_protection=all(sig.replay_protection for sig in config.signature),
                 max_body_bytes=config.limits.max_body_bytes if config.limits else 1_048_576,
                 on_store_error=config.signature_on_store_error,
             )

@@ -41,8 +41,17 @@ def test_several_xff_headers_form_one_chain() -> None:
     assert resolve(request) == "198.51.100.4"
 
 
-def test_forwarded_header_wins_and_handles_ports_and_ipv6() -> None:
-    resolve = ClientIP(["127.0.0.1"])
+def test_only_the_configured_header_is_read() -> None:
+    # A proxy that appends X-Forwarded-For passes a client's own Forwarded through.
+    request = scope(
+        "10.0.0.1", ("Forwarded", "for=198.51.100.99"), ("X-Forwarded-For", "203.0.113.7")
+    )
+    assert ClientIP(["10.0.0.0/8"])(request) == "203.0.113.7"
+    assert ClientIP(["10.0.0.0/8"], header="forwarded")(request) == "198.51.100.99"
+
+
+def test_forwarded_header_handles_ports_and_ipv6() -> None:
+    resolve = ClientIP(["127.0.0.1"], header="forwarded")
     request = scope(
         "127.0.0.1",
         ("Forwarded", 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https'),

@@ -378,7 +378,7 @@ def test_quart_mapping() -> None:
     error = armor_quart.as_armor_error(wz.MethodNotAllowed(["GET", "POST"]))
     assert error.headers == {"Allow": "GET, POST"}
     teapot = armor_quart.as_armor_error(wz.ImATeapot())
-    assert (teapot.status, teapot.error, teapot.message) == (418, "i'm_a_teapot", "I'm a Teapot")
+    assert (teapot.status, teapot.error, teapot.message) == (418, "i_m_a_teapot", "I'm a Teapot")
     assert armor_quart.as_armor_error(wz.Forbidden("Nope")).message == "Nope"
     assert type(armor_quart.as_armor_error(wz.InternalServerError(SECRET_TEXT))) is InternalError
     assert armor_quart.as_armor_error(wz.ServiceUnavailable(SECRET_TEXT)).message == (
@@ -590,3 +590,29 @@ async def test_litestar_plugin_lets_the_apps_own_handlers_win() -> None:
     assert response.status_code == 418
     assert response.json() == {"mine": True}
     assert envelope(missing)["error"] == "not_found"
+
+
+@pytest.mark.anyio
+async def test_starlette_http_exception_keeps_headers_and_string_message() -> None:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route as StarletteRoute
+
+    from asgi_armor.contrib.starlette import install
+
+    async def login(request: object) -> None:
+        raise HTTPException(401, headers={"WWW-Authenticate": 'Bearer realm="api"'})
+
+    async def odd(request: object) -> None:
+        raise HTTPException(400, detail={"x": [1, 2]})  # type: ignore[arg-type]
+
+    inner = Starlette(routes=[StarletteRoute("/login", login), StarletteRoute("/odd", odd)])
+    install(inner)
+    transport = httpx.ASGITransport(app=ErrorMiddleware(inner))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        denied = await client.get("/login")
+        odd_response = await client.get("/odd")
+    assert denied.status_code == 401
+    assert denied.headers["www-authenticate"] == 'Bearer realm="api"'
+    assert denied.json()["error"] == "unauthorized"
+    assert odd_response.json()["message"] == "Bad Request"

@@ -16,6 +16,7 @@ from asgi_armor.errors import (
     ErrorDetail,
     ErrorMiddleware,
     HeadersTooLarge,
+    HTTPError,
     IdempotencyKeyInUse,
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
@@ -266,3 +267,18 @@ async def test_non_http_scopes_pass_through() -> None:
     await ErrorMiddleware(app)(scope, receive, send)
     assert seen == ["lifespan"]
     assert "state" not in scope
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, "bad_request"),
+        (413, "payload_too_large"),
+        (418, "i_m_a_teapot"),
+        (429, "rate_limited"),
+        (599, "http_error"),
+    ],
+)
+def test_http_error_codes_are_stable_snake_case(status: int, error: str) -> None:
+    assert HTTPError(status).error == error
+    assert HTTPError(status).status == status

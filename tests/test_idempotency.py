@@ -18,6 +18,7 @@ from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import (
     IdempotencyMiddleware,
     IdempotencyOptions,
+    _record_key,
     parse_idempotency_key,
 )
 from asgi_armor.stores.base import StoreError
@@ -880,8 +881,78 @@ async def test_redis_records_are_prefixed_and_expire(
         assert second.content == first.content
         assert second.headers["idempotent-replayed"] == "true"
         keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-        assert keys == [f"{redis_prefix}idem:u1:POST:POST /api/stream:k".encode()]
+        assert keys == [
+            (redis_prefix + _record_key("u1", "POST", "POST /api/stream", "k")).encode()
+        ]
         assert 3500 < await client.ttl(keys[0]) <= 3600
     finally:
         await client.aclose()
         await store.aclose()
+
+
+async def test_exception_after_complete_response_keeps_the_record() -> None:
+    """A background task failing after the 201 was sent must not let a retry charge again."""
+    runs = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal runs
+        runs += 1
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"charged", "more_body": False})
+        raise RuntimeError("background task failed")
+
+    armored = ErrorMiddleware(IdempotencyMiddleware(app, routes=["POST /pay"]))
+    transport = httpx.ASGITransport(app=armored, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = await client.post("/pay", headers={"Idempotency-Key": "k"})
+        again = await client.post("/pay", headers={"Idempotency-Key": "k"})
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert runs == 1
+
+
+async def test_store_failure_while_keeping_does_not_free_the_key() -> None:
+    """The handler succeeded: a failed lease_complete must not let a retry run it again."""
+    runs = 0
+
+    class FlakyComplete(MemoryStore):
+        failed = False
+
+        async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
+            if not self.failed:
+                self.failed = True
+                raise StoreError("redis hiccup")
+            return await super().lease_complete(key, lease, value, ttl)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal runs
+        runs += 1
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"charged", "more_body": False})
+
+    armored = ErrorMiddleware(
+        IdempotencyMiddleware(app, routes=["POST /pay"], store=FlakyComplete())
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=armored), base_url="http://t"
+    ) as client:
+        assert (await client.post("/pay", headers={"Idempotency-Key": "k"})).status_code == 201
+        retry = await client.post("/pay", headers={"Idempotency-Key": "k"})
+    assert retry.status_code == 409
+    assert runs == 1
+
+
+async def test_integer_principals_work() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+    armored = ErrorMiddleware(
+        IdempotencyMiddleware(app, routes=["POST /pay"], identify=lambda scope: 42)  # type: ignore[arg-type, return-value]
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=armored), base_url="http://t"
+    ) as client:
+        first = await client.post("/pay", headers={"Idempotency-Key": "k"})
+        again = await client.post("/pay", headers={"Idempotency-Key": "k"})
+    assert (first.status_code, again.headers.get("idempotent-replayed")) == (201, "true")

@@ -743,3 +743,46 @@ async def test_wall_clock_is_injectable() -> None:
         assert_signature_error(
             await c.post("/a", content=BODY, headers=headers), "timestamp_out_of_tolerance"
         )
+
+
+@pytest.mark.anyio
+async def test_retry_after_a_failed_delivery_is_not_a_replay() -> None:
+    """The app answered 500: the sender's identical retry must be verified, not refused."""
+    calls = 0
+
+    async def flaky(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        status = 500 if calls == 1 else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    app = ErrorMiddleware(SignatureMiddleware(flaky, routes={"POST /hook": (HexHmac(), "s")}))
+    body = b'{"event": 1}'
+    headers = sign(body, "s", scheme=HexHmac())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        assert (await client.post("/hook", content=body, headers=headers)).status_code == 500
+        assert (await client.post("/hook", content=body, headers=headers)).status_code == 200
+        replay = await client.post("/hook", content=body, headers=headers)
+    assert replay.status_code == 401
+    assert replay.json()["details"][0]["code"] == "replayed"
+
+
+def test_list_shaped_asgi_headers_are_read() -> None:
+    body = b"{}"
+    ((name, value),) = sign(body, "s", scheme=HexHmac()).items()
+    verify([[name.lower().encode(), value.encode()]], body, "s", scheme=HexHmac())  # type: ignore[list-item]
+
+
+def test_replay_protection_is_per_route() -> None:
+    middleware = SignatureMiddleware(
+        lambda s, r, x: None,  # type: ignore[arg-type, return-value]
+        routes={
+            "POST /a": SignedRoute(HexHmac(), "s"),
+            "POST /b": SignedRoute(HexHmac(), "s", replay_protection=False),
+        },
+    )
+    flags = {route.pattern: route.replay_protection for _, route in middleware.routes.entries}
+    assert flags == {"POST /a": True, "POST /b": False}

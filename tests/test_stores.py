@@ -202,3 +202,10 @@ async def test_dead_redis_is_cut_off_by_the_breaker(asyncio_only: None) -> None:
         assert (stats.calls, stats.failures, stats.rejections) == (3, 3, 100)
     finally:
         await store.aclose()
+
+
+async def test_forget(store: Store) -> None:
+    assert await store.remember("f", 60)
+    await store.forget("f")
+    assert await store.remember("f", 60)
+    await store.forget("never-seen")

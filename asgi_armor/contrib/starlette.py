@@ -46,7 +46,10 @@ def as_armor_error(exc: Exception) -> ArmorError:
             return MethodNotAllowed([m.strip() for m in allow.split(",") if m.strip()])
         if exc.status_code == 500:
             return InternalError()
-        return HTTPError(exc.status_code, exc.detail)
+        detail: object = exc.detail  # typed str, but apps pass dicts too
+        error = HTTPError(exc.status_code, detail if isinstance(detail, str) else None)
+        error.headers.update(exc.headers or {})  # WWW-Authenticate, Allow, ...
+        return error
     return InternalError()
 
 

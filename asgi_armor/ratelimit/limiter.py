@@ -21,6 +21,12 @@ logger = logging.getLogger("asgi_armor.ratelimit")
 #: One bucket to hit: ``(key, rate)`` or ``(key, rate, policy name)``.
 Item = tuple[str, Rate | str] | tuple[str, Rate | str, str | None]
 
+# A key this short is at most 64 UTF-8 bytes, so make_key would keep it as it is.
+_SHORT = 16
+# (rate, policy) -> what a check needs, worked out once: most programs use a few rates.
+_POLICY_CACHE = 256
+_Policy = tuple[Rate, str, str, float, float, int]
+
 
 class Decision(msgspec.Struct, frozen=True):
     """The outcome of one rate-limit check on one bucket.
@@ -81,6 +87,7 @@ class RateLimiter:
 
     __slots__ = (
         "_last_warning",
+        "_policies",
         "clock",
         "logger",
         "on_store_error",
@@ -107,6 +114,7 @@ class RateLimiter:
         self.logger = logger
         self.store_errors = 0
         self._last_warning = -float("inf")
+        self._policies: dict[tuple[Rate | str, str | None], _Policy] = {}
 
     async def take(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
@@ -168,8 +176,39 @@ class RateLimiter:
             ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
             ValueError: ``cost`` exceeds the bucket depth or is negative.
         """
-        decisions = await self.hit_many([(key, rate, policy)], cost, enforce=enforce)
-        return decisions[0]
+        # The one-bucket fast path: the same decision as hit_many([(key, rate, policy)]),
+        # with the rate's parsing, naming and key prefix worked out once per (rate, policy).
+        try:
+            found = self._policies.get((rate, policy))
+        except TypeError:  # an unhashable rate: let hit_many report it
+            found = None
+        if found is None or type(key) is not str:
+            return (await self.hit_many([(key, rate, policy)], cost, enforce=enforce))[0]
+        parsed, name, prefix, interval, tolerance, capacity = found
+        if type(cost) is not int or not 0 <= cost <= capacity:
+            check_cost(cost, parsed)
+        store_key = prefix + key if len(key) <= _SHORT else make_key("rl", name, key)
+        try:
+            allowed, now, tats = await self.store.hit_buckets(
+                [store_key], [(interval, tolerance)], cost
+            )
+        except StoreError as exc:
+            self.store_failed(exc)
+            # Fail open: the store's state is unknown, so report the bucket as untouched.
+            return Decision(True, capacity, capacity, 0.0, 0.0, name, parsed)
+        tat = tats[0]
+        decision = Decision(
+            allowed,
+            capacity,
+            bucket.remaining(tat, now, interval, tolerance),
+            bucket.reset_after(tat, now),
+            0.0 if allowed else bucket.retry_after(tat, now, interval, tolerance, cost),
+            name,
+            parsed,
+        )
+        if enforce and not allowed:
+            raise rate_limited([decision])
+        return decision
 
     async def enforce(
         self, key: str, rate: Rate | str, cost: int = 1, *, policy: str | None = None
@@ -208,6 +247,7 @@ class RateLimiter:
             named = item[2] if len(item) > 2 else None
             policy = str(rate) if named is None else named
             check_cost(cost, rate)
+            self._remember(item[1], named, rate, policy)
             rates.append(rate)
             policies.append(policy)
             keys.append(make_key("rl", policy, item[0]))
@@ -240,6 +280,26 @@ class RateLimiter:
         if enforce and not allowed:
             raise rate_limited(decisions)
         return decisions
+
+    def _remember(self, given: Rate | str, named: str | None, rate: Rate, policy: str) -> None:
+        """Keep what ``hit`` needs for ``(given, named)``, so its next call skips the work."""
+        policies = self._policies
+        try:
+            if (given, named) in policies:
+                return
+        except TypeError:
+            return
+        if len(policies) >= _POLICY_CACHE:
+            policies.clear()  # rates minted per call: start over rather than grow
+        interval, tolerance = rate.spec
+        policies[given, named] = (
+            rate,
+            policy,
+            make_key("rl", policy) + ":",
+            interval,
+            tolerance,
+            rate.capacity,
+        )
 
     def __repr__(self) -> str:
         return f"RateLimiter({self.store!r}, on_store_error={self.on_store_error!r})"

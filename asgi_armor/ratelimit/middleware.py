@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import cast
+from typing import Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
 from asgi_armor.clientip import ClientIP
@@ -81,6 +81,42 @@ class _Compiled:
         self.ratelimit_prefix = f"{h.sf_string(rule.name)};{h.PARAM_REMAINING}=".encode()
 
 
+class _Plan:
+    """What the requests of one (method, path) need: the rules that match, worked out once.
+
+    Keys that the path alone decides (``path:<param>`` and ``global`` rules) are built here;
+    the others (address, user, header, custom) are filled in per request.
+    """
+
+    __slots__ = ("dynamic", "keys", "policy", "rules", "specs")
+
+    def __init__(self, matches: list[tuple[_Compiled, Mapping[str, str]]]) -> None:
+        self.rules = tuple(rule for rule, _ in matches)
+        self.specs = tuple(rule.store_spec for rule in self.rules)
+        keys: list[str] = []
+        dynamic: list[tuple[int, _Compiled, Mapping[str, str]]] = []
+        for index, (rule, params) in enumerate(matches):
+            if rule.kind == KEY_PATH:
+                value = params[rule.param]
+            elif rule.kind == KEY_GLOBAL:
+                value = "*"
+            else:
+                keys.append("")
+                dynamic.append((index, rule, params))
+                continue
+            keys.append(rule.prefix + (value if len(value) <= _SHORT else make_key(value)))
+        self.keys = tuple(keys)
+        self.dynamic = tuple(dynamic)
+        self.policy = (
+            self.rules[0].policy_item
+            if len(self.rules) == 1
+            else b", ".join([rule.policy_item for rule in self.rules])
+        )
+
+
+_MISS: Final = _Plan([])  # the cache's "not looked up yet" marker
+
+
 class RateLimitMiddleware:
     """Layered rate limiting: all rules matching a request pass together or none consumes.
 
@@ -137,7 +173,7 @@ class RateLimitMiddleware:
             compiled.append((rule.route, _Compiled(rule)))
         self.rules = tuple(c.rule for _, c in compiled)
         self._routes: RouteMap[_Compiled] = RouteMap(compiled)
-        self._matches: dict[tuple[str, str], list[tuple[_Compiled, Mapping[str, str]]]] = {}
+        self._matches: dict[tuple[str, str], _Plan | None] = {}
         self._exempt: RouteMap[None] | None = RouteMap((e, None) for e in exempt) or None
         from asgi_armor.stores.memory import MemoryStore  # here: stores import ratelimit.bucket
 
@@ -151,62 +187,65 @@ class RateLimitMiddleware:
         self.headers = headers
         self._wall_clock = wall_clock
 
+    def _plan(self, method: str, path: str) -> _Plan | None:
+        """The plan for ``(method, path)``: None when no rule applies (or it is exempt)."""
+        plan = None
+        if self._exempt is None or self._exempt.first(method, path) is None:
+            matches = self._routes.all(method, path)
+            if matches:
+                plan = _Plan(matches)
+        if len(path) <= _MATCH_CACHE_PATH:
+            cache = self._matches
+            if len(cache) >= _MATCH_CACHE:
+                # Paths with parameters are unbounded: start over rather than grow.
+                cache.clear()
+            cache[method, path] = plan
+        return plan
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
         path: str = scope["path"]
-        if self._exempt is not None and self._exempt.first(method, path) is not None:
-            await self.app(scope, receive, send)
-            return
-        cache = self._matches
-        matches = cache.get((method, path))
-        if matches is None:
-            matches = self._routes.all(method, path)
-            if len(path) <= _MATCH_CACHE_PATH:
-                if len(cache) >= _MATCH_CACHE:
-                    # Paths with parameters are unbounded: start over rather than grow.
-                    cache.clear()
-                cache[method, path] = matches
-        if not matches:
+        found = self._matches.get((method, path), _MISS)
+        plan = self._plan(method, path) if found is _MISS else found
+        if plan is None:
             await self.app(scope, receive, send)
             return
 
-        keys: list[str] = []
-        specs: list[tuple[float, float]] = []
-        ip: str | None = None
-        for rule, params in matches:
-            kind = rule.kind
-            if kind == KEY_IP:
-                if ip is None:
-                    ip = self._client_ip(scope)
-                value = ip
-            elif kind == KEY_GLOBAL:
-                value = "*"
-            elif kind == KEY_PATH:
-                value = params[rule.param]
-            else:
-                found: str | None
-                if kind == KEY_HEADER:
-                    raw = get_header(scope, rule.header)
-                    found = None if raw is None else "h:" + raw.decode("latin-1")
-                elif kind == KEY_USER:
-                    who = await principal(scope, self._identify)
-                    found = None if who is None else "u:" + who
-                else:
-                    # Only KEY_CALLABLE is left, and such a rule always has its function.
-                    custom = cast("KeyFunc", rule.fn)(scope, params)
-                    if inspect.isawaitable(custom):
-                        custom = await custom
-                    found = None if custom is None else "k:" + custom
-                if found is None:
+        keys: tuple[str, ...] | list[str] = plan.keys
+        if plan.dynamic:
+            keys = list(keys)
+            ip: str | None = None
+            for index, rule, params in plan.dynamic:
+                kind = rule.kind
+                if kind == KEY_IP:
                     if ip is None:
                         ip = self._client_ip(scope)
-                    found = "ip:" + ip
-                value = found
-            keys.append(rule.prefix + (value if len(value) <= _SHORT else make_key(value)))
-            specs.append(rule.store_spec)
+                    value = ip
+                else:
+                    found_key: str | None
+                    if kind == KEY_HEADER:
+                        raw = get_header(scope, rule.header)
+                        found_key = None if raw is None else "h:" + raw.decode("latin-1")
+                    elif kind == KEY_USER:
+                        who = await principal(scope, self._identify)
+                        found_key = None if who is None else "u:" + who
+                    else:
+                        # Only KEY_CALLABLE is left, and such a rule always has its function.
+                        custom = cast("KeyFunc", rule.fn)(scope, params)
+                        if inspect.isawaitable(custom):
+                            custom = await custom
+                        found_key = None if custom is None else "k:" + custom
+                    if found_key is None:
+                        if ip is None:
+                            ip = self._client_ip(scope)
+                        found_key = "ip:" + ip
+                    value = found_key
+                keys[index] = rule.prefix + (value if len(value) <= _SHORT else make_key(value))
+        rules = plan.rules
+        specs = plan.specs
 
         try:
             allowed, now, tats = await self._hit_buckets(keys, specs, 1)
@@ -221,13 +260,13 @@ class RateLimitMiddleware:
             return
 
         # The layer to report: the denying one with the longest wait, else the fewest left.
-        best = matches[0][0]
+        best = rules[0]
         best_tat = tats[0]
         retry = 0.0
         if allowed:
             best_remaining = sys.maxsize
             for index in range(len(tats)):
-                rule = matches[index][0]
+                rule = rules[index]
                 tat = tats[index]
                 debt = tat - now if tat > now else 0.0
                 left = math.floor((rule.tolerance - debt) / rule.interval + _EPSILON)
@@ -236,7 +275,7 @@ class RateLimitMiddleware:
         else:
             retry = -1.0
             for index in range(len(tats)):
-                rule = matches[index][0]
+                rule = rules[index]
                 tat = tats[index]
                 wait = (tat if tat > now else now) + rule.store_spec[0] - rule.tolerance - now
                 if wait > retry:
@@ -253,7 +292,7 @@ class RateLimitMiddleware:
                     h.LIMIT: str(best.capacity),
                     h.REMAINING: str(best_remaining),
                     h.RESET: str(math.ceil(self._wall_clock() + reset_after)),
-                    h.POLICY: ", ".join(rule.policy_item.decode() for rule, _ in matches),
+                    h.POLICY: plan.policy.decode(),
                     h.RATELIMIT: h.ratelimit_item(best.rule.name, best_remaining, reset_after),
                 }
             await send_error(scope, send, RateLimited(h.whole_seconds(retry), headers=extra))
@@ -268,12 +307,7 @@ class RateLimitMiddleware:
             (_LIMIT, best.limit_bytes),
             (_REMAINING, remaining_bytes),
             (_RESET, b"%d" % math.ceil(self._wall_clock() + reset_after)),
-            (
-                _POLICY,
-                best.policy_item
-                if len(matches) == 1
-                else b", ".join([rule.policy_item for rule, _ in matches]),
-            ),
+            (_POLICY, plan.policy),
             (
                 _RATELIMIT,
                 b"%s%s%s%d" % (best.ratelimit_prefix, remaining_bytes, _RESET_PARAM, reset_seconds),

@@ -93,6 +93,10 @@ class NonceStore(Protocol):
         """Remember ``key`` for ``ttl`` seconds. True if it was new, False if already known."""
         ...
 
+    async def forget(self, key: str) -> None:
+        """Forget ``key`` (the message it stands for was not handled after all)."""
+        ...
+
 
 @runtime_checkable
 class Store(RateLimitStore, IdempotencyStore, NonceStore, Protocol):

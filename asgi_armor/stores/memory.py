@@ -58,12 +58,22 @@ class MemoryStore:
         """See ``RateLimitStore.hit_buckets``."""
         now = self.clock()
         tats = self._tats
-        allowed, new = decide([tats.get(key) for key in keys], now, specs, cost)
-        if allowed and cost:
-            for key, tat in zip(keys, new, strict=True):
+        if len(keys) == 1:
+            # One layer, the common case: no list building beyond what decide returns.
+            key = keys[0]
+            allowed, new = decide([tats.get(key)], now, specs, cost)
+            if allowed and cost:
                 if tats.pop(key, None) is None:
                     self._make_room_for_tat(now)
-                tats[key] = tat
+                tats[key] = new[0]
+            return allowed, now, new
+        allowed, new = decide([tats.get(key) for key in keys], now, specs, cost)
+        if allowed and cost:
+            for index in range(len(keys)):
+                key = keys[index]
+                if tats.pop(key, None) is None:
+                    self._make_room_for_tat(now)
+                tats[key] = new[index]
         return allowed, now, new
 
     def _make_room_for_tat(self, now: float) -> None:
@@ -144,6 +154,10 @@ class MemoryStore:
             return False
         self._set(key, b"1", ttl, now)
         return True
+
+    async def forget(self, key: str) -> None:
+        """See ``NonceStore.forget``."""
+        self._delete(key)
 
     async def aclose(self) -> None:
         """Nothing to release; present for symmetry with networked stores."""

@@ -11,6 +11,7 @@ Runs on asyncio (redis.asyncio).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from importlib.resources import files
@@ -26,6 +27,14 @@ if TYPE_CHECKING:
 __all__ = ["RedisStore"]
 
 _LUA = files("asgi_armor.stores") / "lua"
+_ARGS_CACHE = 256  # distinct (cost, rule set) argument lists kept encoded
+
+try:
+    from redis.exceptions import RedisError as _RedisError
+except ImportError:  # pragma: no cover - the redis extra is missing; from_url says so
+
+    class _RedisError(Exception):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.RedisError when redis is not installed."""
 
 
 def _script(name: str) -> str:
@@ -60,6 +69,7 @@ class RedisStore:
         self.timeout = timeout
         self.breaker = breaker or CircuitBreaker(fail_max=3, reset_timeout=1.0, name="redis-store")
         self._hit_buckets = client.register_script(_script("hit_buckets"))
+        self._args: dict[tuple[int, tuple[BucketSpec, ...]], list[str]] = {}
         self._lease_acquire = client.register_script(_script("lease_acquire"))
         self._lease_complete = client.register_script(_script("lease_complete"))
         self._lease_release = client.register_script(_script("lease_release"))
@@ -97,30 +107,35 @@ class RedisStore:
         return cls(client, prefix=prefix, timeout=timeout, breaker=breaker)
 
     async def _run(self, call: Any, *args: Any, **kwargs: Any) -> Any:
-        import anyio
-        from redis.exceptions import RedisError
-
         try:
             async with self.breaker:
-                with anyio.fail_after(self.timeout):
+                # asyncio's own timeout: this store runs on asyncio only, and an anyio
+                # cancel scope with a deadline costs several times more per call.
+                async with asyncio.timeout(self.timeout):
                     return await call(*args, **kwargs)
         except CircuitOpenError as exc:
             raise StoreError("redis store unavailable (breaker open)") from exc
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (_RedisError, OSError, TimeoutError) as exc:
             raise StoreError(f"redis store call failed: {type(exc).__name__}") from exc
 
     async def hit_buckets(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
     ) -> tuple[bool, float, list[float]]:
         """See ``RateLimitStore.hit_buckets``: one EVALSHA for every layer."""
-        args: list[float | int] = [cost]
-        for interval, tolerance in specs:
-            args.append(interval)
-            args.append(tolerance)
+        # The script's arguments depend only on the rules and the cost: encode them once.
+        cache_key = (cost, specs if type(specs) is tuple else tuple(specs))
+        args = self._args.get(cache_key)
+        if args is None:
+            numbers: list[float | int] = [cost]
+            for interval, tolerance in specs:
+                numbers.append(interval)
+                numbers.append(tolerance)
+            args = [repr(number) for number in numbers]
+            if len(self._args) >= _ARGS_CACHE:
+                self._args.clear()
+            self._args[cache_key] = args
         prefix = self.prefix
-        reply = await self._run(
-            self._hit_buckets, keys=[prefix + key for key in keys], args=[repr(a) for a in args]
-        )
+        reply = await self._run(self._hit_buckets, keys=[prefix + key for key in keys], args=args)
         return reply[0] == 1, float(reply[1]), [float(tat) for tat in reply[2:]]
 
     async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
@@ -146,6 +161,10 @@ class RedisStore:
         """See ``NonceStore.remember``: one ``SET NX PX``."""
         created = await self._run(self.client.set, self.prefix + key, b"1", nx=True, px=_ms(ttl))
         return bool(created)
+
+    async def forget(self, key: str) -> None:
+        """See ``NonceStore.forget``: one ``DEL``."""
+        await self._run(self.client.delete, self.prefix + key)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
