@@ -34,9 +34,6 @@ async def principal(scope: Scope, identify: Identify | None) -> str | None:
     if raw is not None and type(raw) is not str and inspect.isawaitable(raw):
         raw = await raw
     # Hooks return ids from databases (ints, UUIDs): keys need text. An empty id is anonymous.
-    if raw is None or type(raw) is str:
-        result = raw or None
-    else:
-        result = str(raw)
+    result = None if raw is None or raw == "" else str(raw)
     state[_KEY] = result
     return result

@@ -89,8 +89,14 @@ def test_defaults_give_errors_and_limits_only() -> None:
             r"shedding: Object missing required field `max_concurrent`",
         ),
         ("this is = not toml", r"not valid TOML"),
-        ('store = "redis://127.0.0.1:6379/15"\nstore_timeout = 0\n', r"store_timeout: must be more"),
-        ('store = "redis://127.0.0.1:6379/15"\nstore_prefix = ""\n', r"store_prefix: must not be empty"),
+        (
+            'store = "redis://127.0.0.1:6379/15"\nstore_timeout = 0\n',
+            r"store_timeout: must be more",
+        ),
+        (
+            'store = "redis://127.0.0.1:6379/15"\nstore_prefix = ""\n',
+            r"store_prefix: must not be empty",
+        ),
     ],
 )
 def test_every_mistake_names_its_entry(tmp_path: Path, toml: str, message: str) -> None:
