@@ -6,6 +6,7 @@ earlier blocks). Illustrative fragments that are not meant to run use ```py inst
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
@@ -41,3 +42,24 @@ def test_python_blocks_run(page: Path, monkeypatch: pytest.MonkeyPatch, tmp_path
             exec(compile(source, f"{page.name}[block {index}]", "exec"), module.__dict__)
         except Exception as exc:
             pytest.fail(f"{page.name} block {index} failed: {type(exc).__name__}: {exc}\n{source}")
+
+
+def test_site_builds_strict(tmp_path: Path) -> None:
+    """``make docs``: every page in the nav exists and every link resolves."""
+    import shutil
+    import subprocess
+
+    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
+    if mkdocs is None:
+        pytest.skip("mkdocs is not installed (the docs extra)")
+    result = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "site" / "config" / "index.html").read_text().count("max_body_bytes") >= 1
