@@ -1535,7 +1535,8 @@ class InputLimits:
     def _content_length(self, values: list[bytes]) -> int:
         first = values[0].strip()
         # Repeated Content-Length is tolerable only when every copy agrees (RFC 9110 8.6).
-        if any(v.strip() != first for v in values[1:]):
+        # (Checked only when repeated: the generator costs more than the rest of the check.)
+        if len(values) > 1 and any(v.strip() != first for v in values[1:]):
             return _MALFORMED
         if not first.isdigit():  # ASCII digits only: no sign, no space, no "1_000"
             return _MALFORMED

@@ -39,17 +39,18 @@ def decide(
     # Hot path of every rate-limited request: plain loops, no zip(strict=True) (its keyword
     # call alone costs more than the math), and the same float operations in the same order
     # as the Lua script, so memory and Redis agree to the last bit.
-    count = len(specs)
-    if len(tats) != count:
-        raise ValueError(f"decide: {len(tats)} tats for {count} specs")
-    if count == 1:
+    if len(tats) == 1 and len(specs) == 1:
         tat = tats[0]
         if tat is None or tat < now:
             tat = now
         interval, tolerance = specs[0]
-        if tat + cost * interval - now > tolerance + EPSILON:
+        step = cost * interval
+        if tat + step - now > tolerance + EPSILON:
             return False, [tat]
-        return True, [tat + cost * interval]
+        return True, [tat + step]
+    count = len(specs)
+    if len(tats) != count:
+        raise ValueError(f"decide: {len(tats)} tats for {count} specs")
     current = [now if tat is None or tat < now else tat for tat in tats]
     for index in range(count):
         interval, tolerance = specs[index]
