@@ -52,7 +52,9 @@ __all__ = [
     "Unauthorized",
     "UnsupportedMediaType",
     "ValidationFailed",
+    "armor_error_in",
     "ensure_request_id",
+    "log_unhandled",
     "render",
     "render_for",
     "send_error",
@@ -464,16 +466,31 @@ async def send_error(scope: Scope, send: Send, exc: ArmorError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _armor_error_in(exc: BaseException) -> ArmorError | None:
+def armor_error_in(exc: BaseException) -> ArmorError | None:
     """The ArmorError behind ``exc``, looking inside exception groups (anyio task groups)."""
     if isinstance(exc, ArmorError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _armor_error_in(inner)
+            found = armor_error_in(inner)
             if found is not None:
                 return found
     return None
+
+
+def log_unhandled(scope: Scope, exc: BaseException, log: logging.Logger | None = None) -> None:
+    """Log an unexpected exception once, with its traceback and the request id.
+
+    ``ErrorMiddleware`` calls it; so do framework adapters for frameworks that turn an
+    exception into a response themselves and never let it reach the middleware.
+    """
+    (log or logger).error(
+        "unhandled exception in %s %r [request_id=%s]",
+        scope.get("method"),
+        scope.get("path"),
+        ensure_request_id(scope),
+        exc_info=exc,
+    )
 
 
 class ErrorMiddleware:
@@ -525,15 +542,9 @@ class ErrorMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            error = _armor_error_in(exc)
+            error = armor_error_in(exc)
             if error is None:
-                self.logger.error(
-                    "unhandled exception in %s %r [request_id=%s]",
-                    scope.get("method"),
-                    scope.get("path"),
-                    request_id,
-                    exc_info=exc,
-                )
+                log_unhandled(scope, exc, self.logger)
                 error = InternalError()
             if response_complete:
                 # A framework already answered (Starlette renders its 500 page, then

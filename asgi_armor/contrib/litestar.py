@@ -31,7 +31,6 @@ from litestar import Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.plugins import InitPlugin
 
-from asgi_armor.contrib._common import armor_error_in, log_unhandled
 from asgi_armor.errors import (
     ArmorError,
     ErrorDetail,
@@ -39,6 +38,8 @@ from asgi_armor.errors import (
     InternalError,
     MethodNotAllowed,
     NotFound,
+    armor_error_in,
+    log_unhandled,
     render_for,
 )
 

@@ -44,13 +44,14 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
-from asgi_armor.contrib._common import armor_error_in, log_unhandled
 from asgi_armor.errors import (
     ArmorError,
     HTTPError,
     InternalError,
     MethodNotAllowed,
     NotFound,
+    armor_error_in,
+    log_unhandled,
     render_for,
 )
 

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from asgi_armor.contrib._common import armor_error_in
 from asgi_armor.errors import (
     ArmorError,
     HTTPError,
     InternalError,
     MethodNotAllowed,
     NotFound,
+    armor_error_in,
     render_for,
 )
 
