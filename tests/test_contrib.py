@@ -616,3 +616,39 @@ async def test_starlette_http_exception_keeps_headers_and_string_message() -> No
     assert denied.headers["www-authenticate"] == 'Bearer realm="api"'
     assert denied.json()["error"] == "unauthorized"
     assert odd_response.json()["message"] == "Bad Request"
+
+
+@pytest.mark.anyio
+async def test_starlette_client_disconnect_is_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route as StarletteRoute
+
+    from asgi_armor.contrib.starlette import install
+
+    async def upload(request: Request) -> None:
+        await request.body()
+
+    inner = Starlette(routes=[StarletteRoute("/upload", upload, methods=["POST"])])
+    install(inner)
+    messages = iter(
+        [
+            {"type": "http.request", "body": b"part", "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/upload", "raw_path": b"/upload",
+        "query_string": b"", "headers": [], "root_path": "",
+    }  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="asgi_armor"):
+        await ErrorMiddleware(inner)(scope, receive, send)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from asgi_armor.errors import (
@@ -30,7 +31,13 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
 
-__all__ = ["armor_exception_handlers", "as_armor_error", "handle_armor_error", "install"]
+__all__ = [
+    "armor_exception_handlers",
+    "as_armor_error",
+    "handle_armor_error",
+    "handle_client_disconnect",
+    "install",
+]
 
 
 def as_armor_error(exc: Exception) -> ArmorError:
@@ -61,11 +68,21 @@ async def handle_armor_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """The client left while the route read its body: nobody to answer, nothing to log.
+
+    Without this, ``ClientDisconnect`` would reach Starlette's catch-all, which re-raises
+    it, and every client that hangs up mid-upload would be logged as a server error.
+    """
+    return Response(status_code=400)
+
+
 def armor_exception_handlers() -> dict[Any, Any]:
     """Handlers for ``Starlette(exception_handlers=...)`` / ``FastAPI(exception_handlers=...)``."""
     return {
         ArmorError: handle_armor_error,
         HTTPException: handle_armor_error,
+        ClientDisconnect: handle_client_disconnect,
         Exception: handle_armor_error,
     }
 
