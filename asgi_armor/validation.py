@@ -1507,8 +1507,10 @@ class InputLimits:
                 lengths.append(value)
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name == b"content-type" and content_type is None:
-                content_type = value
+            elif name == b"content-type":
+                # Two Content-Types are ambiguous (which one does the app read?): an empty
+                # media type is what a JSON route then refuses with 415.
+                content_type = value if content_type is None else b""
         if total > self.max_header_bytes:
             return (
                 HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes"),

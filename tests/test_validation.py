@@ -1200,3 +1200,25 @@ def test_normalizers_never_see_none() -> None:
     assert decode(b'{"v": null}', model).v is None  # type: ignore[attr-defined]
     assert decode(b'{"v": "x"}', model).v == "x"  # type: ignore[attr-defined]
     assert seen == ["x"]
+
+
+@pytest.mark.anyio
+async def test_duplicate_content_type_is_refused_on_json_routes() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    limited = ErrorMiddleware(InputLimits(app, json_routes=["POST /api/*"]))
+    transport = httpx.ASGITransport(app=limited)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        one = await client.post(
+            "/api/x", content=b"{}", headers={"content-type": "application/json"}
+        )
+        two = await client.post(
+            "/api/x",
+            content=b"{}",
+            headers=[("content-type", "application/json"), ("content-type", "text/plain")],
+        )
+    assert one.status_code == 200
+    assert two.status_code == 415
+    assert two.json()["error"] == "unsupported_media_type"
