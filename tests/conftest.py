@@ -106,11 +106,9 @@ class RedisServer:
     """A private ``redis-server`` on a free port: for tests that count, kill or pause Redis."""
 
     def __init__(self) -> None:
-        import socket
+        from tests.servers import free_port
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
@@ -23,11 +19,11 @@ import pytest
 from asgi_armor._asgi import ASGIApp, Receive, Scope, Send, send_json
 from asgi_armor.errors import ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware
+from tests.servers import free_port, start_uvicorn, wait_ready
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 URL_ENV = "ARMOR_TEST_IDEM_REDIS_URL"
 PREFIX_ENV = "ARMOR_TEST_IDEM_PREFIX"
 RUNS_KEY = "handler-runs"
@@ -64,67 +60,17 @@ def create_app() -> ASGIApp:
     return ErrorMiddleware(IdempotencyMiddleware(handler, routes=["POST /pay"], store=store))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _start_worker(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "--app-dir",
-            str(HERE),
-            "test_idempotency_redis:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-async def _wait_ready(client: httpx.AsyncClient, ports: list[int], procs: list[Any]) -> None:
-    deadline = time.monotonic() + 10
-    pending = set(ports)
-    while pending:
-        for proc in procs:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited: {proc.stderr.read().decode(errors='replace')}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"workers on ports {sorted(pending)} not ready within 10 s")
-        for port in list(pending):
-            try:
-                response = await client.get(f"http://127.0.0.1:{port}/ready")
-            except httpx.TransportError:
-                continue
-            if response.status_code == 200:
-                pending.discard(port)
-        await anyio.sleep(0.05)
-
-
 async def test_two_workers_run_the_handler_exactly_once(
     redis_url: str, redis_prefix: str, asyncio_only: None
 ) -> None:
     import redis.asyncio as aioredis
 
-    env = {**os.environ, URL_ENV: redis_url, PREFIX_ENV: redis_prefix}
-    ports = [_free_port(), _free_port()]
-    procs = [_start_worker(port, env) for port in ports]
+    env = {URL_ENV: redis_url, PREFIX_ENV: redis_prefix}
+    ports = [free_port(), free_port()]
+    procs = [
+        start_uvicorn("test_idempotency_redis:create_app", port, app_dir=HERE, env=env)
+        for port in ports
+    ]
     redis_client = aioredis.Redis.from_url(redis_url)
     responses: list[httpx.Response] = []
     headers = {"Idempotency-Key": "order-42", "Content-Type": "application/json"}
@@ -133,7 +79,7 @@ async def test_two_workers_run_the_handler_exactly_once(
         with anyio.fail_after(18):
             limits = httpx.Limits(max_connections=100)
             async with httpx.AsyncClient(timeout=10, limits=limits) as client:
-                await _wait_ready(client, ports, procs)
+                await wait_ready(client, ports, procs, path="/ready", seconds=10)
 
                 async def post(port: int) -> None:
                     response = await client.post(

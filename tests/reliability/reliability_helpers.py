@@ -21,6 +21,8 @@ from typing import Any
 
 import anyio
 
+from tests.servers import free_port
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 ENVELOPE_KEYS = {"error", "message", "details", "request_id"}
@@ -322,11 +324,3 @@ def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
     elif "content-length" in headers:
         body = body[: int(headers["content-length"])]
     return status, headers, body
-
-
-def free_port() -> int:
-    """A free loopback port (for a subprocess that binds it itself)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port

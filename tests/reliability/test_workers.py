@@ -8,67 +8,19 @@ so the count covers both processes.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from collections import defaultdict
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from reliability_helpers import HERE, ROOT, free_port
+from reliability_helpers import HERE
 from worker_app import RUNS_PREFIX, URL_ENV
 
+from tests.servers import free_port, start_uvicorn, wait_ready
+
 pytestmark = [pytest.mark.anyio]
-
-
-def _start(port: int, url: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "--app-dir",
-            str(HERE),
-            "worker_app:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--no-proxy-headers",
-        ],
-        cwd=ROOT,
-        env={**os.environ, URL_ENV: url},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-async def _ready(client: httpx.AsyncClient, ports: list[int], procs: list[Any]) -> None:
-    deadline = time.monotonic() + 15
-    pending = set(ports)
-    while pending:
-        for proc in procs:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited: {proc.stderr.read().decode(errors='replace')}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"workers on {sorted(pending)} not ready within 15 s")
-        for port in list(pending):
-            try:
-                response = await client.get(f"http://127.0.0.1:{port}/healthz")
-            except httpx.TransportError:
-                continue
-            if response.status_code == 200:
-                pending.discard(port)
-        await anyio.sleep(0.05)
 
 
 async def test_two_workers_limit_exactly_and_run_each_payment_once(
@@ -77,13 +29,22 @@ async def test_two_workers_limit_exactly_and_run_each_payment_once(
     import redis.asyncio as aioredis
 
     ports = [free_port(), free_port()]
-    procs = [_start(port, private_redis.url) for port in ports]
+    procs = [
+        start_uvicorn(
+            "worker_app:create_app",
+            port,
+            app_dir=HERE,
+            env={URL_ENV: private_redis.url},
+            extra_args=["--no-proxy-headers"],
+        )
+        for port in ports
+    ]
     redis_client = aioredis.Redis.from_url(private_redis.url)
     try:
         with anyio.fail_after(40):
             limits = httpx.Limits(max_connections=200)
             async with httpx.AsyncClient(timeout=15, limits=limits) as client:
-                await _ready(client, ports, procs)
+                await wait_ready(client, ports, procs, path="/healthz", seconds=15)
 
                 async def burst(
                     count: int, method: str, path: str, **kwargs: Any
