@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -126,15 +125,12 @@ def _serve(app: Any, *, host: str, port: int, limits: Any = None, workers: int =
 
 
 def _import_app(spec: str) -> Any:
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(f"APP {spec!r}: expected 'module:attribute'")
-    sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
-    app = module
-    for name in attribute.split("."):
-        app = getattr(app, name)
-    return app
+    from asgi_armor.stack import import_callable
+
+    # Like uvicorn: the app's module is found from the directory the command runs in.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return import_callable(spec, "APP")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.timeout import TimeoutMiddleware
 from asgi_armor.validation import InputLimits
 
-__all__ = ["Armored", "armor", "build_store", "describe"]
+__all__ = ["Armored", "armor", "build_store", "describe", "import_callable"]
 
 
 @contextmanager
@@ -98,16 +98,24 @@ def _scheme(entry: SignatureEntry) -> Scheme:
     return scheme
 
 
-def _import(spec: str, path: str) -> Any:
+def import_callable(spec: str, entry: str) -> Any:
+    """The callable named ``"module:attribute"`` (dotted attributes allowed).
+
+    Raises:
+        ConfigError: naming ``entry``, when the spec is malformed, cannot be imported, or
+            is not callable.
+    """
     module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"{entry}: {spec!r} is not 'module:attribute'")
     try:
         target: Any = importlib.import_module(module_name)
         for name in attribute.split("."):
             target = getattr(target, name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot import {spec!r} ({exc})") from None
+        raise ConfigError(f"{entry}: cannot import {spec!r} ({exc})") from None
     if not callable(target):
-        raise ConfigError(f"{path}: {spec!r} is not callable")
+        raise ConfigError(f"{entry}: {spec!r} is not callable")
     return target
 
 
@@ -163,7 +171,7 @@ def armor(
     """
     config = config or ArmorConfig()
     if identify is None and config.identify:
-        identify = _import(config.identify, "identify")
+        identify = import_callable(config.identify, "identify")
     client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
     store = store or build_store(config)
     layers: list[object] = []
