@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -78,12 +79,19 @@ class CreatePayment(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Service:
-    """The business logic every framework's routes call; counts what really ran."""
+    """The business logic every framework's routes call; counts what really ran.
+
+    ``calls`` counts every entry into a handler (``"items"``, ``"payments"``, ``"slow"``,
+    ``"webhook"``), before any validation, so a test can tell whether a request reached it.
+    ``slow_seconds`` is how long ``GET /api/slow`` takes.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.calls: Counter[str] = Counter()
         self.payments = 0
         self.webhooks = 0
+        self.slow_seconds = 5.0
         self.slow_outcomes: list[str] = []
         self.lifespan: list[str] = []
         # Frozen clock and one recorded failure: the breaker is open and says
@@ -99,8 +107,14 @@ class Service:
         """Lifespan shutdown."""
         self.lifespan.append("shutdown")
 
+    def called(self, handler: str) -> None:
+        """Record that ``handler`` was entered."""
+        with self.lock:
+            self.calls[handler] += 1
+
     def items(self) -> dict[str, Any]:
         """The list of items."""
+        self.called("items")
         return {"items": [{"id": 1, "name": "widget"}, {"id": 2, "name": "gadget"}]}
 
     def create_user(self, body: bytes) -> dict[str, Any]:
@@ -110,6 +124,7 @@ class Service:
 
     def create_payment(self, body: bytes) -> dict[str, Any]:
         """Record a payment; idempotency must make this run once per key."""
+        self.called("payments")
         payment = decode(body, CreatePayment)
         with self.lock:
             self.payments += 1
@@ -124,8 +139,9 @@ class Service:
 
     async def slow(self) -> dict[str, Any]:
         """Far slower than the route's budget; records whether it was cancelled."""
+        self.called("slow")
         try:
-            await anyio.sleep(5)
+            await anyio.sleep(self.slow_seconds)
         except BaseException:
             self.slow_outcomes.append("cancelled")
             raise
@@ -134,6 +150,7 @@ class Service:
 
     def webhook(self, body: bytes) -> dict[str, Any]:
         """Accept a (verified) webhook."""
+        self.called("webhook")
         with self.lock:
             self.webhooks += 1
         return {"received": True}
