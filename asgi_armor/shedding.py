@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from asgi_armor.errors import ConfigError, Overloaded, send_error
-from asgi_armor.routes import RouteMap
+from asgi_armor.routes import RouteMap, target
 
 if TYPE_CHECKING:
     from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
@@ -357,7 +357,7 @@ class ConcurrencyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (
-            self.exempt and self.exempt.first(scope["method"], scope["path"]) is not None
+            self.exempt and self.exempt.first(*target(scope)) is not None
         ):
             await self.app(scope, receive, send)
             return

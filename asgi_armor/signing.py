@@ -52,7 +52,7 @@ from asgi_armor.errors import (
     ensure_request_id,
     send_error,
 )
-from asgi_armor.routes import Route, RouteMap
+from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import NonceStore, OnStoreError, make_key
 
 __all__ = [
@@ -825,7 +825,7 @@ class SignatureMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        found = self.routes.first(scope["method"], scope["path"])
+        found = self.routes.first(*target(scope))
         if found is None:
             await self.app(scope, receive, send)
             return

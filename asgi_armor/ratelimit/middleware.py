@@ -25,7 +25,7 @@ from asgi_armor.ratelimit.rules import (
     KeyFunc,
     Rule,
 )
-from asgi_armor.routes import Route, RouteMap
+from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
 
 __all__ = ["RateLimitMiddleware"]
@@ -206,8 +206,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method: str = scope["method"]
-        path: str = scope["path"]
+        method, path = target(scope)
         found = self._matches.get((method, path), _MISS)
         plan = self._plan(method, path) if found is _MISS else found
         if plan is None:

@@ -235,7 +235,7 @@ async def call_asgi(app: Any, request: dict[str, Any]) -> tuple[int, dict[str, s
         "path": request["path"],
         "raw_path": request["raw_path"],
         "query_string": request["query_string"],
-        "root_path": "",
+        "root_path": request.get("root_path", ""),
         "headers": list(request["headers"]),
         "client": request["client"],
         "server": ("127.0.0.1", 8000),
