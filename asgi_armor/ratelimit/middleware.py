@@ -43,6 +43,8 @@ _SHORT = 16
 # so the cache stays small whatever paths clients invent.
 _MATCH_CACHE = 1024
 _MATCH_CACHE_PATH = 256
+# The messages that carry response headers: an HTTP response, an accepted websocket.
+_HEADED = frozenset({"http.response.start", "websocket.accept"})
 
 
 class _Compiled:
@@ -203,9 +205,11 @@ class RateLimitMiddleware:
         return plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
+        # A websocket handshake is a GET of its path: a matching rule limits connections.
         method, path = target(scope)
         found = self._matches.get((method, path), _MISS)
         plan = self._plan(method, path) if found is _MISS else found
@@ -314,7 +318,7 @@ class RateLimitMiddleware:
         ]
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in _HEADED:
                 message["headers"] = [*message.get("headers", ()), *added]
             await send(message)
 

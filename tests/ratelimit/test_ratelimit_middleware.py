@@ -371,7 +371,7 @@ async def test_rule_cost(clock: FakeClock) -> None:
         assert cheap.headers["ratelimit"] == '"all";r=7;t=18'
 
 
-async def test_non_http_scopes_pass_through(clock: FakeClock) -> None:
+async def test_lifespan_passes_and_websocket_handshakes_are_limited(clock: FakeClock) -> None:
     seen: list[str] = []
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
@@ -382,13 +382,21 @@ async def test_non_http_scopes_pass_through(clock: FakeClock) -> None:
     async def receive() -> Message:
         return {"type": "lifespan.startup"}
 
+    sent: list[Message] = []
+
     async def send(message: Message) -> None:
-        pass
+        sent.append(message)
 
     for _ in range(3):
         await middleware({"type": "lifespan"}, receive, send)
-        await middleware({"type": "websocket", "path": "/", "headers": []}, receive, send)
-    assert seen == ["lifespan", "websocket"] * 3
+    assert seen == ["lifespan"] * 3
+    # A websocket handshake is a GET of its path: the rule limits connections.
+    for _ in range(3):
+        scope = {"type": "websocket", "path": "/", "headers": [], "client": ("192.0.2.1", 1)}
+        await middleware(scope, receive, send)
+    assert seen == ["lifespan"] * 3 + ["websocket"]
+    assert [m["type"] for m in sent] == ["websocket.close"] * 2
+    assert {m["code"] for m in sent} == {1013}
 
 
 def test_config_errors() -> None:
