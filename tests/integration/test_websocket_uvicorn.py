@@ -20,6 +20,8 @@ from websockets.sync.client import connect
 
 from asgi_armor import ArmorConfig, armor
 from asgi_armor.config import RateLimitEntry, SheddingConfig
+from asgi_armor.contrib.starlette import armor_exception_handlers
+from asgi_armor.errors import RateLimited
 
 pytestmark = pytest.mark.asyncio_only
 
@@ -86,3 +88,20 @@ def test_shedding_counts_open_connections(serve: Any) -> None:
 def test_accepted_handshakes_carry_a_request_id(serve: Any) -> None:
     with serve(armor(starlette_ws(), ArmorConfig())) as base, connect(ws_url(base)) as ws:
         assert ws.response.headers["X-Request-ID"].startswith("req_")
+
+
+async def limited_ws(websocket: WebSocket) -> None:
+    raise RateLimited(7)
+
+
+def test_an_armor_error_raised_in_a_starlette_websocket_route_refuses_with_the_envelope(
+    serve: Any,
+) -> None:
+    app = Starlette(
+        routes=[WebSocketRoute("/ws/limited", limited_ws)],
+        exception_handlers=armor_exception_handlers(),
+    )
+    with serve(armor(app)) as base:
+        status, headers, body = refused(ws_url(base, "/ws/limited"))
+    assert (status, body["error"], headers["retry-after"]) == (429, "rate_limited", "7")
+    assert body["request_id"] == headers["x-request-id"]
