@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from asgi_armor.clientip import ClientIP
+from asgi_armor.clientip import ClientIP, ipv6_group
 from asgi_armor.errors import ConfigError
 
 
@@ -155,3 +155,21 @@ def test_repr_lists_special_entries() -> None:
     assert repr(ClientIP(["unix", "*", "10.0.0.0/8"])) == (
         "ClientIP(trusted_proxies=['*', 'unix', '10.0.0.0/8'])"
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "group"),
+    [
+        ("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::9", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:3:4:5:6", 48, "2001:db8:1::/48"),
+        ("2001:db8:0:0:0:0:0:6", 128, "2001:db8::6"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        ("::ffff:192.0.2.1", 64, "192.0.2.1"),
+        ("::ffff:c000:201", 128, "192.0.2.1"),
+        ("unknown", 64, "unknown"),
+        ("not:an:address", 64, "not:an:address"),
+    ],
+)
+def test_ipv6_group(address: str, prefix: int, group: str) -> None:
+    assert ipv6_group(address, prefix) == group
