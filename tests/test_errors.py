@@ -282,3 +282,14 @@ async def test_non_http_scopes_pass_through() -> None:
 def test_http_error_codes_are_stable_snake_case(status: int, error: str) -> None:
     assert HTTPError(status).error == error
     assert HTTPError(status).status == status
+
+
+def test_401s_carry_a_challenge() -> None:
+    # RFC 9110 section 15.5.2: a 401 response MUST send WWW-Authenticate.
+    _, headers, _ = render(Unauthorized(), "r")
+    assert (b"www-authenticate", b"Bearer") in headers
+    custom = Unauthorized("Log in first", challenge='Basic realm="admin"')
+    assert custom.headers == {"WWW-Authenticate": 'Basic realm="admin"'}
+    assert custom.message == "Log in first"
+    _, headers, _ = render(InvalidSignature("replayed"), "r")
+    assert (b"www-authenticate", b"Signature") in headers
