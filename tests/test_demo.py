@@ -281,3 +281,13 @@ async def test_401s_say_how_to_authenticate(demo: httpx.AsyncClient) -> None:
         'Signature scheme="hex-hmac", header="X-Signature"'
     ]
 
+
+async def test_fault_mode_is_required(demo: httpx.AsyncClient) -> None:
+    for body in ({}, {"delay": 1}):
+        response = await demo.put("/demo/faults/db", json=body)
+        details = assert_envelope(response, 422, "validation_error")["details"]
+        assert details == [
+            {"code": "required", "message": "This field is required", "field": "mode"}
+        ]
+    # Nothing was changed by the refused bodies.
+    assert (await demo.get("/api/users/1")).status_code == 200
