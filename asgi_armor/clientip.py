@@ -72,7 +72,7 @@ def check_ipv6_prefix(prefix: int) -> int:
     Raises:
         ConfigError: naming ``ipv6_prefix``.
     """
-    if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix <= 128:
+    if type(prefix) is not int or not 1 <= prefix <= 128:  # bool is an int, and no length
         raise ConfigError(f"ipv6_prefix: {prefix!r} is not a prefix length from 1 to 128")
     return prefix
 

@@ -117,7 +117,8 @@ def test_unix_socket_peer_is_a_proxy_only_when_listed() -> None:
     forwarded = ("X-Forwarded-For", "6.6.6.6, 198.51.100.4")
     assert ClientIP(["unix"])(scope(None, forwarded)) == "198.51.100.4"
     assert ClientIP(["*"])(scope(None, forwarded)) == "198.51.100.4"
-    assert ClientIP(["unix", "10.0.0.0/8"])(scope(None, ("X-Forwarded-For", "198.51.100.4, 10.1.1.1"))) == "198.51.100.4"
+    chain = ("X-Forwarded-For", "198.51.100.4, 10.1.1.1")
+    assert ClientIP(["unix", "10.0.0.0/8"])(scope(None, chain)) == "198.51.100.4"
     # A listed unix socket still does not trust TCP peers, and no header means no address.
     assert ClientIP(["unix"])(scope("192.0.2.1", forwarded)) == "192.0.2.1"
     assert ClientIP(["unix"])(scope(None)) == "unknown"

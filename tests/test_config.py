@@ -149,6 +149,6 @@ def test_ipv6_prefix_reaches_the_rate_limiter(tmp_path: Path) -> None:
         '[[rate_limit]]\nroute = "* /api/*"\nrate = "5/hour"\n',
     )
     armored = armor(lambda s, r, x: None, ArmorConfig.from_toml(path))  # type: ignore[arg-type, return-value]
-    limiter = next(l for l in armored.layers if type(l).__name__ == "RateLimitMiddleware")
+    limiter = next(x for x in armored.layers if type(x).__name__ == "RateLimitMiddleware")
     assert limiter.ipv6_prefix == 56  # type: ignore[attr-defined]
     assert ArmorConfig().ipv6_prefix == 64

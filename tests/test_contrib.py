@@ -164,7 +164,9 @@ def litestar_app(routes: Routes, logger: logging.Logger | None = None) -> Any:
 
         return litestar.get(f"/{name}", name=name)(call)
 
-    handlers = [handler(n) for n in ["ok", "limited", "group", "boom", "unauthorized", "unsigned", "slow"]]
+    handlers = [
+        handler(n) for n in ["ok", "limited", "group", "boom", "unauthorized", "unsigned", "slow"]
+    ]
 
     @litestar.get("/forbidden")
     async def forbidden() -> None:

@@ -810,7 +810,9 @@ async def test_every_401_names_the_routes_scheme_in_www_authenticate() -> None:
             assert_signature_error(missing, "missing_signature")
             assert missing.headers.get_list("www-authenticate") == [challenge]
         acme = await client.post("/webhooks/acme", content=BODY)
-        assert acme.headers["www-authenticate"] == 'Signature scheme="hex-hmac", header="X-Acme-Sig"'
+        assert acme.headers["www-authenticate"] == (
+            'Signature scheme="hex-hmac", header="X-Acme-Sig"'
+        )
         assert (await client.post("/webhooks/hex", content=BODY, headers=hexed)).status_code == 200
         replayed = await client.post("/webhooks/hex", content=BODY, headers=hexed)
         assert_signature_error(replayed, "replayed")
