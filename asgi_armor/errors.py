@@ -287,19 +287,46 @@ class RequestTimeout(ArmorError):
 
 
 class Unauthorized(ArmorError):
-    """401: authentication is missing or not valid."""
+    """401: authentication is missing or not valid.
+
+    A 401 must say how to authenticate (RFC 9110 section 15.5.2): ``WWW-Authenticate``
+    carries ``challenge``.
+
+    Args:
+        message: overrides the default human message.
+        challenge: the ``WWW-Authenticate`` value (``'Basic realm="admin"'``, ...).
+        details: field-level problems.
+        headers: extra response headers.
+    """
 
     status = 401
     error = "unauthorized"
     default_message = "Authentication required"
 
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        challenge: str = "Bearer",
+        details: Sequence[ErrorDetail] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message, details=details, headers={"WWW-Authenticate": challenge, **(headers or {})}
+        )
+
 
 class InvalidSignature(ArmorError):
     """401: the request signature is missing, malformed, stale, replayed or wrong.
 
+    Its ``WWW-Authenticate`` is ``challenge``; ``SignatureMiddleware`` and ``verify``
+    replace the generic default with their scheme's (``Scheme.challenge()``).
+
     Args:
         code: the detail code (missing_signature, malformed_signature,
             timestamp_out_of_tolerance, replayed, signature_mismatch).
+        field: the header at fault.
+        challenge: the ``WWW-Authenticate`` value.
     """
 
     status = 401
@@ -314,10 +341,16 @@ class InvalidSignature(ArmorError):
         "signature_mismatch": "No signature matches the body",
     }
 
-    def __init__(self, code: str = "signature_mismatch", *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str = "signature_mismatch",
+        *,
+        field: str | None = None,
+        challenge: str = "Signature",
+    ) -> None:
         self.code = code
         detail = ErrorDetail(code, self._messages.get(code, self.default_message), field)
-        super().__init__(details=(detail,))
+        super().__init__(details=(detail,), headers={"WWW-Authenticate": challenge})
 
 
 class NotFound(ArmorError):

@@ -342,3 +342,14 @@ async def test_an_error_after_accept_is_left_to_the_server() -> None:
 
     with pytest.raises(RuntimeError):
         await drive_websocket(accepted_then_broken, {"websocket.http.response": {}})
+
+
+def test_401s_carry_a_challenge() -> None:
+    # RFC 9110 section 15.5.2: a 401 response MUST send WWW-Authenticate.
+    _, headers, _ = render(Unauthorized(), "r")
+    assert (b"www-authenticate", b"Bearer") in headers
+    custom = Unauthorized("Log in first", challenge='Basic realm="admin"')
+    assert custom.headers == {"WWW-Authenticate": 'Basic realm="admin"'}
+    assert custom.message == "Log in first"
+    _, headers, _ = render(InvalidSignature("replayed"), "r")
+    assert (b"www-authenticate", b"Signature") in headers

@@ -160,7 +160,7 @@ class DemoStack:
         from asgi_armor.demo.services import Fault
 
         for name in self.demo.board.faults:
-            self.demo.board.faults[name] = Fault()
+            self.demo.board.faults[name] = Fault("ok")
 
 
 def demo_stack(store: str | None = None, **config_changes: Any) -> DemoStack:
