@@ -76,7 +76,10 @@ def running_server(app: Any, *, uds: str | None = None, **uvicorn_kwargs: Any) -
     options.update(uvicorn_kwargs)
     sock: socket.socket | None = None
     if uds is None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the
+        # proto says TCP; without it every answer after the first on a connection waits
+        # ~40 ms (Nagle against delayed ACKs).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
