@@ -140,6 +140,7 @@ class ArmorConfig(_Entry):
     Build it in Python (``ArmorConfig(rate_limit=[RateLimitEntry(route=..., rate=...)])``)
     or load it with ``ArmorConfig.from_toml("armor.toml")``. ``identify`` is the import
     path (``"myapp.auth:identify"``) of the hook naming the caller, for per-user limits.
+    ``ipv6_prefix`` is the network size (1..128) rate limits count an IPv6 client by.
     """
 
     store: str = "memory"
@@ -147,6 +148,7 @@ class ArmorConfig(_Entry):
     store_timeout: Duration = Duration(0.5)
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
     forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    ipv6_prefix: int = 64
     identify: str | None = None
     error_format: Literal["json", "problem"] = "json"
     limits: LimitsConfig | None = msgspec.field(default_factory=LimitsConfig)

@@ -287,19 +287,46 @@ class RequestTimeout(ArmorError):
 
 
 class Unauthorized(ArmorError):
-    """401: authentication is missing or not valid."""
+    """401: authentication is missing or not valid.
+
+    A 401 must say how to authenticate (RFC 9110 section 15.5.2): ``WWW-Authenticate``
+    carries ``challenge``.
+
+    Args:
+        message: overrides the default human message.
+        challenge: the ``WWW-Authenticate`` value (``'Basic realm="admin"'``, ...).
+        details: field-level problems.
+        headers: extra response headers.
+    """
 
     status = 401
     error = "unauthorized"
     default_message = "Authentication required"
 
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        challenge: str = "Bearer",
+        details: Sequence[ErrorDetail] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message, details=details, headers={"WWW-Authenticate": challenge, **(headers or {})}
+        )
+
 
 class InvalidSignature(ArmorError):
     """401: the request signature is missing, malformed, stale, replayed or wrong.
 
+    Its ``WWW-Authenticate`` is ``challenge``; ``SignatureMiddleware`` and ``verify``
+    replace the generic default with their scheme's (``Scheme.challenge()``).
+
     Args:
         code: the detail code (missing_signature, malformed_signature,
             timestamp_out_of_tolerance, replayed, signature_mismatch).
+        field: the header at fault.
+        challenge: the ``WWW-Authenticate`` value.
     """
 
     status = 401
@@ -314,10 +341,16 @@ class InvalidSignature(ArmorError):
         "signature_mismatch": "No signature matches the body",
     }
 
-    def __init__(self, code: str = "signature_mismatch", *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str = "signature_mismatch",
+        *,
+        field: str | None = None,
+        challenge: str = "Signature",
+    ) -> None:
         self.code = code
         detail = ErrorDetail(code, self._messages.get(code, self.default_message), field)
-        super().__init__(details=(detail,))
+        super().__init__(details=(detail,), headers={"WWW-Authenticate": challenge})
 
 
 class NotFound(ArmorError):
@@ -459,9 +492,30 @@ def render_for(scope: Scope, exc: ArmorError) -> tuple[int, list[tuple[bytes, by
     return render(exc, request_id, scope["state"].get(_STATE_FORMAT, "json"))
 
 
+#: Close codes for a refused websocket handshake on servers without the denial-response
+#: extension (RFC 6455 section 7.4.1): "try again later" for rate limits and overload.
+_CLOSE_TRY_AGAIN_LATER = 1013
+_CLOSE_POLICY_VIOLATION = 1008
+
+
 async def send_error(scope: Scope, send: Send, exc: ArmorError) -> None:
-    """Answer the request with the envelope for ``exc`` (for rejections before the app runs)."""
+    """Answer the request with the envelope for ``exc`` (for rejections before the app runs).
+
+    A websocket handshake is refused with the same envelope as an HTTP response where the
+    server offers the ``websocket.http.response`` extension (uvicorn, hypercorn), else by
+    closing before accepting, which the server answers with a 403.
+    """
     status, headers, body = render_for(scope, exc)
+    if scope["type"] == "websocket":
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send(
+                {"type": "websocket.http.response.start", "status": status, "headers": headers}
+            )
+            await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        else:
+            code = _CLOSE_TRY_AGAIN_LATER if status in (429, 503) else _CLOSE_POLICY_VIOLATION
+            await send({"type": "websocket.close", "code": code, "reason": exc.error})
+        return
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -493,6 +547,15 @@ def log_unhandled(scope: Scope, exc: BaseException, log: logging.Logger | None =
     )
 
 
+def _with_id(
+    headers: Sequence[tuple[bytes, bytes]], id_header: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` with ``id_header`` as their only ``X-Request-ID``."""
+    kept = [h for h in headers if len(h[0]) != 12 or h[0].lower() != b"x-request-id"]
+    kept.append(id_header)
+    return kept
+
+
 class ErrorMiddleware:
     """Outermost layer: request ids on every response, the envelope for every error.
 
@@ -516,6 +579,9 @@ class ErrorMiddleware:
         self.logger = logger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -528,13 +594,7 @@ class ErrorMiddleware:
             nonlocal response_started, response_complete
             if message["type"] == "http.response.start":
                 response_started = True
-                headers = [
-                    h
-                    for h in message.get("headers", ())
-                    if len(h[0]) != 12 or h[0].lower() != b"x-request-id"
-                ]
-                headers.append(id_header)
-                message["headers"] = headers
+                message["headers"] = _with_id(message.get("headers", ()), id_header)
             elif not message.get("more_body", False):
                 response_complete = True
             await send(message)
@@ -558,6 +618,34 @@ class ErrorMiddleware:
                     request_id,
                     error.error,
                 )
+                raise
+            await send_error(scope, send, error)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A handshake gets a request id; an error before ``websocket.accept`` the envelope."""
+        request_id = ensure_request_id(scope)
+        scope["state"][_STATE_FORMAT] = self.error_format
+        id_header = (b"x-request-id", request_id.encode())
+        answered = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal answered
+            kind = message["type"]
+            if kind in ("websocket.accept", "websocket.http.response.start"):
+                message["headers"] = _with_id(message.get("headers", ()), id_header)
+            if kind in ("websocket.accept", "websocket.close", "websocket.http.response.start"):
+                answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            error = armor_error_in(exc)
+            if error is None:
+                log_unhandled(scope, exc, self.logger)
+                error = InternalError()
+            if answered:
+                # Accepted (or refused) already: the server closes the socket on raise.
                 raise
             await send_error(scope, send, error)
 

@@ -39,7 +39,7 @@ from asgi_armor.errors import (
     send_error,
 )
 from asgi_armor.identity import Identify, principal
-from asgi_armor.routes import Route, RouteMap
+from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import IdempotencyStore, OnStoreError, StoreError, make_key
 
 __all__ = ["IdempotencyMiddleware", "IdempotencyOptions", "parse_idempotency_key"]
@@ -154,13 +154,15 @@ def parse_idempotency_key(raw: bytes) -> str | None:
     return value.decode("ascii")
 
 
-def _fingerprint(scope: Scope, body: bytes) -> bytes:
+def _fingerprint(method: str, path: str, query: bytes, body: bytes) -> bytes:
+    # Of the canonical target (the request the app routes), so `//api/pay` and a
+    # lower-case `post` are retries of `POST /api/pay`, not a different request.
     # Length-prefixed parts, so no choice of path, query and body can imitate another.
     digest = hashlib.sha256()
     for part in (
-        scope["method"].encode("ascii", "replace"),
-        scope["path"].encode("utf-8", "surrogateescape"),
-        scope.get("query_string", b""),
+        method.encode("ascii", "replace"),
+        path.encode("utf-8", "surrogateescape"),
+        query,
         body,
     ):
         digest.update(len(part).to_bytes(8, "big"))
@@ -269,7 +271,8 @@ class IdempotencyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        matched = self.routes.first(scope["method"], scope["path"])
+        method, path = target(scope)
+        matched = self.routes.first(method, path)
         if matched is None:
             await self.app(scope, receive, send)
             return
@@ -315,8 +318,8 @@ class IdempotencyMiddleware:
             # answer to a request nobody made.
             return
         receive = replay_body(body, receive)
-        fingerprint = _fingerprint(scope, body)
-        record_key = _record_key(who, scope["method"], config.pattern, key)
+        fingerprint = _fingerprint(method, path, scope.get("query_string", b""), body)
+        record_key = _record_key(who, method, config.pattern, key)
         lease = _encoder.encode(_InFlight(fingerprint, secrets.token_bytes(16)))
 
         try:

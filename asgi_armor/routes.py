@@ -6,6 +6,13 @@ Grammar: ``METHOD PATH``. ``METHOD`` is ``*`` (any), one method, or several join
 trailing ``/*`` matches the prefix and everything below it; ``*`` alone matches every
 path. A trailing slash on the request path is ignored, so ``/api/users/`` cannot slip
 past a rule written for ``/api/users``.
+
+Patterns are matched against ``target(scope)``: the path the wrapped app routes on, not
+the bytes on the wire. Frameworks differ in what they accept (Quart and Litestar route
+``//api//x`` and a lower-case ``post`` to ``POST /api/x``), so every layer matches the
+one canonical form: ``root_path`` removed when it prefixes the path (ASGI spec; set by
+``uvicorn --root-path`` and Starlette's ``Mount``), runs of ``/`` collapsed, a trailing
+``/`` dropped, the method upper-cased. A websocket handshake is a ``GET`` (RFC 6455 section 4.1).
 """
 
 from __future__ import annotations
@@ -14,15 +21,41 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
 
+from asgi_armor._asgi import Scope
 from asgi_armor.errors import ConfigError
 
-__all__ = ["Route", "RouteMap"]
+__all__ = ["Route", "RouteMap", "target"]
 
 T = TypeVar("T")
 
 _METHOD = re.compile(r"[A-Z]+")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NO_PARAMS: Mapping[str, str] = {}
+_SLASHES = re.compile(r"//+")
+
+
+def target(scope: Scope) -> tuple[str, str]:
+    """The ``(METHOD, path)`` a route pattern is matched against, for an http or websocket scope.
+
+    The path is the one the wrapped app routes on: ``root_path`` removed when it is a
+    prefix of ``path`` (a ``root_path`` that is not a prefix is left alone, as Starlette
+    does), repeated slashes collapsed, a trailing slash dropped. The method is upper-cased.
+    """
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root:
+        root = root.rstrip("/")
+        if path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+            path = path[len(root) :] or "/"
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    if path[-1:] == "/" and len(path) > 1:
+        # Patterns ignore a trailing slash; the fingerprint and keys must too.
+        path = path[:-1]
+    method: str = scope.get("method", "GET")
+    if not method.isupper():
+        method = method.upper()
+    return method, path
 
 
 class Route:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from asgi_armor.errors import ConfigError, Overloaded, send_error
-from asgi_armor.routes import RouteMap
+from asgi_armor.routes import RouteMap, target
 
 if TYPE_CHECKING:
     from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
@@ -356,8 +356,9 @@ class ConcurrencyLimit:
         return self.limiter.admitted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            self.exempt and self.exempt.first(scope["method"], scope["path"]) is not None
+        kind = scope["type"]
+        if (kind != "http" and kind != "websocket") or (
+            self.exempt and self.exempt.first(*target(scope)) is not None
         ):
             await self.app(scope, receive, send)
             return
@@ -366,6 +367,14 @@ class ConcurrencyLimit:
             await limiter.acquire()
         except Overloaded as exc:
             await send_error(scope, send, exc)
+            return
+        if kind == "websocket":
+            # An open connection holds its slot for as long as it lives; how long it
+            # lived says nothing about the app's latency, so it does not feed AIMD.
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                limiter.release(None, dropped=False)
             return
 
         status = 0

@@ -52,7 +52,7 @@ from asgi_armor.errors import (
     ensure_request_id,
     send_error,
 )
-from asgi_armor.routes import Route, RouteMap
+from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import NonceStore, OnStoreError, make_key
 
 __all__ = [
@@ -255,6 +255,10 @@ class VerifiedMessage:
     replay_id: str
 
 
+def _challenge(name: str, header: str) -> str:
+    return f'Signature scheme="{name}", header="{header}"'
+
+
 class Scheme(ABC):
     """How one signing convention puts an HMAC in headers.
 
@@ -275,6 +279,14 @@ class Scheme(ABC):
         Raises:
             InvalidSignature: missing_signature or malformed_signature.
         """
+
+    def challenge(self) -> str:
+        """The ``WWW-Authenticate`` value of a 401 on this scheme's routes (RFC 9110 11.6.1).
+
+        ``Signature`` with the scheme's name and, where it has one, its signature header:
+        ``Signature scheme="stripe", header="Stripe-Signature"``.
+        """
+        return f'Signature scheme="{self.name}"'
 
     def payload_prefix(self, parsed: ParsedSignature) -> bytes:
         """What is signed before the raw body (empty when only the body is signed)."""
@@ -362,6 +374,10 @@ class HexHmac(Scheme):
             timestamp = _parse_timestamp(view.require(self.timestamp_header), self.timestamp_header)
         return ParsedSignature((signature,), timestamp, None, self.header, self.timestamp_header)
 
+    def challenge(self) -> str:
+        """See ``Scheme.challenge``."""
+        return _challenge(self.name, self.header)
+
     def payload_prefix(self, parsed: ParsedSignature) -> bytes:
         """``{timestamp}.`` when a timestamp header is configured, else nothing."""
         return b"" if parsed.timestamp is None else b"%d." % parsed.timestamp
@@ -437,6 +453,10 @@ class StandardWebhooks(Scheme):
         if not signatures:
             raise InvalidSignature(_MALFORMED, field=sig_field)
         return ParsedSignature(tuple(signatures), timestamp, msg_id, sig_field, ts_field)
+
+    def challenge(self) -> str:
+        """See ``Scheme.challenge``."""
+        return _challenge(self.name, "webhook-signature")
 
     def payload_prefix(self, parsed: ParsedSignature) -> bytes:
         """``{id}.{timestamp}.``"""
@@ -523,6 +543,10 @@ class Stripe(Scheme):
             raise InvalidSignature(_MALFORMED, field=self.header)
         return ParsedSignature(tuple(signatures), timestamp, None, self.header, self.header)
 
+    def challenge(self) -> str:
+        """See ``Scheme.challenge``."""
+        return _challenge(self.name, self.header)
+
     def payload_prefix(self, parsed: ParsedSignature) -> bytes:
         """``{t}.``"""
         return b"%d." % (parsed.timestamp or 0)
@@ -567,6 +591,10 @@ class GitHub(Scheme):
             raise InvalidSignature(_MALFORMED, field=self.header)
         signature = _parse_hex(value[7:], self.algorithm, self.header)
         return ParsedSignature((signature,), None, None, self.header)
+
+    def challenge(self) -> str:
+        """See ``Scheme.challenge``."""
+        return _challenge(self.name, self.header)
 
     def sign(
         self,
@@ -683,7 +711,11 @@ def verify(
     if max_body_bytes is not None and len(body) > max_body_bytes:
         raise PayloadTooLarge(max_bytes=max_body_bytes)
     current = time.time() if now is None else now
-    return _verify(_HeaderView(headers), body, keys, scheme, tolerance, current)
+    try:
+        return _verify(_HeaderView(headers), body, keys, scheme, tolerance, current)
+    except InvalidSignature as exc:
+        exc.headers["WWW-Authenticate"] = scheme.challenge()
+        raise
 
 
 def sign(
@@ -825,7 +857,7 @@ class SignatureMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        found = self.routes.first(scope["method"], scope["path"])
+        found = self.routes.first(*target(scope))
         if found is None:
             await self.app(scope, receive, send)
             return
@@ -842,6 +874,8 @@ class SignatureMiddleware:
             )
             nonce = await self._remember(scope, route, message) if route.replay_protection else None
         except ArmorError as exc:
+            if isinstance(exc, InvalidSignature):
+                exc.headers["WWW-Authenticate"] = route.scheme.challenge()
             await send_error(scope, send, exc)
             return
         scope_state(scope)["signature"] = message

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
-from asgi_armor.clientip import ClientIP
+from asgi_armor.clientip import ClientIP, check_ipv6_prefix
 from asgi_armor.config import ArmorConfig, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
@@ -173,6 +173,7 @@ def armor(
     if identify is None and config.identify:
         identify = import_callable(config.identify, "identify")
     client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
+    check_ipv6_prefix(config.ipv6_prefix)
     store = store or build_store(config)
     layers: list[object] = []
 
@@ -243,6 +244,7 @@ def armor(
                 store=store,
                 identify=identify,
                 client_ip=client_ip,
+                ipv6_prefix=config.ipv6_prefix,
                 exempt=config.rate_limit_exempt,
                 on_store_error=config.rate_limit_on_store_error,
             )

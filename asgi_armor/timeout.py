@@ -25,7 +25,7 @@ import anyio
 
 from asgi_armor._asgi import scope_state
 from asgi_armor.errors import ConfigError, RequestTimeout, ensure_request_id, send_error
-from asgi_armor.routes import RouteMap
+from asgi_armor.routes import RouteMap, target
 
 if TYPE_CHECKING:
     from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
@@ -163,7 +163,7 @@ class TimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        budget = self.budget_for(scope["method"], scope["path"])
+        budget = self.budget_for(*target(scope))
         if budget is None:
             await self.app(scope, receive, send)
             return

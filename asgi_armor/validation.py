@@ -61,7 +61,7 @@ from asgi_armor.errors import (
     ensure_request_id,
     send_error,
 )
-from asgi_armor.routes import Route, RouteMap
+from asgi_armor.routes import Route, RouteMap, target
 
 if TYPE_CHECKING:
     from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
@@ -1554,9 +1554,7 @@ class InputLimits:
         if error is not None:
             await send_error(scope, send, error)
             return
-        json_only = bool(self.json_routes) and (
-            self.json_routes.first(scope["method"], scope["path"]) is not None
-        )
+        json_only = bool(self.json_routes) and (self.json_routes.first(*target(scope)) is not None)
         json_ok = _is_json_media_type(content_type) if json_only else True
         if not json_ok and ((length is not None and length > 0) or chunked):
             await send_error(scope, send, UnsupportedMediaType())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from asgi_armor.clientip import ClientIP
+from asgi_armor.clientip import ClientIP, ipv6_group
 from asgi_armor.errors import ConfigError
 
 
@@ -86,3 +88,89 @@ def test_ipv4_mapped_ipv6_peer_is_normalised() -> None:
 def test_bad_proxy_entry_names_the_entry() -> None:
     with pytest.raises(ConfigError, match=r"trusted_proxies\[1\]: 'nope'"):
         ClientIP(["10.0.0.1", "nope"])
+
+
+def test_trust_all_is_one_appending_hop_so_the_client_is_the_rightmost_entry() -> None:
+    # Behind one proxy that appends the peer it saw, everything left of that entry is
+    # what the client wrote itself: it must never pick the bucket.
+    resolve = ClientIP(["*"])
+    request = scope("10.9.9.9", ("X-Forwarded-For", "6.6.6.6, 1.1.1.1, 198.51.100.4"))
+    assert resolve(request) == "198.51.100.4"
+    forwarded = ClientIP(["*"], header="forwarded")
+    request = scope("10.9.9.9", ("Forwarded", "for=6.6.6.6, for=198.51.100.4;proto=https"))
+    assert forwarded(request) == "198.51.100.4"
+
+
+def test_trust_all_with_listed_proxies_walks_over_the_listed_hops_only() -> None:
+    resolve = ClientIP(["*", "10.0.0.0/8"])
+    request = scope("192.0.2.1", ("X-Forwarded-For", "6.6.6.6, 198.51.100.4, 10.0.0.9"))
+    assert resolve(request) == "198.51.100.4"
+
+
+def test_trust_all_without_forwarding_header_or_with_garbage_is_the_peer() -> None:
+    resolve = ClientIP(["*"])
+    assert resolve(scope("192.0.2.1")) == "192.0.2.1"
+    assert resolve(scope("192.0.2.1", ("X-Forwarded-For", "1.2.3.4, junk"))) == "192.0.2.1"
+
+
+def test_unix_socket_peer_is_a_proxy_only_when_listed() -> None:
+    forwarded = ("X-Forwarded-For", "6.6.6.6, 198.51.100.4")
+    assert ClientIP(["unix"])(scope(None, forwarded)) == "198.51.100.4"
+    assert ClientIP(["*"])(scope(None, forwarded)) == "198.51.100.4"
+    chain = ("X-Forwarded-For", "198.51.100.4, 10.1.1.1")
+    assert ClientIP(["unix", "10.0.0.0/8"])(scope(None, chain)) == "198.51.100.4"
+    # A listed unix socket still does not trust TCP peers, and no header means no address.
+    assert ClientIP(["unix"])(scope("192.0.2.1", forwarded)) == "192.0.2.1"
+    assert ClientIP(["unix"])(scope(None)) == "unknown"
+    assert ClientIP(["10.0.0.0/8"])(scope(None, forwarded)) == "unknown"
+
+
+def test_no_peer_address_warns_once_per_resolver(caplog: pytest.LogCaptureFixture) -> None:
+    resolve = ClientIP()
+    with caplog.at_level(logging.WARNING, logger="asgi_armor"):
+        assert [resolve(scope(None)) for _ in range(3)] == ["unknown"] * 3
+    warnings = [r for r in caplog.records if "without a peer address" in r.getMessage()]
+    assert len(warnings) == 1
+    assert '"unix"' in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asgi_armor"):
+        ClientIP(["unix"])(scope(None))
+        resolve(scope(None))
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("entry", ["unix:/run/app.sock", "UNIX ", "**", ""])
+def test_bad_special_entries_name_the_entry(entry: str) -> None:
+    with pytest.raises(ConfigError, match=r"trusted_proxies\[1\]"):
+        ClientIP(["unix", entry])
+
+
+def test_ipv4_mapped_peer_counts_as_ipv4_even_untrusted() -> None:
+    # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d.
+    assert ClientIP()(scope("::ffff:203.0.113.7")) == "203.0.113.7"
+    assert ClientIP(["10.0.0.0/8"])(scope("::FFFF:203.0.113.7")) == "203.0.113.7"
+    assert ClientIP()(scope("2001:db8::1")) == "2001:db8::1"
+
+
+def test_repr_lists_special_entries() -> None:
+    assert repr(ClientIP(["unix", "*", "10.0.0.0/8"])) == (
+        "ClientIP(trusted_proxies=['*', 'unix', '10.0.0.0/8'])"
+    )
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "group"),
+    [
+        ("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::9", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:3:4:5:6", 48, "2001:db8:1::/48"),
+        ("2001:db8:0:0:0:0:0:6", 128, "2001:db8::6"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        ("::ffff:192.0.2.1", 64, "192.0.2.1"),
+        ("::ffff:c000:201", 128, "192.0.2.1"),
+        ("unknown", 64, "unknown"),
+        ("not:an:address", 64, "not:an:address"),
+    ],
+)
+def test_ipv6_group(address: str, prefix: int, group: str) -> None:
+    assert ipv6_group(address, prefix) == group

@@ -125,3 +125,30 @@ def test_with_store_copies() -> None:
     config = ArmorConfig()
     assert config.with_store("redis://127.0.0.1:6379/15").store == "redis://127.0.0.1:6379/15"
     assert config.store == "memory"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("ipv6_prefix = 0\n", r"ipv6_prefix: 0 is not a prefix length from 1 to 128"),
+        ("ipv6_prefix = 129\n", r"ipv6_prefix: 129 is not a prefix length"),
+        ('ipv6_prefix = "64"\n', r"ipv6_prefix: Expected `int`"),
+        ('trusted_proxies = ["unix", "unix:/run/x.sock"]\n', r"trusted_proxies\[1\]"),
+    ],
+)
+def test_proxy_and_ipv6_mistakes_name_their_entry(tmp_path: Path, toml: str, message: str) -> None:
+    # ipv6_prefix is checked even without a rate limit: a mistake never waits for one.
+    with pytest.raises(ConfigError, match=message):
+        armor(lambda s, r, x: None, ArmorConfig.from_toml(write(tmp_path, toml)))  # type: ignore[arg-type, return-value]
+
+
+def test_ipv6_prefix_reaches_the_rate_limiter(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'ipv6_prefix = 56\ntrusted_proxies = ["unix", "*"]\n'
+        '[[rate_limit]]\nroute = "* /api/*"\nrate = "5/hour"\n',
+    )
+    armored = armor(lambda s, r, x: None, ArmorConfig.from_toml(path))  # type: ignore[arg-type, return-value]
+    limiter = next(x for x in armored.layers if type(x).__name__ == "RateLimitMiddleware")
+    assert limiter.ipv6_prefix == 56  # type: ignore[attr-defined]
+    assert ArmorConfig().ipv6_prefix == 64

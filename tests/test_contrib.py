@@ -40,6 +40,7 @@ from asgi_armor.contrib import litestar as armor_litestar
 from asgi_armor.contrib import quart as armor_quart
 from asgi_armor.contrib import starlette as armor_starlette
 from asgi_armor.errors import HTTPError, InternalError, MethodNotAllowed, NotFound
+from asgi_armor.signing import Stripe, verify
 
 SECRET_TEXT = "password=hunter2 at /srv/app/db.py"
 
@@ -81,6 +82,11 @@ class Routes:
     def unauthorized(self) -> dict[str, Any]:
         raise Unauthorized()
 
+    def unsigned(self) -> dict[str, Any]:
+        # A route verifying a webhook itself, with the stand-alone verify().
+        verify({}, b"{}", "secret", Stripe())
+        return {"ok": True}
+
     async def slow(self) -> dict[str, Any]:
         try:
             await anyio.sleep(5)
@@ -104,7 +110,7 @@ def starlette_app(routes: Routes, logger: logging.Logger | None = None) -> Any:
             result = await result
         return JSONResponse(result)
 
-    names = ["ok", "limited", "group", "boom", "unauthorized", "slow"]
+    names = ["ok", "limited", "group", "boom", "unauthorized", "unsigned", "slow"]
     app = Starlette(
         routes=[Route(f"/{name}", call, methods=["GET"]) for name in names]
         + [Route("/forbidden", forbidden), Route("/http500", http500)]
@@ -125,7 +131,7 @@ def quart_app(routes: Routes, logger: logging.Logger | None = None) -> Any:
 
         return call
 
-    for name in ["ok", "limited", "group", "boom", "unauthorized", "slow"]:
+    for name in ["ok", "limited", "group", "boom", "unauthorized", "unsigned", "slow"]:
         app.add_url_rule(f"/{name}", name, view(name), methods=["GET"])
 
     @app.get("/forbidden")
@@ -158,7 +164,9 @@ def litestar_app(routes: Routes, logger: logging.Logger | None = None) -> Any:
 
         return litestar.get(f"/{name}", name=name)(call)
 
-    handlers = [handler(n) for n in ["ok", "limited", "group", "boom", "unauthorized", "slow"]]
+    handlers = [
+        handler(n) for n in ["ok", "limited", "group", "boom", "unauthorized", "unsigned", "slow"]
+    ]
 
     @litestar.get("/forbidden")
     async def forbidden() -> None:
@@ -260,6 +268,22 @@ async def test_request_id_is_the_one_error_middleware_chose(armored: Any) -> Non
     assert envelope(response)["request_id"] == "abc-123"
     assert response.headers.get_list("x-request-id") == ["abc-123"]
     assert envelope(generated)["request_id"].startswith("req_")
+
+
+@pytest.mark.anyio
+async def test_401_raised_in_a_route_keeps_its_challenge(armored: Any) -> None:
+    # RFC 9110 section 15.5.2: a 401 carries WWW-Authenticate, whatever framework renders it.
+    async with client_for(armored) as client:
+        bearer = await client.get("/unauthorized")
+        unsigned = await client.get("/unsigned")
+    assert bearer.status_code == 401
+    assert envelope(bearer)["error"] == "unauthorized"
+    assert bearer.headers.get_list("www-authenticate") == ["Bearer"]
+    assert unsigned.status_code == 401
+    assert envelope(unsigned)["error"] == "invalid_signature"
+    assert unsigned.headers.get_list("www-authenticate") == [
+        'Signature scheme="stripe", header="Stripe-Signature"'
+    ]
 
 
 @pytest.mark.anyio
@@ -373,6 +397,7 @@ def test_starlette_mapping_keeps_allow() -> None:
 
 def test_quart_mapping() -> None:
     from werkzeug import exceptions as wz
+    from werkzeug.datastructures import WWWAuthenticate
 
     assert type(armor_quart.as_armor_error(wz.NotFound())) is NotFound
     error = armor_quart.as_armor_error(wz.MethodNotAllowed(["GET", "POST"]))
@@ -385,6 +410,13 @@ def test_quart_mapping() -> None:
         "Service Unavailable"
     )
     assert type(armor_quart.as_armor_error(KeyError("x"))) is InternalError
+    challenge = WWWAuthenticate("bearer", {"realm": "api"})
+    denied = armor_quart.as_armor_error(wz.Unauthorized(www_authenticate=challenge))
+    assert (denied.status, denied.error) == (401, "unauthorized")
+    assert denied.headers == {"WWW-Authenticate": "Bearer realm=api"}
+    assert armor_quart.as_armor_error(wz.TooManyRequests(retry_after=5)).headers == {
+        "Retry-After": "5"
+    }
 
 
 def test_litestar_mapping() -> None:

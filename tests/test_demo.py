@@ -266,3 +266,28 @@ async def test_global_limit_per_ip(tmp_path: Path) -> None:
         assert (await client.get("/healthz")).status_code == 200  # exempt
         spoofed = await client.get("/api/users/1", headers={"X-Forwarded-For": "203.0.113.1"})
         assert spoofed.status_code == 429  # forwarding headers from an untrusted peer are ignored
+
+
+async def test_401s_say_how_to_authenticate(demo: httpx.AsyncClient) -> None:
+    # RFC 9110 section 15.5.2; an API fuzzer flagged both 401s without it.
+    bearer = await demo.post("/api/send-email")
+    assert_envelope(bearer, 401, "unauthorized")
+    assert bearer.headers.get_list("www-authenticate") == ["Bearer"]
+    unsigned = await demo.post(
+        "/api/webhooks/payment", content=b"{}", headers={"content-type": "application/json"}
+    )
+    assert_envelope(unsigned, 401, "invalid_signature")
+    assert unsigned.headers.get_list("www-authenticate") == [
+        'Signature scheme="hex-hmac", header="X-Signature"'
+    ]
+
+
+async def test_fault_mode_is_required(demo: httpx.AsyncClient) -> None:
+    for body in ({}, {"delay": 1}):
+        response = await demo.put("/demo/faults/db", json=body)
+        details = assert_envelope(response, 422, "validation_error")["details"]
+        assert details == [
+            {"code": "required", "message": "This field is required", "field": "mode"}
+        ]
+    # Nothing was changed by the refused bodies.
+    assert (await demo.get("/api/users/1")).status_code == 200

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
-from asgi_armor._asgi import Message, Receive, Scope, Send, send_json
+from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, send_json
 from asgi_armor.errors import (
     ArmorError,
     CircuitOpenError,
@@ -282,3 +283,73 @@ async def test_non_http_scopes_pass_through() -> None:
 def test_http_error_codes_are_stable_snake_case(status: int, error: str) -> None:
     assert HTTPError(status).error == error
     assert HTTPError(status).status == status
+
+
+async def drive_websocket(app: ASGIApp, extensions: dict[str, Any] | None) -> list[Message]:
+    """Run a websocket handshake through ``app``; return what it sent."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {"type": "websocket", "path": "/ws", "headers": [], "extensions": extensions}
+    await ErrorMiddleware(app)(scope, receive, send)
+    return sent
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RateLimited(3)
+
+
+async def test_an_error_before_accept_refuses_the_handshake_with_the_envelope() -> None:
+    sent = await drive_websocket(refuse, {"websocket.http.response": {}})
+    assert [m["type"] for m in sent] == [
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+    ]
+    assert sent[0]["status"] == 429
+    body = msgspec.json.decode(sent[1]["body"])
+    ids = [v for k, v in sent[0]["headers"] if k == b"x-request-id"]
+    assert body["error"] == "rate_limited"
+    assert ids == [body["request_id"].encode()]
+
+
+async def test_without_the_denial_extension_the_handshake_is_closed() -> None:
+    sent = await drive_websocket(refuse, None)
+    # 1013 "try again later" (RFC 6455 section 7.4.1); the server answers the handshake 403.
+    assert sent == [{"type": "websocket.close", "code": 1013, "reason": "rate_limited"}]
+
+
+async def test_an_unexpected_error_before_accept_leaks_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("secret")
+
+    sent = await drive_websocket(broken, {"websocket.http.response": {}})
+    assert sent[0]["status"] == 500
+    assert b"secret" not in sent[1]["body"]
+    assert "unhandled exception" in caplog.text
+
+
+async def test_an_error_after_accept_is_left_to_the_server() -> None:
+    async def accepted_then_broken(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "websocket.accept"})
+        raise RuntimeError("mid-stream")
+
+    with pytest.raises(RuntimeError):
+        await drive_websocket(accepted_then_broken, {"websocket.http.response": {}})
+
+
+def test_401s_carry_a_challenge() -> None:
+    # RFC 9110 section 15.5.2: a 401 response MUST send WWW-Authenticate.
+    _, headers, _ = render(Unauthorized(), "r")
+    assert (b"www-authenticate", b"Bearer") in headers
+    custom = Unauthorized("Log in first", challenge='Basic realm="admin"')
+    assert custom.headers == {"WWW-Authenticate": 'Basic realm="admin"'}
+    assert custom.message == "Log in first"
+    _, headers, _ = render(InvalidSignature("replayed"), "r")
+    assert (b"www-authenticate", b"Signature") in headers

@@ -49,7 +49,11 @@ CONTRACT = [
     "ConcurrencyLimit",
 ]
 
-OPTIONAL = {"asgi_armor.contrib.quart": "quart", "asgi_armor.contrib.litestar": "litestar"}
+OPTIONAL = {
+    "asgi_armor.client": "httpx",
+    "asgi_armor.contrib.quart": "quart",
+    "asgi_armor.contrib.litestar": "litestar",
+}
 
 
 def isort_style(name: str) -> tuple[int, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asgi_armor.errors import ConfigError
-from asgi_armor.routes import Route, RouteMap
+from asgi_armor.routes import Route, RouteMap, target
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,33 @@ def test_route_map_first_and_all() -> None:
     assert table.first("GET", "/other") is None
     assert len(table) == 3
     assert not RouteMap([])
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [
+        ({"method": "POST", "path": "/api/pay"}, ("POST", "/api/pay")),
+        ({"method": "post", "path": "/api/pay"}, ("POST", "/api/pay")),
+        ({"method": "Post", "path": "//api//pay//"}, ("POST", "/api/pay")),
+        ({"method": "GET", "path": "/api/pay/"}, ("GET", "/api/pay")),
+        ({"method": "GET", "path": "///"}, ("GET", "/")),
+        # root_path is removed only where it prefixes the path at a segment boundary.
+        ({"method": "GET", "path": "/svc/api/pay", "root_path": "/svc"}, ("GET", "/api/pay")),
+        ({"method": "GET", "path": "/svc", "root_path": "/svc"}, ("GET", "/")),
+        ({"method": "GET", "path": "/svc/api", "root_path": "/svc/"}, ("GET", "/api")),
+        ({"method": "GET", "path": "/svcx/api", "root_path": "/svc"}, ("GET", "/svcx/api")),
+        ({"method": "GET", "path": "/api/pay", "root_path": "/svc"}, ("GET", "/api/pay")),
+        ({"method": "GET", "path": "/svc//api", "root_path": "/svc"}, ("GET", "/api")),
+        ({"method": "GET", "path": "/api", "root_path": "/"}, ("GET", "/api")),
+        # A websocket handshake is a GET.
+        ({"type": "websocket", "path": "/ws"}, ("GET", "/ws")),
+    ],
+)
+def test_target_is_what_the_app_routes(scope: dict[str, str], expected: tuple[str, str]) -> None:
+    assert target(scope) == expected
+
+
+def test_target_keeps_the_scope_untouched() -> None:
+    scope = {"method": "post", "path": "/svc//x", "root_path": "/svc"}
+    target(scope)
+    assert scope == {"method": "post", "path": "/svc//x", "root_path": "/svc"}

@@ -786,3 +786,48 @@ def test_replay_protection_is_per_route() -> None:
     )
     flags = {route.pattern: route.replay_protection for _, route in middleware.routes.entries}
     assert flags == {"POST /a": True, "POST /b": False}
+
+
+# -- WWW-Authenticate (RFC 9110 section 15.5.2: a 401 carries a challenge) ------------
+
+
+CHALLENGES = {
+    "/webhooks/hex": 'Signature scheme="hex-hmac", header="X-Signature"',
+    "/webhooks/sw": 'Signature scheme="standard-webhooks", header="webhook-signature"',
+    "/webhooks/stripe": 'Signature scheme="stripe", header="Stripe-Signature"',
+    "/webhooks/github": 'Signature scheme="github", header="X-Hub-Signature-256"',
+}
+
+
+@pytest.mark.anyio
+async def test_every_401_names_the_routes_scheme_in_www_authenticate() -> None:
+    custom = SignedRoute(HexHmac(header="X-Acme-Sig"), "s")
+    routes = {**ROUTES, "POST /webhooks/acme": custom}
+    hexed = sign(BODY, "hex-secret")
+    async with client_for(make(Recorder(), routes=routes)) as client:
+        for path, challenge in CHALLENGES.items():
+            missing = await client.post(path, content=BODY)
+            assert_signature_error(missing, "missing_signature")
+            assert missing.headers.get_list("www-authenticate") == [challenge]
+        acme = await client.post("/webhooks/acme", content=BODY)
+        assert acme.headers["www-authenticate"] == (
+            'Signature scheme="hex-hmac", header="X-Acme-Sig"'
+        )
+        assert (await client.post("/webhooks/hex", content=BODY, headers=hexed)).status_code == 200
+        replayed = await client.post("/webhooks/hex", content=BODY, headers=hexed)
+        assert_signature_error(replayed, "replayed")
+        assert replayed.headers["www-authenticate"] == CHALLENGES["/webhooks/hex"]
+        # A 413 is not an authentication failure: no challenge.
+        big = await client.post("/webhooks/hex", content=b"x" * 2_000_000, headers=hexed)
+        assert big.status_code == 413
+        assert "www-authenticate" not in big.headers
+
+
+def test_verify_raises_with_its_schemes_challenge() -> None:
+    with pytest.raises(InvalidSignature) as caught:
+        verify({}, BODY, "s", GitHub())
+    assert caught.value.headers == {
+        "WWW-Authenticate": 'Signature scheme="github", header="X-Hub-Signature-256"'
+    }
+    assert InvalidSignature().headers == {"WWW-Authenticate": "Signature"}
+    assert Stripe().challenge() == 'Signature scheme="stripe", header="Stripe-Signature"'

@@ -83,3 +83,25 @@ async def use() -> None:
 
 async def fetch_value() -> int:
     return 1
+
+
+async def use_client() -> None:
+    import httpx
+
+    from asgi_armor.client import ArmorTransport, CircuitOpenError, SyncArmorTransport
+
+    transport = ArmorTransport(
+        httpx.AsyncHTTPTransport(), idempotency_keys=True, sign=(HexHmac(), "secret")
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        try:
+            response: httpx.Response = await client.post("http://api.test/", json={})
+        except CircuitOpenError as exc:
+            wait: float = exc.retry_after
+            del wait
+        else:
+            del response
+    breaker: CircuitBreaker | None = transport.breaker("http://api.test/")
+    with httpx.Client(transport=SyncArmorTransport(retries=2, budget=None)) as sync_client:
+        del sync_client
+    del breaker

@@ -89,7 +89,13 @@ def as_armor_error(exc: BaseException) -> ArmorError:
         # Werkzeug's stock descriptions are long HTML-page sentences; only a description
         # the app chose itself (``abort(403, description=...)``) is worth passing on.
         custom = exc.description if exc.description != type(exc).description else None
-        return HTTPError(exc.code, custom)
+        error = HTTPError(exc.code, custom)
+        # Werkzeug keeps WWW-Authenticate (a 401's challenge) and Retry-After here.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                known = error.headers.get(name)
+                error.headers[name] = value if known is None else f"{known}, {value}"
+        return error
     return InternalError()
 
 

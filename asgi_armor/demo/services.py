@@ -17,9 +17,12 @@ class DependencyError(Exception):
 
 
 class Fault(msgspec.Struct, forbid_unknown_fields=True):
-    """How a component behaves: answer, fail, or answer after ``delay`` seconds."""
+    """How a component behaves: answer, fail, or answer after ``delay`` seconds.
 
-    mode: Literal["ok", "fail", "slow"] = "ok"
+    ``mode`` is required: ``PUT /demo/faults/{component}`` without it is a 422, not "ok".
+    """
+
+    mode: Literal["ok", "fail", "slow"]
     delay: float = msgspec.field(default=10.0)
 
     def __post_init__(self) -> None:
@@ -46,7 +49,7 @@ class FaultBoard:
     """The fault mode of every fake component, and the fake components themselves."""
 
     def __init__(self) -> None:
-        self.faults: dict[str, Fault] = {name: Fault() for name in COMPONENTS}
+        self.faults: dict[str, Fault] = {name: Fault("ok") for name in COMPONENTS}
 
     async def _behave(self, component: str) -> None:
         fault = self.faults[component]

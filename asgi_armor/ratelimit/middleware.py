@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
-from asgi_armor.clientip import ClientIP
+from asgi_armor.clientip import ClientIP, check_ipv6_prefix, ipv6_group
 from asgi_armor.errors import ConfigError, RateLimited, ServiceUnavailable, send_error
 from asgi_armor.identity import Identify, principal
 from asgi_armor.ratelimit import bucket
@@ -25,7 +25,7 @@ from asgi_armor.ratelimit.rules import (
     KeyFunc,
     Rule,
 )
-from asgi_armor.routes import Route, RouteMap
+from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
 
 __all__ = ["RateLimitMiddleware"]
@@ -43,6 +43,8 @@ _SHORT = 16
 # so the cache stays small whatever paths clients invent.
 _MATCH_CACHE = 1024
 _MATCH_CACHE_PATH = 256
+# The messages that carry response headers: an HTTP response, an accepted websocket.
+_HEADED = frozenset({"http.response.start", "websocket.accept"})
 
 
 class _Compiled:
@@ -128,6 +130,9 @@ class RateLimitMiddleware:
         trusted_proxies: proxies whose forwarding headers give the client address.
         client_ip: a ready ``ClientIP`` (or any ``scope -> str``), instead of
             ``trusted_proxies``.
+        ipv6_prefix: IPv6 clients are counted per network of this prefix length (a host
+            usually holds a whole /64); 128 counts each address. IPv4-mapped addresses
+            count as IPv4.
         exempt: route patterns never limited (``"GET /healthz"``).
         on_store_error: ``"allow"`` (fail open, logged and counted) or ``"deny"`` (503).
         headers: add the rate-limit headers to responses (``Retry-After`` is always sent
@@ -136,7 +141,8 @@ class RateLimitMiddleware:
 
     Raises:
         ConfigError: a bad rule, two rules with one name, a ``"user"`` rule without
-            ``identify``, a bad exempt route or proxy, or a bad ``on_store_error``.
+            ``identify``, a bad exempt route or proxy, a bad ``ipv6_prefix`` or
+            ``on_store_error``.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class RateLimitMiddleware:
         identify: Identify | None = None,
         trusted_proxies: Iterable[str] = (),
         client_ip: Callable[[Scope], str] | None = None,
+        ipv6_prefix: int = 64,
         exempt: Iterable[str | Route] = (),
         on_store_error: OnStoreError = "allow",
         headers: bool = True,
@@ -183,9 +190,16 @@ class RateLimitMiddleware:
         self.store = self.limiter.store
         self._hit_buckets = self.store.hit_buckets
         self._client_ip = client_ip if client_ip is not None else ClientIP(trusted_proxies)
+        self.ipv6_prefix = check_ipv6_prefix(ipv6_prefix)
         self._identify = identify
         self.headers = headers
         self._wall_clock = wall_clock
+
+    def _address(self, scope: Scope) -> str:
+        """The client address as rate limits count it: IPv6 by network."""
+        ip = self._client_ip(scope)
+        # Only IPv6 (and IPv4-mapped) text has a colon: IPv4 costs this test alone.
+        return ipv6_group(ip, self.ipv6_prefix) if ":" in ip else ip
 
     def _plan(self, method: str, path: str) -> _Plan | None:
         """The plan for ``(method, path)``: None when no rule applies (or it is exempt)."""
@@ -203,11 +217,12 @@ class RateLimitMiddleware:
         return plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        method: str = scope["method"]
-        path: str = scope["path"]
+        # A websocket handshake is a GET of its path: a matching rule limits connections.
+        method, path = target(scope)
         found = self._matches.get((method, path), _MISS)
         plan = self._plan(method, path) if found is _MISS else found
         if plan is None:
@@ -222,7 +237,7 @@ class RateLimitMiddleware:
                 kind = rule.kind
                 if kind == KEY_IP:
                     if ip is None:
-                        ip = self._client_ip(scope)
+                        ip = self._address(scope)
                     value = ip
                 else:
                     found_key: str | None
@@ -240,7 +255,7 @@ class RateLimitMiddleware:
                         found_key = None if custom is None else "k:" + custom
                     if found_key is None:
                         if ip is None:
-                            ip = self._client_ip(scope)
+                            ip = self._address(scope)
                         found_key = "ip:" + ip
                     value = found_key
                 keys[index] = rule.prefix + (value if len(value) <= _SHORT else make_key(value))
@@ -315,7 +330,7 @@ class RateLimitMiddleware:
         ]
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in _HEADED:
                 message["headers"] = [*message.get("headers", ()), *added]
             await send(message)
 

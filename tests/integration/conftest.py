@@ -58,11 +58,13 @@ class Served:
 
 
 @contextlib.contextmanager
-def running_server(app: Any, **uvicorn_kwargs: Any) -> Iterator[Served]:
+def running_server(app: Any, *, uds: str | None = None, **uvicorn_kwargs: Any) -> Iterator[Served]:
     """Serve ``app`` under uvicorn on 127.0.0.1 (a free port) until the block exits.
 
     Args:
         app: the ASGI app.
+        uds: serve on this unix socket path instead, as ``uvicorn --uds`` does (the URL
+            is then ``http://localhost``: connect with ``httpx.HTTPTransport(uds=...)``).
         uvicorn_kwargs: extra ``uvicorn.Config`` settings (override the defaults below).
     """
     options: dict[str, Any] = {
@@ -72,19 +74,29 @@ def running_server(app: Any, **uvicorn_kwargs: Any) -> Iterator[Served]:
         "timeout_graceful_shutdown": 3,
     }
     options.update(uvicorn_kwargs)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
+    sock: socket.socket | None = None
+    if uds is None:
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the
+        # proto says TCP; without it every answer after the first on a connection waits
+        # ~40 ms (Nagle against delayed ACKs).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
+        url, name = f"http://127.0.0.1:{port}", str(port)
+    else:
+        # uvicorn binds the path itself: the same code path as `uvicorn --uds`.
+        config = uvicorn.Config(app, uds=uds, **options)
+        url, name = "http://localhost", uds
     server = uvicorn.Server(config)
-    served = Served(f"http://127.0.0.1:{port}", server, threading.Thread())
+    served = Served(url, server, threading.Thread())
 
     async def main() -> None:
         served.loop = asyncio.get_running_loop()
         served.main_task = asyncio.current_task()
-        await server.serve(sockets=[sock])
+        await server.serve(sockets=None if sock is None else [sock])
 
     def run() -> None:
         try:
@@ -92,7 +104,7 @@ def running_server(app: Any, **uvicorn_kwargs: Any) -> Iterator[Served]:
         except BaseException as exc:  # a SystemExit from a failed start-up included
             served.errors.append(exc)
 
-    thread = threading.Thread(target=run, name=f"uvicorn-{port}", daemon=True)
+    thread = threading.Thread(target=run, name=f"uvicorn-{name}", daemon=True)
     served.thread = thread
     thread.start()
     try:
@@ -110,7 +122,8 @@ def running_server(app: Any, **uvicorn_kwargs: Any) -> Iterator[Served]:
         if thread.is_alive():
             server.force_exit = True
             thread.join(STOP_TIMEOUT)
-        sock.close()
+        if sock is not None:
+            sock.close()
         if thread.is_alive():
             pytest.fail(f"uvicorn did not stop within {2 * STOP_TIMEOUT:g}s")
 

@@ -371,7 +371,7 @@ async def test_rule_cost(clock: FakeClock) -> None:
         assert cheap.headers["ratelimit"] == '"all";r=7;t=18'
 
 
-async def test_non_http_scopes_pass_through(clock: FakeClock) -> None:
+async def test_lifespan_passes_and_websocket_handshakes_are_limited(clock: FakeClock) -> None:
     seen: list[str] = []
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
@@ -382,13 +382,21 @@ async def test_non_http_scopes_pass_through(clock: FakeClock) -> None:
     async def receive() -> Message:
         return {"type": "lifespan.startup"}
 
+    sent: list[Message] = []
+
     async def send(message: Message) -> None:
-        pass
+        sent.append(message)
 
     for _ in range(3):
         await middleware({"type": "lifespan"}, receive, send)
-        await middleware({"type": "websocket", "path": "/", "headers": []}, receive, send)
-    assert seen == ["lifespan", "websocket"] * 3
+    assert seen == ["lifespan"] * 3
+    # A websocket handshake is a GET of its path: the rule limits connections.
+    for _ in range(3):
+        scope = {"type": "websocket", "path": "/", "headers": [], "client": ("192.0.2.1", 1)}
+        await middleware(scope, receive, send)
+    assert seen == ["lifespan"] * 3 + ["websocket"]
+    assert [m["type"] for m in sent] == ["websocket.close"] * 2
+    assert {m["code"] for m in sent} == {1013}
 
 
 def test_config_errors() -> None:
@@ -464,3 +472,56 @@ async def test_one_store_call_per_request_with_namespaced_keys(clock: FakeClock)
         ["rl:global:1.2.3.4", "rl:builds:p-1"],
         ["rl:global:1.2.3.4", "rl:expensive:1.2.3.4"],
     ]
+
+
+LOGIN = [Rule("POST /login", "3/minute", "ip", name="login")]
+
+
+async def login_statuses(asgi: Any, addresses: Sequence[str]) -> list[int]:
+    found = []
+    for address in addresses:
+        async with client_for(asgi, ip=address) as client:
+            found.append((await client.post("/login")).status_code)
+    return found
+
+
+async def test_ipv6_clients_of_one_64_share_one_bucket(clock: FakeClock) -> None:
+    # One host usually holds a whole /64: per-address buckets would give it 2**64 tries.
+    asgi = wrap(clock, rules=LOGIN)
+    same_64 = [f"2001:db8:1:2:{index:x}::{index + 1:x}" for index in range(20)]
+    assert (await login_statuses(asgi, same_64)).count(200) == 3
+    assert await login_statuses(asgi, ["2001:db8:1:3::1"]) == [200]
+
+
+async def test_ipv6_prefix_is_configurable(clock: FakeClock) -> None:
+    per_address = wrap(clock, rules=LOGIN, ipv6_prefix=128)
+    addresses = [f"2001:db8:1:2::{index + 1:x}" for index in range(20)]
+    assert await login_statuses(per_address, addresses) == [200] * 20
+    per_48 = wrap(clock, rules=LOGIN, ipv6_prefix=48)
+    addresses = [f"2001:db8:1:{index:x}::1" for index in range(5)]
+    assert await login_statuses(per_48, addresses) == [200] * 3 + [429] * 2
+
+
+async def test_ipv4_mapped_client_shares_the_ipv4_bucket(clock: FakeClock) -> None:
+    # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; a custom client_ip
+    # may return that form too.
+    asgi = wrap(clock, rules=LOGIN)
+    assert await login_statuses(asgi, ["1.2.3.4", "::ffff:1.2.3.4", "::FFFF:102:304"]) == [200] * 3
+    assert await login_statuses(asgi, ["1.2.3.4"]) == [429]
+    raw = wrap(clock, rules=LOGIN, client_ip=lambda scope: "::ffff:5.6.7.8")
+    assert await login_statuses(raw, ["9.9.9.9"] * 4) == [200] * 3 + [429]
+    assert await login_statuses(wrap(clock, rules=LOGIN), ["5.6.7.8"]) == [200]
+
+
+async def test_ip_fallback_of_other_keys_groups_ipv6_too(clock: FakeClock) -> None:
+    store = RecordingStore(MemoryStore(clock=clock))
+    rules = [Rule("POST /login", "3/minute", "user", name="login")]
+    asgi = wrap(clock, rules=rules, store=store)
+    assert await login_statuses(asgi, ["2001:db8:1:2::1", "2001:db8:1:2::2"]) == [200, 200]
+    assert store.calls[0] == store.calls[1]
+
+
+@pytest.mark.parametrize("prefix", [0, 129, -1, True])
+def test_bad_ipv6_prefix_names_the_setting(prefix: int) -> None:
+    with pytest.raises(ConfigError, match=r"^ipv6_prefix: "):
+        RateLimitMiddleware(app, rules=LOGIN, ipv6_prefix=prefix)

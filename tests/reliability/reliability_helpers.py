@@ -160,7 +160,7 @@ class DemoStack:
         from asgi_armor.demo.services import Fault
 
         for name in self.demo.board.faults:
-            self.demo.board.faults[name] = Fault()
+            self.demo.board.faults[name] = Fault("ok")
 
 
 def demo_stack(store: str | None = None, **config_changes: Any) -> DemoStack:
@@ -235,7 +235,7 @@ async def call_asgi(app: Any, request: dict[str, Any]) -> tuple[int, dict[str, s
         "path": request["path"],
         "raw_path": request["raw_path"],
         "query_string": request["query_string"],
-        "root_path": "",
+        "root_path": request.get("root_path", ""),
         "headers": list(request["headers"]),
         "client": request["client"],
         "server": ("127.0.0.1", 8000),
