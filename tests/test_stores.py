@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
+from asgi_armor.errors import ConfigError, Overloaded
 from asgi_armor.ratelimit.bucket import spec
 from asgi_armor.stores.base import Store, StoreError, make_key
 from asgi_armor.stores.memory import MemoryStore
@@ -194,12 +197,32 @@ async def test_dead_redis_is_cut_off_by_the_breaker(asyncio_only: None) -> None:
         for _ in range(3):
             with pytest.raises(StoreError):
                 await store.remember("k", 1)
-        assert store.breaker.state.value == "open"
+        assert store.breakers["replay"].state.value == "open"
         for _ in range(100):
             with pytest.raises(StoreError, match="breaker open"):
                 await store.remember("k", 1)
-        stats = store.breaker.stats
+        stats = store.breakers["replay"].stats
         assert (stats.calls, stats.failures, stats.rejections) == (3, 3, 100)
+    finally:
+        await store.aclose()
+
+
+async def test_each_concern_has_its_own_breaker(asyncio_only: None) -> None:
+    """Replay-cache failures open the replay breaker only: rate limits and leases still try."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    try:
+        for _ in range(3):
+            with pytest.raises(StoreError, match="call failed"):
+                await store.remember("k", 1)
+        assert store.breakers["replay"].state.value == "open"
+        with pytest.raises(StoreError, match="call failed"):
+            await store.hit_buckets(["k"], [spec(1, 1)], 1)
+        with pytest.raises(StoreError, match="call failed"):
+            await store.lease_acquire("k", b"lease", 1)
+        assert store.breakers["rate_limit"].stats.failures == 1
+        assert store.breakers["idempotency"].stats.failures == 1
+        assert store.breakers["rate_limit"].state.value == "closed"
+        assert store.breakers["idempotency"].state.value == "closed"
     finally:
         await store.aclose()
 
@@ -209,3 +232,90 @@ async def test_forget(store: Store) -> None:
     await store.forget("f")
     assert await store.remember("f", 60)
     await store.forget("never-seen")
+
+
+def test_redis_client_that_decodes_responses_is_refused() -> None:
+    """Leases and responses come back as bytes; a decoding client would make the first
+    replay a 500, so it is refused when the store is made."""
+    import redis.asyncio as aioredis
+
+    decoding = aioredis.Redis.from_url("redis://127.0.0.1:6379/15", decode_responses=True)
+    with pytest.raises(ConfigError, match=r"^store: .*decode_responses"):
+        RedisStore(decoding)
+    with pytest.raises(ConfigError, match="decode_responses"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", decode_responses=True)
+    with pytest.raises(ConfigError, match="decode_responses"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15?decode_responses=true")
+    plain = aioredis.Redis.from_url("redis://127.0.0.1:6379/15")
+    assert RedisStore(plain).client is plain
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_redis_store_on_trio_raises_store_error_logged_once(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis.asyncio cannot run on trio: a clear StoreError (never RuntimeError), one log."""
+    store = RedisStore.from_url("redis://127.0.0.1:6379/15")
+    with pytest.raises(ConfigError, match=r"^store: RedisStore runs on asyncio only"):
+        store.check_runtime()
+    for _ in range(3):
+        with pytest.raises(StoreError, match="not running on asyncio"):
+            await store.hit_buckets(["k"], [spec(1, 1)], 1)
+        with pytest.raises(StoreError, match="not running on asyncio"):
+            await store.lease_acquire("k", b"lease", 1)
+    logged = [r for r in caplog.records if "runs on asyncio only" in r.getMessage()]
+    assert len(logged) == 1
+
+
+async def test_redis_sends_at_most_max_in_flight_calls(
+    private_redis: RedisServer, asyncio_only: None
+) -> None:
+    """200 concurrent calls go through 4 connections; none waits long enough to be shed."""
+    import redis.asyncio as aioredis
+
+    store = RedisStore.from_url(private_redis.url, max_in_flight=4)
+    probe = aioredis.Redis.from_url(private_redis.url)
+    try:
+        fifty = spec(50, 3600)
+        results = await asyncio.gather(*(store.hit_buckets(["c"], [fifty], 1) for _ in range(200)))
+        assert sum(allowed for allowed, _, _ in results) == 50
+        clients = await probe.client_list()
+        assert len(clients) - 1 <= 4  # the probe's own connection left out
+        assert store.breakers["rate_limit"].stats.failures == 0
+    finally:
+        await probe.aclose()
+        await store.aclose()
+
+
+async def test_redis_call_waiting_too_long_for_its_turn_is_overloaded(
+    private_redis: RedisServer, asyncio_only: None
+) -> None:
+    """Local overload: new work waiting past queue_timeout raises Overloaded (not a store
+    failure, no breaker counts it); work being finished always waits its turn."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=1, queue_timeout=0.1)
+    assert await store.remember("warm", 10)  # connected
+    process = private_redis.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        held = asyncio.ensure_future(store.hit_buckets(["k"], [spec(1, 1)], 1))
+        await asyncio.sleep(0.05)
+        for admitting in (
+            store.remember("n", 10),
+            store.lease_acquire("l", b"lease", 10),
+            store.hit_buckets(["k2"], [spec(1, 1)], 1),
+        ):
+            with pytest.raises(Overloaded):
+                await admitting
+        finishing = asyncio.ensure_future(store.lease_release("l", b"lease"))
+        with pytest.raises(StoreError, match="call failed"):
+            await held  # the frozen Redis: a real store failure
+        with pytest.raises(StoreError, match="call failed"):
+            await finishing  # sent once the slot was free, then timed out itself
+    finally:
+        process.send_signal(signal.SIGCONT)
+        await store.aclose()
+    stats = {concern: breaker.stats for concern, breaker in store.breakers.items()}
+    assert (stats["rate_limit"].calls, stats["rate_limit"].failures) == (1, 1)
+    assert (stats["idempotency"].calls, stats["idempotency"].failures) == (1, 1)
+    assert (stats["replay"].calls, stats["replay"].failures) == (1, 0)
