@@ -129,14 +129,89 @@ async def test_memory_refill(clock: FakeClock) -> None:
 async def test_memory_bounded_under_key_flood(clock: FakeClock) -> None:
     store = MemoryStore(max_keys=1000, max_bytes=10_000, clock=clock)
     hour = spec(10, 3600)
+    refused = 0
     for i in range(20_000):
         await store.hit_buckets([f"ip:{i}"], [hour], 1)
-        await store.remember(f"n:{i}", 3600)
-        await store.lease_acquire(f"l:{i}", b"x" * 50, 3600)
+        try:
+            await store.remember(f"n:{i}", 3600)
+            if await store.lease_acquire(f"l:{i}", b"x" * 50, 3600) is None:
+                await store.lease_complete(f"l:{i}", b"x" * 50, b"y" * 50, 3600)
+        except StoreError:
+            refused += 1
     assert len(store._tats) <= 1000
-    assert len(store._entries) <= 1000
+    assert len(store._entries) + len(store._held) <= 1000
     assert store._bytes <= 10_000
     assert store.evictions > 0
+    # Nonces are kept for their hour: once they fill the store, new ones are refused.
+    assert refused == store.refusals > 0
+
+
+async def test_memory_full_never_evicts_an_in_flight_lease(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=10, clock=clock)
+    for i in range(10):
+        assert await store.lease_acquire(f"pay:{i}", f"lease-{i}".encode(), 60) is None
+    with pytest.raises(StoreError, match="full"):
+        await store.lease_acquire("pay:new", b"lease-new", 60)
+    assert (store.evictions, store.refusals) == (0, 1)
+    # Every lease is still there: a retry of any of them is "in use", never a second run.
+    for i in range(10):
+        assert await store.lease_acquire(f"pay:{i}", b"retry", 60) == f"lease-{i}".encode()
+    assert await store.lease_complete("pay:0", b"lease-0", b"done", 60)
+    # A stored response may go (oldest first) to make room; the leases may not.
+    assert await store.lease_acquire("pay:new", b"lease-new", 60) is None
+    assert (store.evictions, store.refusals) == (1, 1)
+    with pytest.raises(StoreError):
+        await store.lease_acquire("pay:newer", b"lease-newer", 60)
+
+
+async def test_memory_full_never_evicts_an_unexpired_nonce(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=10, clock=clock)
+    for i in range(10):
+        assert await store.remember(f"nonce:{i}", 600)
+    with pytest.raises(StoreError, match="full"):
+        await store.remember("nonce:new", 600)
+    for i in range(10):
+        assert not await store.remember(f"nonce:{i}", 600)  # a replay is still refused
+    clock.advance(600)
+    # Expired, they make room without counting as evictions.
+    assert await store.remember("nonce:new", 600)
+    assert (store.evictions, store.refusals) == (0, 1)
+
+
+async def test_memory_expired_leases_make_room_whatever_their_order(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=3, clock=clock)
+    assert await store.lease_acquire("long", b"a", 100) is None
+    assert await store.lease_acquire("short", b"b", 1) is None
+    assert await store.remember("nonce", 100)
+    clock.advance(2)
+    # Only the second-written entry has expired: it is found, not the oldest evicted.
+    assert await store.lease_acquire("next", b"c", 100) is None
+    assert await store.lease_acquire("long", b"x", 100) == b"a"
+    assert not await store.remember("nonce", 100)
+    assert store.evictions == 0
+
+
+async def test_memory_stored_responses_are_evicted_oldest_first(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=100, max_bytes=300, clock=clock)
+    for name in ("a", "b", "c"):
+        assert await store.lease_acquire(name, b"l", 60) is None
+        assert await store.lease_complete(name, b"l", name.encode() * 90, 60)
+    assert await store.lease_acquire("d", b"l", 60) is None
+    assert await store.lease_complete("d", b"l", b"d" * 90, 60)
+    assert store.evictions == 1
+    assert await store.lease_acquire("a", b"new", 60) is None  # the oldest went
+    assert await store.lease_acquire("b", b"new", 60) == b"b" * 90
+    assert store._bytes <= 300
+
+
+async def test_memory_response_that_cannot_fit_keeps_the_lease(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=100, max_bytes=100, clock=clock)
+    assert await store.lease_acquire("big", b"lease", 60) is None
+    with pytest.raises(StoreError):
+        await store.lease_complete("big", b"lease", b"x" * 101, 60)
+    # Not stored, and not forgotten either: a retry is "in use" until the lease expires.
+    assert await store.lease_acquire("big", b"other", 60) == b"lease"
+    assert await store.lease_complete("big", b"lease", b"x" * 50, 60)
 
 
 async def test_memory_sweeps_expired_before_evicting(clock: FakeClock) -> None:
