@@ -142,6 +142,10 @@ def import_callable(spec: str, entry: str) -> Any:
 class Armored:
     """The armored app: an ASGI app that also exposes its layers, config and store.
 
+    At ASGI lifespan start-up it fails the start-up (``lifespan.startup.failed``, naming
+    ``store``) when the store cannot run on the server's event loop (a ``RedisStore`` on
+    trio); otherwise lifespan goes to the wrapped app.
+
     Args:
         app: the outermost layer.
         config: what it was built from.
