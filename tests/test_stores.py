@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+from asgi_armor.breaker import CircuitBreaker
 from asgi_armor.errors import ConfigError, Overloaded
 from asgi_armor.ratelimit.bucket import spec
 from asgi_armor.stores.base import Store, StoreError, make_key
@@ -394,3 +395,16 @@ async def test_redis_call_waiting_too_long_for_its_turn_is_overloaded(
     assert (stats["rate_limit"].calls, stats["rate_limit"].failures) == (1, 1)
     assert (stats["idempotency"].calls, stats["idempotency"].failures) == (1, 1)
     assert (stats["replay"].calls, stats["replay"].failures) == (1, 0)
+
+
+def test_redis_store_bounds_are_checked() -> None:
+    """More calls in flight than connections would queue inside the store deadline."""
+    with pytest.raises(ConfigError, match=r"max_in_flight must be 1\.\.8"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", max_connections=8, max_in_flight=9)
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", max_in_flight=0)
+    with pytest.raises(ConfigError, match="queue_timeout"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", queue_timeout=0)
+    with pytest.raises(ConfigError, match="unknown breaker"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", breakers={"ratelimit": CircuitBreaker()})
+    assert RedisStore.from_url("redis://127.0.0.1:6379/15", max_connections=8).max_in_flight == 8

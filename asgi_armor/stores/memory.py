@@ -38,8 +38,8 @@ class MemoryStore:
 
     Attributes:
         evictions: buckets and stored responses dropped before expiry to make room.
-        refusals: new leases or nonces refused (``StoreError``) because the store was full
-            of in-flight leases and unexpired nonces.
+        refusals: writes refused (``StoreError``) because making room would have meant
+            evicting an in-flight lease or an unexpired nonce.
     """
 
     def __init__(
@@ -134,7 +134,6 @@ class MemoryStore:
     def _make_room(self, size: int, now: float) -> None:
         """Room for one more key of ``size`` bytes, or ``StoreError``: nothing held is evicted."""
         if size > self.max_bytes:
-            self.refusals += 1
             raise StoreError(f"memory store: {size} bytes is more than max_bytes")
         entries = self._entries
         for _ in range(_SWEEP):

@@ -258,7 +258,8 @@ class RedisStore:
 
     Raises:
         ConfigError: naming ``store``: the client decodes responses, an unknown concern
-            in ``breakers``, or a bound that is not positive.
+            in ``breakers``, a timeout that is not positive, or ``max_in_flight`` outside
+            1..the pool's ``max_connections``.
     """
 
     def __init__(
