@@ -33,6 +33,7 @@ from asgi_armor.errors import (
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
+    Overloaded,
     PayloadTooLarge,
     ServiceUnavailable,
     ensure_request_id,
@@ -325,6 +326,10 @@ class IdempotencyMiddleware:
         try:
             found = await self.store.lease_acquire(record_key, lease, config.lock_ttl)
             existing = None if found is None else _decoder.decode(found)
+        except Overloaded as exc:
+            # This process could not ask the store in time: shed, never the failure policy.
+            await send_error(scope, send, exc)
+            return
         except (StoreError, msgspec.DecodeError) as exc:
             if self.on_store_error == "deny":
                 logger.warning(

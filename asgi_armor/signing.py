@@ -47,6 +47,7 @@ from asgi_armor.errors import (
     ArmorError,
     ConfigError,
     InvalidSignature,
+    Overloaded,
     PayloadTooLarge,
     ServiceUnavailable,
     ensure_request_id,
@@ -918,6 +919,8 @@ class SignatureMiddleware:
         key = make_key("nonce", route.pattern, message.replay_id)
         try:
             new = await self.store.remember(key, 2 * route.tolerance)
+        except Overloaded:
+            raise  # this process is overloaded, not the store: shed, never the policy
         except Exception as exc:
             self.logger.warning(
                 "replay cache unavailable for %r (%s) [request_id=%s]: %s",

@@ -13,6 +13,7 @@ layers are present, and one store object serves all of them.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ from asgi_armor.validation import InputLimits
 
 __all__ = ["Armored", "armor", "build_store", "describe", "import_callable"]
 
+logger = logging.getLogger("asgi_armor")
+
 
 @contextmanager
 def _entry(path: str) -> Iterator[None]:
@@ -48,30 +51,47 @@ def _entry(path: str) -> Iterator[None]:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _check_store(config: ArmorConfig) -> None:
+    """Check ``config.store`` and its settings without connecting.
+
+    Raises:
+        ConfigError: naming ``store`` (or ``store_timeout`` / ``store_prefix``).
+    """
+    if config.store == "memory":
+        return
+    if not config.store.startswith(("redis://", "rediss://", "unix://")):
+        from asgi_armor.stores.redis import redacted
+
+        raise ConfigError(f"store: {redacted(config.store)!r} is not 'memory' or a redis:// URL")
+    if not config.store_timeout > 0:
+        raise ConfigError("store_timeout: must be more than 0 seconds")
+    if not config.store_prefix:
+        raise ConfigError("store_prefix: must not be empty (keys would mix with other data)")
+    try:
+        from asgi_armor.stores.redis import check_url
+
+        check_url(config.store)
+    except ImportError:
+        raise ConfigError("store: a Redis store needs: pip install 'asgi-armor[redis]'") from None
+
+
 def build_store(config: ArmorConfig) -> Store:
     """The store ``config.store`` names: ``"memory"`` or a ``redis://`` URL.
 
+    The URL is checked here (scheme, port, database number), before any connection.
+
     Raises:
-        ConfigError: an unknown store, or the ``redis`` extra is missing.
+        ConfigError: naming ``store``: an unknown store, a malformed URL, or the ``redis``
+            extra is missing.
     """
+    _check_store(config)
     if config.store == "memory":
         return MemoryStore()
-    if config.store.startswith(("redis://", "rediss://", "unix://")):
-        if not config.store_timeout > 0:
-            raise ConfigError("store_timeout: must be more than 0 seconds")
-        if not config.store_prefix:
-            raise ConfigError("store_prefix: must not be empty (keys would mix with other data)")
-        try:
-            from asgi_armor.stores.redis import RedisStore
+    from asgi_armor.stores.redis import RedisStore
 
-            return RedisStore.from_url(
-                config.store, prefix=config.store_prefix, timeout=config.store_timeout
-            )
-        except ImportError:
-            raise ConfigError(
-                "store: a Redis store needs: pip install 'asgi-armor[redis]'"
-            ) from None
-    raise ConfigError(f"store: {config.store!r} is not 'memory' or a redis:// URL")
+    return RedisStore.from_url(
+        config.store, prefix=config.store_prefix, timeout=config.store_timeout
+    )
 
 
 def _secrets(entry: SignatureEntry, path: str) -> list[str]:
@@ -122,6 +142,10 @@ def import_callable(spec: str, entry: str) -> Any:
 class Armored:
     """The armored app: an ASGI app that also exposes its layers, config and store.
 
+    At ASGI lifespan start-up it fails the start-up (``lifespan.startup.failed``, naming
+    ``store``) when the store cannot run on the server's event loop (a ``RedisStore`` on
+    trio); otherwise lifespan goes to the wrapped app.
+
     Args:
         app: the outermost layer.
         config: what it was built from.
@@ -140,6 +164,22 @@ class Armored:
         self.layers = layers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Fail the server's start-up when the store cannot run here (a Redis store on trio)."""
+        check = getattr(self.store, "check_runtime", None)
+        try:
+            if check is not None:
+                check()
+        except ConfigError as exc:
+            await receive()  # lifespan.startup: the protocol's first message
+            logger.error("start-up failed: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
         await self.app(scope, receive, send)
 
     async def aclose(self) -> None:
@@ -174,7 +214,8 @@ def armor(
         identify = import_callable(config.identify, "identify")
     client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
     check_ipv6_prefix(config.ipv6_prefix)
-    store = store or build_store(config)
+    # "is None", not "or": an empty MemoryStore is falsy (it has a length).
+    store = build_store(config) if store is None else store
     layers: list[object] = []
 
     def add(layer: Callable[..., ASGIApp], **options: Any) -> None:
@@ -289,6 +330,7 @@ def describe(config: ArmorConfig) -> str:
     async def never_called(scope: Scope, receive: Receive, send: Send) -> None:
         """The stack is built only to validate the config."""
 
+    _check_store(config)
     armored = armor(never_called, config, store=MemoryStore())
     lines = [f"store: {config.store}", "", "layers (outermost first):"]
     lines += [f"  {type(layer).__name__}" for layer in armored.layers]

@@ -67,3 +67,38 @@ def test_run_rejects_bad_app_spec(tmp_path: Path, capsys: pytest.CaptureFixture[
     config.write_text("")
     assert main(["run", "no-colon", "--config", str(config)]) == 1
     assert "module:attribute" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:notaport/14",
+        "redis://127.0.0.1/notadb",
+        "mongodb://127.0.0.1/0",
+        "redis://:hunter2@127.0.0.1:6379/0?decode_responses=yes",
+    ],
+)
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_malformed_store_url_is_one_line_naming_store(
+    url: str,
+    command: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        pytest.fail("served despite a malformed store URL")
+
+    monkeypatch.setattr("asgi_armor.cli._serve", never)
+    config = tmp_path / "armor.toml"
+    config.write_text(f'store = "{url}"\n')
+    argv = ["check", str(config)]
+    if command == "run":
+        argv = ["run", "tests.integration.sample_app:app", "--config", str(config)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("asgi-armor: configuration error: store: ")
+    assert "Traceback" not in captured.out + captured.err
+    assert "hunter2" not in captured.err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
+from asgi_armor.breaker import CircuitBreaker
+from asgi_armor.errors import ConfigError, Overloaded
 from asgi_armor.ratelimit.bucket import spec
 from asgi_armor.stores.base import Store, StoreError, make_key
 from asgi_armor.stores.memory import MemoryStore
@@ -126,14 +130,89 @@ async def test_memory_refill(clock: FakeClock) -> None:
 async def test_memory_bounded_under_key_flood(clock: FakeClock) -> None:
     store = MemoryStore(max_keys=1000, max_bytes=10_000, clock=clock)
     hour = spec(10, 3600)
+    refused = 0
     for i in range(20_000):
         await store.hit_buckets([f"ip:{i}"], [hour], 1)
-        await store.remember(f"n:{i}", 3600)
-        await store.lease_acquire(f"l:{i}", b"x" * 50, 3600)
+        try:
+            await store.remember(f"n:{i}", 3600)
+            if await store.lease_acquire(f"l:{i}", b"x" * 50, 3600) is None:
+                await store.lease_complete(f"l:{i}", b"x" * 50, b"y" * 50, 3600)
+        except StoreError:
+            refused += 1
     assert len(store._tats) <= 1000
-    assert len(store._entries) <= 1000
+    assert len(store._entries) + len(store._held) <= 1000
     assert store._bytes <= 10_000
     assert store.evictions > 0
+    # Nonces are kept for their hour: once they fill the store, new ones are refused.
+    assert refused == store.refusals > 0
+
+
+async def test_memory_full_never_evicts_an_in_flight_lease(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=10, clock=clock)
+    for i in range(10):
+        assert await store.lease_acquire(f"pay:{i}", f"lease-{i}".encode(), 60) is None
+    with pytest.raises(StoreError, match="full"):
+        await store.lease_acquire("pay:new", b"lease-new", 60)
+    assert (store.evictions, store.refusals) == (0, 1)
+    # Every lease is still there: a retry of any of them is "in use", never a second run.
+    for i in range(10):
+        assert await store.lease_acquire(f"pay:{i}", b"retry", 60) == f"lease-{i}".encode()
+    assert await store.lease_complete("pay:0", b"lease-0", b"done", 60)
+    # A stored response may go (oldest first) to make room; the leases may not.
+    assert await store.lease_acquire("pay:new", b"lease-new", 60) is None
+    assert (store.evictions, store.refusals) == (1, 1)
+    with pytest.raises(StoreError):
+        await store.lease_acquire("pay:newer", b"lease-newer", 60)
+
+
+async def test_memory_full_never_evicts_an_unexpired_nonce(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=10, clock=clock)
+    for i in range(10):
+        assert await store.remember(f"nonce:{i}", 600)
+    with pytest.raises(StoreError, match="full"):
+        await store.remember("nonce:new", 600)
+    for i in range(10):
+        assert not await store.remember(f"nonce:{i}", 600)  # a replay is still refused
+    clock.advance(600)
+    # Expired, they make room without counting as evictions.
+    assert await store.remember("nonce:new", 600)
+    assert (store.evictions, store.refusals) == (0, 1)
+
+
+async def test_memory_expired_leases_make_room_whatever_their_order(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=3, clock=clock)
+    assert await store.lease_acquire("long", b"a", 100) is None
+    assert await store.lease_acquire("short", b"b", 1) is None
+    assert await store.remember("nonce", 100)
+    clock.advance(2)
+    # Only the second-written entry has expired: it is found, not the oldest evicted.
+    assert await store.lease_acquire("next", b"c", 100) is None
+    assert await store.lease_acquire("long", b"x", 100) == b"a"
+    assert not await store.remember("nonce", 100)
+    assert store.evictions == 0
+
+
+async def test_memory_stored_responses_are_evicted_oldest_first(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=100, max_bytes=300, clock=clock)
+    for name in ("a", "b", "c"):
+        assert await store.lease_acquire(name, b"l", 60) is None
+        assert await store.lease_complete(name, b"l", name.encode() * 90, 60)
+    assert await store.lease_acquire("d", b"l", 60) is None
+    assert await store.lease_complete("d", b"l", b"d" * 90, 60)
+    assert store.evictions == 1
+    assert await store.lease_acquire("a", b"new", 60) is None  # the oldest went
+    assert await store.lease_acquire("b", b"new", 60) == b"b" * 90
+    assert store._bytes <= 300
+
+
+async def test_memory_response_that_cannot_fit_keeps_the_lease(clock: FakeClock) -> None:
+    store = MemoryStore(max_keys=100, max_bytes=100, clock=clock)
+    assert await store.lease_acquire("big", b"lease", 60) is None
+    with pytest.raises(StoreError):
+        await store.lease_complete("big", b"lease", b"x" * 101, 60)
+    # Not stored, and not forgotten either: a retry is "in use" until the lease expires.
+    assert await store.lease_acquire("big", b"other", 60) == b"lease"
+    assert await store.lease_complete("big", b"lease", b"x" * 50, 60)
 
 
 async def test_memory_sweeps_expired_before_evicting(clock: FakeClock) -> None:
@@ -194,12 +273,32 @@ async def test_dead_redis_is_cut_off_by_the_breaker(asyncio_only: None) -> None:
         for _ in range(3):
             with pytest.raises(StoreError):
                 await store.remember("k", 1)
-        assert store.breaker.state.value == "open"
+        assert store.breakers["replay"].state.value == "open"
         for _ in range(100):
             with pytest.raises(StoreError, match="breaker open"):
                 await store.remember("k", 1)
-        stats = store.breaker.stats
+        stats = store.breakers["replay"].stats
         assert (stats.calls, stats.failures, stats.rejections) == (3, 3, 100)
+    finally:
+        await store.aclose()
+
+
+async def test_each_concern_has_its_own_breaker(asyncio_only: None) -> None:
+    """Replay-cache failures open the replay breaker only: rate limits and leases still try."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2)
+    try:
+        for _ in range(3):
+            with pytest.raises(StoreError, match="call failed"):
+                await store.remember("k", 1)
+        assert store.breakers["replay"].state.value == "open"
+        with pytest.raises(StoreError, match="call failed"):
+            await store.hit_buckets(["k"], [spec(1, 1)], 1)
+        with pytest.raises(StoreError, match="call failed"):
+            await store.lease_acquire("k", b"lease", 1)
+        assert store.breakers["rate_limit"].stats.failures == 1
+        assert store.breakers["idempotency"].stats.failures == 1
+        assert store.breakers["rate_limit"].state.value == "closed"
+        assert store.breakers["idempotency"].state.value == "closed"
     finally:
         await store.aclose()
 
@@ -209,3 +308,103 @@ async def test_forget(store: Store) -> None:
     await store.forget("f")
     assert await store.remember("f", 60)
     await store.forget("never-seen")
+
+
+def test_redis_client_that_decodes_responses_is_refused() -> None:
+    """Leases and responses come back as bytes; a decoding client would make the first
+    replay a 500, so it is refused when the store is made."""
+    import redis.asyncio as aioredis
+
+    decoding = aioredis.Redis.from_url("redis://127.0.0.1:6379/15", decode_responses=True)
+    with pytest.raises(ConfigError, match=r"^store: .*decode_responses"):
+        RedisStore(decoding)
+    with pytest.raises(ConfigError, match="decode_responses"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", decode_responses=True)
+    with pytest.raises(ConfigError, match="decode_responses"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15?decode_responses=true")
+    plain = aioredis.Redis.from_url("redis://127.0.0.1:6379/15")
+    assert RedisStore(plain).client is plain
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_redis_store_on_trio_raises_store_error_logged_once(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis.asyncio cannot run on trio: a clear StoreError (never RuntimeError), one log."""
+    store = RedisStore.from_url("redis://127.0.0.1:6379/15")
+    with pytest.raises(ConfigError, match=r"^store: RedisStore runs on asyncio only"):
+        store.check_runtime()
+    for _ in range(3):
+        with pytest.raises(StoreError, match="not running on asyncio"):
+            await store.hit_buckets(["k"], [spec(1, 1)], 1)
+        with pytest.raises(StoreError, match="not running on asyncio"):
+            await store.lease_acquire("k", b"lease", 1)
+    logged = [r for r in caplog.records if "runs on asyncio only" in r.getMessage()]
+    assert len(logged) == 1
+
+
+async def test_redis_sends_at_most_max_in_flight_calls(
+    private_redis: RedisServer, asyncio_only: None
+) -> None:
+    """200 concurrent calls go through 4 connections; none waits long enough to be shed."""
+    import redis.asyncio as aioredis
+
+    store = RedisStore.from_url(private_redis.url, max_in_flight=4)
+    probe = aioredis.Redis.from_url(private_redis.url)
+    try:
+        fifty = spec(50, 3600)
+        results = await asyncio.gather(*(store.hit_buckets(["c"], [fifty], 1) for _ in range(200)))
+        assert sum(allowed for allowed, _, _ in results) == 50
+        clients = await probe.client_list()
+        assert len(clients) - 1 <= 4  # the probe's own connection left out
+        assert store.breakers["rate_limit"].stats.failures == 0
+    finally:
+        await probe.aclose()
+        await store.aclose()
+
+
+async def test_redis_call_waiting_too_long_for_its_turn_is_overloaded(
+    private_redis: RedisServer, asyncio_only: None
+) -> None:
+    """Local overload: new work waiting past queue_timeout raises Overloaded (not a store
+    failure, no breaker counts it); work being finished always waits its turn."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=1, queue_timeout=0.1)
+    assert await store.remember("warm", 10)  # connected
+    process = private_redis.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        held = asyncio.ensure_future(store.hit_buckets(["k"], [spec(1, 1)], 1))
+        await asyncio.sleep(0.05)
+        for admitting in (
+            store.remember("n", 10),
+            store.lease_acquire("l", b"lease", 10),
+            store.hit_buckets(["k2"], [spec(1, 1)], 1),
+        ):
+            with pytest.raises(Overloaded):
+                await admitting
+        finishing = asyncio.ensure_future(store.lease_release("l", b"lease"))
+        with pytest.raises(StoreError, match="call failed"):
+            await held  # the frozen Redis: a real store failure
+        with pytest.raises(StoreError, match="call failed"):
+            await finishing  # sent once the slot was free, then timed out itself
+    finally:
+        process.send_signal(signal.SIGCONT)
+        await store.aclose()
+    stats = {concern: breaker.stats for concern, breaker in store.breakers.items()}
+    assert (stats["rate_limit"].calls, stats["rate_limit"].failures) == (1, 1)
+    assert (stats["idempotency"].calls, stats["idempotency"].failures) == (1, 1)
+    assert (stats["replay"].calls, stats["replay"].failures) == (1, 0)
+
+
+def test_redis_store_bounds_are_checked() -> None:
+    """More calls in flight than connections would queue inside the store deadline."""
+    with pytest.raises(ConfigError, match=r"max_in_flight must be 1\.\.8"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", max_connections=8, max_in_flight=9)
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", max_in_flight=0)
+    with pytest.raises(ConfigError, match="queue_timeout"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", queue_timeout=0)
+    with pytest.raises(ConfigError, match="unknown breaker"):
+        RedisStore.from_url("redis://127.0.0.1:6379/15", breakers={"ratelimit": CircuitBreaker()})
+    assert RedisStore.from_url("redis://127.0.0.1:6379/15", max_connections=8).max_in_flight == 8

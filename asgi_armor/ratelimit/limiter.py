@@ -126,6 +126,8 @@ class RateLimiter:
 
         Raises:
             ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+            Overloaded: this process could not send the store call in time (local
+                overload, never the failure policy).
         """
         try:
             return await self.store.hit_buckets(keys, specs, cost)
@@ -174,6 +176,8 @@ class RateLimiter:
         Raises:
             RateLimited: ``enforce`` is set and the bucket lacks the tokens.
             ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+            Overloaded: this process could not send the store call in time (local
+                overload, never the failure policy).
             ValueError: ``cost`` exceeds the bucket depth or is negative.
         """
         # The one-bucket fast path: the same decision as hit_many([(key, rate, policy)]),
@@ -218,6 +222,8 @@ class RateLimiter:
         Raises:
             RateLimited: the bucket lacks the tokens (``retry_after`` and headers set).
             ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+            Overloaded: this process could not send the store call in time (local
+                overload, never the failure policy).
         """
         return await self.hit(key, rate, cost, policy=policy, enforce=True)
 
@@ -235,6 +241,8 @@ class RateLimiter:
         Raises:
             RateLimited: ``enforce`` is set and a bucket lacks the tokens.
             ServiceUnavailable: the store failed and ``on_store_error`` is ``"deny"``.
+            Overloaded: this process could not send the store call in time (local
+                overload, never the failure policy).
             ValueError: no items, the same bucket twice, or an impossible ``cost``.
         """
         if not items:

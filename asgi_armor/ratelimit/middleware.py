@@ -11,7 +11,13 @@ from typing import Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix, ipv6_group
-from asgi_armor.errors import ConfigError, RateLimited, ServiceUnavailable, send_error
+from asgi_armor.errors import (
+    ConfigError,
+    Overloaded,
+    RateLimited,
+    ServiceUnavailable,
+    send_error,
+)
 from asgi_armor.identity import Identify, principal
 from asgi_armor.ratelimit import bucket
 from asgi_armor.ratelimit import headers as h
@@ -272,6 +278,11 @@ class RateLimitMiddleware:
                 return
             # The policy is to let requests through while the store is failing.
             await self.app(scope, receive, send)
+            return
+        except Overloaded as exc:
+            # This process is too busy to ask the store in time: shed the request (503
+            # overloaded), never the failure policy, which would let it through.
+            await send_error(scope, send, exc)
             return
 
         # The layer to report: the denying one with the longest wait, else the fewest left.

@@ -1,20 +1,26 @@
 """The embedded store: bounded, in-process, the default.
 
-State lives in two insertion-ordered dicts (token buckets; leases and nonces). A write
-moves its key to the end, so the front holds the least recently written keys: expired ones
-are swept from there a couple at a time, and when a dict is full the front key is evicted.
-Memory therefore stays bounded by ``max_keys`` (and ``max_bytes`` of stored values) under a
-flood of distinct keys. Every operation runs without awaiting, so it is atomic on one event
-loop; one ``MemoryStore`` serves one event loop (use ``RedisStore`` across processes).
+State lives in insertion-ordered dicts: token buckets; stored responses (completed
+idempotency records); and what must not be forgotten early, in-flight leases and replay
+nonces. A write moves its key to the end, so the front holds the least recently written
+keys: expired ones are swept from there a couple at a time. When full, the oldest bucket or
+stored response is evicted to make room, but an in-flight lease or an unexpired nonce never
+is: forgetting one would let a duplicate payment or a replayed webhook through. When the
+store is full of those, a new one is refused with ``StoreError`` (each concern's failure
+policy answers: 503 by default). Memory therefore stays bounded by ``max_keys`` (and
+``max_bytes`` of stored values) under a flood of distinct keys. Every operation runs
+without awaiting, so it is atomic on one event loop; one ``MemoryStore`` serves one event
+loop (use ``RedisStore`` across processes).
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Sequence
 
 from asgi_armor.ratelimit.bucket import decide
-from asgi_armor.stores.base import BucketSpec
+from asgi_armor.stores.base import BucketSpec, StoreError
 
 __all__ = ["MemoryStore"]
 
@@ -25,9 +31,15 @@ class MemoryStore:
     """In-process store for rate limits, idempotency leases and replay nonces.
 
     Args:
-        max_keys: most buckets, and most leases/nonces, kept at once (each).
+        max_keys: most buckets, and most leases, stored responses and nonces, kept at once
+            (each).
         max_bytes: most bytes of lease values (stored responses) kept at once.
         clock: monotonic seconds; inject a fake one in tests.
+
+    Attributes:
+        evictions: buckets and stored responses dropped before expiry to make room.
+        refusals: writes refused (``StoreError``) because making room would have meant
+            evicting an in-flight lease or an unexpired nonce.
     """
 
     def __init__(
@@ -43,12 +55,15 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self.clock = clock
         self._tats: dict[str, float] = {}
-        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._entries: dict[str, tuple[float, bytes]] = {}  # stored responses: evictable
+        self._held: dict[str, tuple[float, bytes]] = {}  # leases, nonces: kept until expiry
+        self._expiries: list[tuple[float, str]] = []  # heap over _held (stale items skipped)
         self._bytes = 0
         self.evictions = 0
+        self.refusals = 0
 
     def __len__(self) -> int:
-        return len(self._tats) + len(self._entries)
+        return len(self._tats) + len(self._entries) + len(self._held)
 
     # -- rate limiting -----------------------------------------------------------------
 
@@ -92,7 +107,7 @@ class MemoryStore:
     # -- leases and nonces -------------------------------------------------------------
 
     def _get(self, key: str, now: float) -> bytes | None:
-        entry = self._entries.get(key)
+        entry = self._held.get(key) or self._entries.get(key)
         if entry is None:
             return None
         if entry[0] <= now:
@@ -101,12 +116,25 @@ class MemoryStore:
         return entry[1]
 
     def _delete(self, key: str) -> None:
-        entry = self._entries.pop(key, None)
+        entry = self._held.pop(key, None) or self._entries.pop(key, None)
         if entry is not None:
             self._bytes -= len(entry[1])
 
-    def _set(self, key: str, value: bytes, ttl: float, now: float) -> None:
-        self._delete(key)
+    def _drop_expired_held(self, now: float) -> bool:
+        """Drop the held entry that expires first, if it has; True if one was dropped."""
+        expiries, held = self._expiries, self._held
+        while expiries and expiries[0][0] <= now:
+            expires, key = heapq.heappop(expiries)
+            entry = held.get(key)
+            if entry is not None and entry[0] == expires:
+                self._delete(key)
+                return True
+        return False
+
+    def _make_room(self, size: int, now: float) -> None:
+        """Room for one more key of ``size`` bytes, or ``StoreError``: nothing held is evicted."""
+        if size > self.max_bytes:
+            raise StoreError(f"memory store: {size} bytes is more than max_bytes")
         entries = self._entries
         for _ in range(_SWEEP):
             if not entries:
@@ -115,12 +143,49 @@ class MemoryStore:
             if entries[front][0] > now:
                 break
             self._delete(front)
-        while entries and (
-            len(entries) >= self.max_keys or self._bytes + len(value) > self.max_bytes
+        for _ in range(_SWEEP):
+            if not self._drop_expired_held(now):
+                break
+        while len(entries) + len(self._held) >= self.max_keys or (
+            self._bytes + size > self.max_bytes
         ):
+            if self._drop_expired_held(now):
+                continue
+            if not entries:
+                self.refusals += 1
+                raise StoreError(
+                    "memory store full of in-flight leases and unexpired nonces (max_keys, "
+                    "max_bytes): refused rather than forget one"
+                )
             self._delete(next(iter(entries)))
             self.evictions += 1
-        entries[key] = (now + ttl, value)
+
+    def _set(self, key: str, value: bytes, ttl: float, now: float) -> None:
+        """Hold ``value`` (a lease or a nonce) until it expires: never evicted before."""
+        self._delete(key)
+        self._make_room(len(value), now)
+        expires = now + ttl
+        self._held[key] = (expires, value)
+        self._bytes += len(value)
+        expiries = self._expiries
+        heapq.heappush(expiries, (expires, key))
+        if len(expiries) > 2 * len(self._held) + 64:
+            # Items of leases completed or released early pile up: rebuild, amortised O(1).
+            self._expiries = [(entry[0], k) for k, entry in self._held.items()]
+            heapq.heapify(self._expiries)
+
+    def _store(self, key: str, value: bytes, ttl: float, now: float) -> None:
+        """Replace our lease under ``key`` by a stored response (evictable, oldest first)."""
+        kept_in = self._held if key in self._held else self._entries
+        lease = kept_in.pop(key)
+        self._bytes -= len(lease[1])
+        try:
+            self._make_room(len(value), now)
+        except StoreError:
+            kept_in[key] = lease  # the lease stays: the caller's failure policy decides
+            self._bytes += len(lease[1])
+            raise
+        self._entries[key] = (now + ttl, value)
         self._bytes += len(value)
 
     async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
@@ -137,7 +202,7 @@ class MemoryStore:
         now = self.clock()
         if self._get(key, now) != lease:
             return False
-        self._set(key, value, ttl, now)
+        self._store(key, value, ttl, now)
         return True
 
     async def lease_release(self, key: str, lease: bytes) -> bool:

@@ -8,6 +8,9 @@
 - Overload: a burst of 10x what ``ConcurrencyLimit`` admits is shed with 503 overloaded +
   ``Retry-After``; the admitted requests succeed, the health check keeps answering, and
   nothing errors.
+- A full store: fresh idempotency keys or webhook ids never push out an in-flight lease or
+  an unexpired nonce (no second payment, no replay); when nothing else can go, new ones
+  are refused (503, fail closed).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from reliability_helpers import (
 
 from asgi_armor.config import Duration, SheddingConfig
 from asgi_armor.errors import ConfigError, ErrorMiddleware
+from asgi_armor.idempotency import IdempotencyMiddleware
 from asgi_armor.ratelimit import RateLimitMiddleware, Rule
-from asgi_armor.signing import HexHmac, sign
+from asgi_armor.signing import HexHmac, SignatureMiddleware, SignedRoute, sign
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.validation import InputLimits
 
@@ -320,3 +324,92 @@ async def test_tenfold_burst_is_shed_without_errors_elsewhere(
         f"\n[overload {anyio_backend}] burst of {burst} on 8 slots + 8 queued: {len(ok)} served, "
         f"{len(shed)} shed (503 overloaded); healthz max {max(e for _, e in health) * 1e3:.1f} ms"
     )
+
+
+# -- a full store never forgets what protects ----------------------------------------------
+
+FULL_KEYS = 50
+
+
+@pytest.mark.anyio
+async def test_key_flood_never_evicts_an_in_flight_payment(anyio_backend: str) -> None:
+    """Fresh anonymous keys fill a small MemoryStore while a payment is running: its lease
+    stays, so its retry is 409 in_use and the payment runs once, never twice."""
+    store = MemoryStore(max_keys=FULL_KEYS)
+    runs: dict[str, int] = {}
+    started, release = anyio.Event(), anyio.Event()
+
+    async def pay(scope: Any, receive: Any, send: Any) -> None:
+        key = dict(scope["headers"])[b"idempotency-key"].decode()
+        runs[key] = runs.get(key, 0) + 1
+        if key == "order-1" and runs[key] == 1:
+            started.set()
+            await release.wait()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"paid":true}'})
+
+    app = ErrorMiddleware(IdempotencyMiddleware(pay, routes=["POST /api/pay"], store=store))
+    transport = httpx.ASGITransport(app=app, client=("10.7.0.1", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+        def payment(key: str) -> Any:
+            return client.post("/api/pay", content=b"{}", headers={"Idempotency-Key": key})
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                first: list[httpx.Response] = []
+
+                async def original() -> None:
+                    first.append(await payment("order-1"))
+
+                tg.start_soon(original)
+                await started.wait()
+                # Each completes at once: its stored response may be evicted, not the lease.
+                for index in range(10 * FULL_KEYS):
+                    assert (await payment(f"flood-{index}")).status_code == 201
+                retry = await payment("order-1")
+                release.set()
+        replay = await payment("order-1")
+    assert retry.status_code == 409, retry.text
+    assert retry.json()["error"] == "idempotency_key_in_use"
+    assert first[0].status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert runs["order-1"] == 1
+    assert store.evictions > 0
+    assert len(store) <= FULL_KEYS
+
+
+@pytest.mark.anyio
+async def test_nonce_flood_never_reenables_a_webhook_replay(anyio_backend: str) -> None:
+    """Fresh signed webhooks fill a small MemoryStore: once it is full of unexpired nonces,
+    new messages are refused (503, fail closed) and an old message's replay is still 401."""
+    store = MemoryStore(max_keys=FULL_KEYS)
+    scheme = HexHmac(header="X-Signature")
+    secret = "flood-secret"
+    app = ErrorMiddleware(
+        SignatureMiddleware(
+            _ok, routes=[("POST /hook", SignedRoute(scheme, [secret]))], store=store
+        )
+    )
+    transport = httpx.ASGITransport(app=app, client=("10.7.0.2", 1))
+
+    def signed(event: str) -> tuple[bytes, dict[str, str]]:
+        body = json.dumps({"id": event}).encode()
+        return body, sign(body, secret, scheme)
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        body, headers = signed("evt_first")
+        assert (await client.post("/hook", content=body, headers=headers)).status_code == 204
+        statuses: dict[int, int] = {}
+        for index in range(10 * FULL_KEYS):
+            fresh_body, fresh_headers = signed(f"evt_{index}")
+            response = await client.post("/hook", content=fresh_body, headers=fresh_headers)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            if response.status_code == 503:
+                assert response.json()["error"] == "service_unavailable"
+        replay = await client.post("/hook", content=body, headers=headers)
+    assert statuses == {204: FULL_KEYS - 1, 503: 10 * FULL_KEYS - FULL_KEYS + 1}
+    assert replay.status_code == 401, replay.text
+    assert replay.json()["details"][0]["code"] == "replayed"
+    assert store.refusals == statuses[503]
+    assert len(store) == FULL_KEYS
