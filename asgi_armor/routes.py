@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
+from urllib.parse import urlsplit
 
 from asgi_armor._asgi import Scope
 from asgi_armor.errors import ConfigError
@@ -39,9 +40,14 @@ def target(scope: Scope) -> tuple[str, str]:
 
     The path is the one the wrapped app routes on: ``root_path`` removed when it is a
     prefix of ``path`` (a ``root_path`` that is not a prefix is left alone, as Starlette
-    does), repeated slashes collapsed, a trailing slash dropped. The method is upper-cased.
+    does), repeated slashes collapsed, a trailing slash dropped; an absolute-form target
+    (``http://host/x``) is its path. The method is upper-cased.
     """
     path: str = scope["path"]
+    if path[:1] != "/":
+        # An absolute-form target (RFC 9112 section 3.2.2) that uvicorn's h11 leaves whole;
+        # Quart routes it by its URL's path, so the patterns must see that path too.
+        path = urlsplit(path).path or "/"
     root: str = scope.get("root_path", "")
     if root:
         root = root.rstrip("/")

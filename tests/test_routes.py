@@ -94,6 +94,9 @@ def test_route_map_first_and_all() -> None:
         ({"method": "GET", "path": "/api/pay", "root_path": "/svc"}, ("GET", "/api/pay")),
         ({"method": "GET", "path": "/svc//api", "root_path": "/svc"}, ("GET", "/api")),
         ({"method": "GET", "path": "/api", "root_path": "/"}, ("GET", "/api")),
+        # An absolute-form target (RFC 9112 section 3.2.2), as uvicorn's h11 leaves it.
+        ({"method": "post", "path": "http://127.0.0.1:8000//api/pay"}, ("POST", "/api/pay")),
+        ({"method": "GET", "path": "http://127.0.0.1"}, ("GET", "/")),
         # A websocket handshake is a GET.
         ({"type": "websocket", "path": "/ws"}, ("GET", "/ws")),
     ],

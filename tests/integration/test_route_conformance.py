@@ -135,15 +135,6 @@ FORMS = (
 CANONICAL = FORMS[0]
 ABSOLUTE = FORMS[-1]
 
-#: (transport, framework, form) still skipping the protection: strict, so a fix shows up.
-KNOWN_BYPASSES = {
-    (transport, "quart", ABSOLUTE): (
-        "issue 15: uvicorn's h11 leaves an absolute-form target whole in scope['path']; "
-        "Quart routes on its URL path, routes.target() does not extract it"
-    )
-    for transport in ("asgi", "h11")
-}
-
 
 def render(form: str, handler: str) -> str:
     """The path form for ``handler``."""
@@ -532,12 +523,9 @@ HARNESSES = [(t, f) for t in TRANSPORTS for f in FRAMEWORKS]
 @pytest.mark.parametrize("form", FORMS, ids=shown)
 @pytest.mark.parametrize("kind_name", list(KINDS))
 def test_protection_applies_to_every_routed_variant(
-    harness: Harness, kind_name: str, form: str, request: pytest.FixtureRequest
+    harness: Harness, kind_name: str, form: str
 ) -> None:
     """For each method spelling of the path form: routed -> protected; else not run."""
-    known = KNOWN_BYPASSES.get((harness.transport.name, harness.framework, form))
-    if known is not None:
-        request.applymarker(pytest.mark.xfail(reason=known, strict=True))
     kind = KINDS[kind_name]
     problems = []
     for method in kind.methods:
