@@ -8,11 +8,14 @@ call is an allowed hit that updates state.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import re
+import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from itertools import cycle, islice
 from typing import Any
 
@@ -580,16 +583,149 @@ def _caller(app: Any) -> Callable[[dict[str, Any], bytes], Any]:
     return call
 
 
+_PAYMENT = b'{"amount": 1000, "currency": "eur"}'
+_JSON_HEADERS = [(b"content-type", b"application/json"), (b"host", b"t")]
+
+
+async def _streaming_app(scope: Any, receive: Any, send: Any) -> None:
+    """A handler that streams its answer: three chunks, then an empty last one."""
+    while (await receive()).get("more_body", False):
+        pass
+    await send({"type": "http.response.start", "status": 201, "headers": []})
+    for chunk in (b'{"id": "pay_1", ', b'"status": ', b'"ok"}'):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _run_over(
+    call: Any, scopes: list[dict[str, Any]], bodies: list[bytes] | None = None, *, body: bytes
+) -> Any:
+    """A loop calling ``call`` once per prepared scope (each used once: fresh keys)."""
+    position = {"i": 0}
+
+    async def loop(count: int) -> None:
+        start = position["i"]
+        position["i"] = start + count
+        for index in range(start, start + count):
+            scope = dict(scopes[index])
+            await call(scope, body if bodies is None else bodies[index])
+
+    return loop
+
+
+def _fresh_scopes(total: int, tag: bytes) -> list[dict[str, Any]]:
+    return [
+        _scope("POST", "/api/payments", [*_JSON_HEADERS, (b"idempotency-key", b"%s-%d" % (tag, i))])
+        for i in range(total)
+    ]
+
+
+def _idempotency_cases(n: int, total: int) -> list[AsyncCase]:
+    """First request (one chunk, streamed), and replay, next to the bare app (memory store)."""
+    from asgi_armor import IdempotencyMiddleware, MemoryStore
+
+    def middleware_for(app: Any) -> Any:
+        return IdempotencyMiddleware(
+            app, routes=["POST /api/payments"], store=MemoryStore(max_keys=1_000_000)
+        )
+
+    idem_app = middleware_for(_bare_app)
+    stream_app = middleware_for(_streaming_app)
+    idem = _caller(idem_app)
+    replay_headers = [*_JSON_HEADERS, (b"idempotency-key", b"order-replayed")]
+    fresh = _fresh_scopes(total, b"order")
+    streamed = _fresh_scopes(total, b"stream")
+    # Correctness first: the middleware must answer 201, not an error envelope.
+    _check_status(idem_app, fresh.pop(), _PAYMENT)
+    _check_status(stream_app, streamed.pop(), _PAYMENT)
+    # The replay case needs its first response stored before it is timed.
+    asyncio.run(idem(_scope("POST", "/api/payments", replay_headers), _PAYMENT))
+
+    def run_same(call: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+        async def loop(count: int) -> None:
+            for _ in range(count):
+                await call(_scope("POST", "/api/payments", headers), _PAYMENT)
+
+        return loop
+
+    run_over = partial(_run_over, body=_PAYMENT)
+    return [
+        AsyncCase(
+            "idempotency: bare app (baseline)", run_same(_caller(_bare_app), _JSON_HEADERS), n
+        ),
+        AsyncCase("idempotency: first request (lease, run, store)", run_over(idem, fresh), n),
+        AsyncCase(
+            "idempotency: first request, streamed in 4 chunks",
+            run_over(_caller(stream_app), streamed),
+            n,
+        ),
+        AsyncCase("idempotency: replay (stored response)", run_same(idem, replay_headers), n),
+    ]
+
+
+def idempotency_latency(n: int) -> list[Row]:
+    """On a private Redis: time to the response's last chunk, and to the end of the call.
+
+    What a client waits for is the last chunk; the record write sits before it (or after
+    it), so this is where its order shows. Medians over ``n`` first requests, in ns.
+    """
+    import macro
+
+    from asgi_armor import IdempotencyMiddleware
+    from asgi_armor.stores.redis import RedisStore
+
+    rows: list[Row] = []
+    with macro.redis_server() as info:
+        if info is None:
+            print("  micro: no Redis, idempotency latency skipped", flush=True)
+            return rows
+
+        async def main() -> tuple[list[float], list[float]]:
+            store = RedisStore.from_url(info.url, prefix=f"bench:{time.time_ns()}:")
+            app = IdempotencyMiddleware(_bare_app, routes=["POST /api/payments"], store=store)
+            to_last: list[float] = []
+            to_end: list[float] = []
+            try:
+                for index, scope in enumerate(_fresh_scopes(n + 100, b"redis")):
+                    last = 0.0
+
+                    async def receive() -> dict[str, Any]:
+                        return {"type": "http.request", "body": _PAYMENT, "more_body": False}
+
+                    async def send(message: Any) -> None:
+                        nonlocal last
+                        if message["type"] == "http.response.body" and not message.get(
+                            "more_body", False
+                        ):
+                            last = time.perf_counter_ns()
+
+                    start = time.perf_counter_ns()
+                    await app(scope, receive, send)
+                    end = time.perf_counter_ns()
+                    if index >= 100:  # warm-up: connections, scripts
+                        to_last.append(last - start)
+                        to_end.append(end - start)
+            finally:
+                await store.aclose()
+            return to_last, to_end
+
+        to_last, to_end = asyncio.run(main())
+    for name, samples in (
+        ("idempotency, RedisStore: first request, to the last chunk", to_last),
+        ("idempotency, RedisStore: first request, to the end of the call", to_end),
+    ):
+        ordered = sorted(samples)
+        median = statistics.median(ordered)
+        spread = (ordered[int(len(ordered) * 0.9)] - ordered[int(len(ordered) * 0.1)]) / median
+        rows.append(
+            Row(group="idempotency_redis", case=name, impl="asgi_armor", ns=median, spread=spread)
+        )
+    return rows
+
+
 def middleware(repeats: int, n: int) -> list[Row]:
     """Idempotency (first request and replay) and signature verification per request."""
-    from asgi_armor import (
-        HexHmac,
-        IdempotencyMiddleware,
-        MemoryStore,
-        SignatureMiddleware,
-        StandardWebhooks,
-        sign,
-    )
+    from asgi_armor import HexHmac, MemoryStore, SignatureMiddleware, StandardWebhooks, sign
     from asgi_armor.signing import SignedRoute
 
     # Warm-up plus repeats consume n prepared inputs each; one more is kept for the checks.
@@ -598,34 +734,7 @@ def middleware(repeats: int, n: int) -> list[Row]:
     json_headers = [(b"content-type", b"application/json"), (b"host", b"t")]
 
     bare = _caller(_bare_app)
-    idem_app = IdempotencyMiddleware(
-        _bare_app, routes=["POST /api/payments"], store=MemoryStore(max_keys=1_000_000)
-    )
-    idem = _caller(idem_app)
-    fresh = [
-        _scope("POST", "/api/payments", [*json_headers, (b"idempotency-key", b"order-%d" % i)])
-        for i in range(total)
-    ]
-    replay_headers = [*json_headers, (b"idempotency-key", b"order-replayed")]
-
-    def run_over(call: Any, scopes: list[dict[str, Any]], bodies: list[bytes] | None = None) -> Any:
-        position = {"i": 0}
-
-        async def loop(count: int) -> None:
-            start = position["i"]
-            position["i"] = start + count
-            for index in range(start, start + count):
-                scope = dict(scopes[index])
-                await call(scope, body if bodies is None else bodies[index])
-
-        return loop
-
-    def run_same(call: Any, headers: list[tuple[bytes, bytes]], payload: bytes) -> Any:
-        async def loop(count: int) -> None:
-            for _ in range(count):
-                await call(_scope("POST", "/api/payments", headers), payload)
-
-        return loop
+    run_over = partial(_run_over, body=body)
 
     # Signed webhooks: every body distinct, since a repeated body is a replay (401).
     secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -668,13 +777,8 @@ def middleware(repeats: int, n: int) -> list[Row]:
     )
     hex_app = _caller(hex_mw)
     sw_app = _caller(sw_mw)
-    # The replay case needs its first response stored before it is timed.
-    asyncio.run(idem(_scope("POST", "/api/payments", replay_headers), body))
-
     cases = [
-        AsyncCase("idempotency: bare app (baseline)", run_same(bare, json_headers, body), n),
-        AsyncCase("idempotency: first request (lease, run, store)", run_over(idem, fresh), n),
-        AsyncCase("idempotency: replay (stored response)", run_same(idem, replay_headers, body), n),
+        *_idempotency_cases(n, total),
         AsyncCase(
             "signing: bare app, 1 KiB body (baseline)",
             run_over(bare, hex_scopes, webhook_bodies),
@@ -691,7 +795,6 @@ def middleware(repeats: int, n: int) -> list[Row]:
     ]
     impls = {case.name: "baseline" if "baseline" in case.name else "asgi_armor" for case in cases}
     # Correctness first: the middleware must answer 201, not an error envelope.
-    _check_status(idem_app, fresh[-1], body)
     _check_status(hex_mw, hex_scopes[-1], webhook_bodies[-1])
     _check_status(sw_mw, sw_scopes[-1], webhook_bodies[-1])
     return _rows("middleware", run_async_group(cases, repeats=repeats, target=0.0), impls)
@@ -781,6 +884,26 @@ def run_all(*, quick: bool = False) -> list[Row]:
         rows += bench(repeats, target)
     print("  micro: idempotency and signing ...", flush=True)
     rows += middleware(repeats, 500 if quick else 4000)
+    rows += idempotency_latency(300 if quick else 2000)
     print("  micro: the served stack's layers, in-process ...", flush=True)
     rows += layers(repeats, 500 if quick else 4000)
     return rows
+
+
+def _main() -> None:
+    """``python benchmarks/micro.py idempotency [--quick]``: that one group alone."""
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("group", choices=["idempotency"])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats, n = (3, 500) if args.quick else (9, 4000)
+    cases = _idempotency_cases(n, n * (repeats + 1) + 1)
+    results = run_async_group(cases, repeats=repeats, target=0.0)
+    rows = _rows("middleware", results, dict.fromkeys(results, "asgi_armor"))
+    rows += idempotency_latency(300 if args.quick else 2000)
+    for row in rows:
+        print(f"{row['case']:<66} {row['ns'] / 1000:8.2f} us  ±{row['spread'] * 50:.0f}%")
+
+
+if __name__ == "__main__":
+    _main()

@@ -452,6 +452,19 @@ def _micro_sections(micro: list[dict[str, Any]]) -> list[str]:
         "",
         _table(["case", "time per request", "overhead", "spread"], rows),
     ]
+    latency = [row for row in micro if row["group"] == "idempotency_redis"]
+    if latency:
+        out += [
+            "",
+            "On a private Redis over loopback, a first request's time to its last chunk (what "
+            "the client waits for: the record is written before that chunk) and to the end "
+            "of the call (median; spread is the 10th-90th percentile range):",
+            "",
+            _table(
+                ["case", "time per request", "spread"],
+                [[row["case"], _ns(row["ns"]), f"±{row['spread'] / 2:.0%}"] for row in latency],
+            ),
+        ]
     stack = [row for row in micro if row["group"] == "layers"]
     if stack:
         base = next(row for row in stack if row["impl"] == "baseline")
