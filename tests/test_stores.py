@@ -88,6 +88,51 @@ async def test_lease_release_frees_key(store: Store) -> None:
     assert await store.lease_acquire("r", b"next", 30) is None
 
 
+async def test_lease_extend_keeps_only_our_lease(store: Store) -> None:
+    assert await store.lease_acquire("x", b"mine", 30) is None
+    assert not await store.lease_extend("x", b"theirs", 30)
+    assert await store.lease_extend("x", b"mine", 30)
+    assert await store.lease_acquire("x", b"other", 30) == b"mine"
+    # A completed record is nobody's lease: extending never touches it.
+    assert await store.lease_complete("x", b"mine", b"value", 30)
+    assert not await store.lease_extend("x", b"mine", 30)
+    assert await store.lease_acquire("x", b"other", 30) == b"value"
+
+
+async def test_lease_extend_takes_a_lapsed_lease_again(store: Store) -> None:
+    """A lease that expired while the store was out of reach is ours again if still free."""
+    assert await store.lease_extend("gone", b"mine", 30)
+    assert await store.lease_acquire("gone", b"other", 30) == b"mine"
+    assert await store.lease_complete("gone", b"mine", b"value", 30)
+
+
+async def test_lease_extend_restarts_the_expiry(clock: FakeClock) -> None:
+    store = MemoryStore(clock=clock)
+    assert await store.lease_acquire("l", b"mine", 5) is None
+    clock.advance(4)
+    assert await store.lease_extend("l", b"mine", 5)
+    clock.advance(4)
+    assert await store.lease_acquire("l", b"other", 5) == b"mine"
+    clock.advance(1.5)
+    assert await store.lease_acquire("l", b"other", 5) is None
+
+
+async def test_redis_lease_extend_restarts_the_expiry(
+    redis_url: str, redis_prefix: str, asyncio_only: None
+) -> None:
+    import redis.asyncio as aioredis
+
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    probe = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await store.lease_acquire("l", b"mine", 1) is None
+        assert await store.lease_extend("l", b"mine", 60)
+        assert 59_000 < await probe.pttl(redis_prefix + "l") <= 60_000
+    finally:
+        await probe.aclose()
+        await store.aclose()
+
+
 async def test_lease_concurrent_single_owner(store: Store) -> None:
     winners = []
 

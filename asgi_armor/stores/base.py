@@ -84,6 +84,15 @@ class IdempotencyStore(Protocol):
         """Delete ``key`` if it still holds our ``lease``."""
         ...
 
+    async def lease_extend(self, key: str, lease: bytes, ttl: float) -> bool:
+        """Keep our ``lease`` on ``key`` for ``ttl`` more seconds.
+
+        True if the key held our lease (its expiry starts again) or was free (the lease is
+        taken again: it lapsed while the store could not be reached); False if the key
+        holds anything else.
+        """
+        ...
+
 
 @runtime_checkable
 class NonceStore(Protocol):

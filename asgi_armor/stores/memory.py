@@ -212,6 +212,15 @@ class MemoryStore:
         self._delete(key)
         return True
 
+    async def lease_extend(self, key: str, lease: bytes, ttl: float) -> bool:
+        """See ``IdempotencyStore.lease_extend``."""
+        now = self.clock()
+        current = self._get(key, now)
+        if current is not None and current != lease:
+            return False
+        self._set(key, lease, ttl, now)
+        return True
+
     async def remember(self, key: str, ttl: float) -> bool:
         """See ``NonceStore.remember``."""
         now = self.clock()

@@ -311,6 +311,7 @@ class RedisStore:
         self._lease_acquire = client.register_script(_script("lease_acquire"))
         self._lease_complete = client.register_script(_script("lease_complete"))
         self._lease_release = client.register_script(_script("lease_release"))
+        self._lease_extend = client.register_script(_script("lease_extend"))
 
     @classmethod
     def from_url(
@@ -468,6 +469,11 @@ class RedisStore:
     async def lease_release(self, key: str, lease: bytes) -> bool:
         """See ``IdempotencyStore.lease_release``."""
         done = await self._run(self._lease_release, keys=[self.prefix + key], args=[lease])
+        return bool(done)
+
+    async def lease_extend(self, key: str, lease: bytes, ttl: float) -> bool:
+        """See ``IdempotencyStore.lease_extend``."""
+        done = await self._run(self._lease_extend, keys=[self.prefix + key], args=[lease, _ms(ttl)])
         return bool(done)
 
     async def remember(self, key: str, ttl: float) -> bool:
