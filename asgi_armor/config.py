@@ -103,12 +103,18 @@ class RateLimitEntry(_Entry):
 
 
 class IdempotencyEntry(_Entry):
-    """``[[idempotency]]``: a route where ``Idempotency-Key`` makes retries safe."""
+    """``[[idempotency]]``: a route where ``Idempotency-Key`` makes retries safe.
+
+    ``max_body_bytes`` defaults to ``[limits] max_body_bytes``; ``max_response_bytes`` (the
+    largest response stored for replay) to 1 MiB.
+    """
 
     route: str
     ttl: Duration = Duration(86400.0)
     required: bool = True
     lock_ttl: Duration = Duration(60.0)
+    max_body_bytes: int | None = None
+    max_response_bytes: int | None = None
 
 
 class TimeoutEntry(_Entry):
@@ -158,6 +164,8 @@ class ArmorConfig(_Entry):
     rate_limit_on_store_error: Literal["allow", "deny"] = "allow"
     idempotency: list[IdempotencyEntry] = msgspec.field(default_factory=list)
     idempotency_on_store_error: Literal["allow", "deny"] = "deny"
+    idempotency_max_pending: int = 10_000
+    idempotency_max_pending_bytes: int = 64 * 1_048_576
     timeout: list[TimeoutEntry] = msgspec.field(default_factory=list)
     default_timeout: Duration | None = None
     signature: list[SignatureEntry] = msgspec.field(default_factory=list)

@@ -10,12 +10,20 @@ Records are scoped by principal, method and route, so users and endpoints never 
 The store sees opaque bytes: this module encodes them (msgpack of a tagged Struct). A
 lease is an ``_InFlight`` record carrying a random token, so only the request that took it
 can complete or release it.
+
+A response delivered is a response recorded: the record is written before the last body
+chunk goes out, so a client holding a complete response can count on its replay. When
+that write fails, the record is held in this process (retries reaching it are answered
+from it) and written again after the response, in the request's own task, with backoff
+and the lease kept meanwhile, until it lands (docs/idempotency.md, "When the store fails").
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import random
 import re
 import secrets
 import time
@@ -27,6 +35,7 @@ import anyio
 import msgspec
 
 from asgi_armor._asgi import ASGIApp, Headers, Message, Receive, Scope, Send, read_body, replay_body
+from asgi_armor.clientip import ClientIP
 from asgi_armor.errors import (
     ConfigError,
     IdempotencyKeyInUse,
@@ -54,9 +63,15 @@ MAX_KEY_LENGTH = 255
 #: short poll interval, since the first request may finish at any moment.
 IN_USE_RETRY_AFTER = 1.0
 
-#: Seconds a release may take when it runs shielded from cancellation; past it, the lease
-#: simply expires after ``lock_ttl``.
-_RELEASE_TIMEOUT = 5.0
+#: Seconds a release, or the write of a record before the last chunk, may take when it runs
+#: shielded from cancellation; past it, a release is left to expire after ``lock_ttl``, and
+#: a record is held here and written after the response.
+_STORE_CALL_TIMEOUT = 5.0
+
+#: Backoff between two writes of a held record (seconds, doubled up to the cap, jittered):
+#: short, so a record lands within about a second of the store's return.
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
 
 _BARE_KEY = re.compile(rb"[\x20-\x7e]{1,%d}" % MAX_KEY_LENGTH)
 # RFC 9651 sf-string: printable ASCII, with only \" and \\ as escapes.
@@ -82,9 +97,11 @@ _NOT_STORED = frozenset(
     }
 )
 
-# 4xx answers that tell the client "retry later" are not final: storing them would turn
-# one transient refusal into 24 hours of the same refusal.
-_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+# Answers that send the client elsewhere or tell it "retry later" are not final: a 307/308
+# is followed with the same key (storing it would answer the followed request 422 and burn
+# the key), and storing a 408/409/425/429 would turn one transient refusal into 24 hours of
+# the same refusal.
+_NOT_FINAL = frozenset({307, 308, 408, 409, 425, 429})
 
 _REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 
@@ -129,6 +146,16 @@ class _Completed(msgspec.Struct, frozen=True, array_like=True, tag="idem1.done")
     body: list[bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A response the client has (or is about to have) that the store does not have yet."""
+
+    config: _RouteConfig
+    lease: bytes
+    record: _Completed
+    value: bytes
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[_InFlight | _Completed] = msgspec.msgpack.Decoder(
     _InFlight | _Completed
@@ -171,6 +198,11 @@ def _fingerprint(method: str, path: str, query: bytes, body: bytes) -> bytes:
     return digest.digest()
 
 
+def _is_final(status: int) -> bool:
+    """Whether a response with ``status`` is stored (else the key is released)."""
+    return 200 <= status < 500 and status not in _NOT_FINAL
+
+
 def _storable_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
     dropped = set(_NOT_STORED)
     for name, value in headers:
@@ -190,6 +222,9 @@ class IdempotencyMiddleware:
         store: where leases and responses live (default: a new ``MemoryStore``; use a
             ``RedisStore`` to share them between processes).
         identify: the principal hook; records of different principals never collide.
+        client_ip: names the scope of anonymous callers (no principal): a ``ClientIP``
+            (default ``ClientIP()``, the TCP peer) or any ``scope -> str``; the full
+            address is used, so one anonymous caller never receives another's response.
         header: the request header carrying the key.
         required: reject requests without a key (400 idempotency_key_missing).
         ttl: seconds a completed response is kept for replay.
@@ -200,6 +235,10 @@ class IdempotencyMiddleware:
             through unstored and the key released.
         on_store_error: ``"deny"`` answers 503 when the store fails (never runs the app
             unprotected); ``"allow"`` runs the app without idempotency.
+        max_pending: most responses held in this process while the store cannot take
+            them; past it a response is not held (logged, counted in ``pending_dropped``)
+            and its key stays locked until the lease expires.
+        max_pending_bytes: most bytes of such held responses.
         clock: monotonic seconds, to notice handlers that outlive their lease.
 
     Raises:
@@ -213,6 +252,7 @@ class IdempotencyMiddleware:
         routes: Sequence[str | Route | tuple[str | Route, IdempotencyOptions | Mapping[str, Any]]],
         store: IdempotencyStore | None = None,
         identify: Identify | None = None,
+        client_ip: Callable[[Scope], str] | None = None,
         header: str = "Idempotency-Key",
         required: bool = True,
         ttl: float = 86400.0,
@@ -220,6 +260,8 @@ class IdempotencyMiddleware:
         max_body_bytes: int = 1_048_576,
         max_response_bytes: int = 1_048_576,
         on_store_error: OnStoreError = "deny",
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 64 * 1_048_576,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(routes, str | Route):
@@ -232,6 +274,9 @@ class IdempotencyMiddleware:
             )
         if not header or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", header):
             raise ConfigError(f"idempotency header: {header!r} is not a valid header name")
+        for name, bound in (("max_pending", max_pending), ("max_pending_bytes", max_pending_bytes)):
+            if type(bound) is not int or bound < 0:
+                raise ConfigError(f"idempotency {name}: {bound!r} must be a non-negative integer")
         defaults = IdempotencyOptions(
             required=required,
             ttl=ttl,
@@ -263,10 +308,24 @@ class IdempotencyMiddleware:
             store = MemoryStore(clock=clock)
         self.store: IdempotencyStore = store
         self.identify = identify
+        self.client_ip = client_ip if client_ip is not None else ClientIP()
         self.header = header
         self._header_name = header.lower().encode("ascii")
         self.on_store_error: OnStoreError = on_store_error
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.clock = clock
+        # Responses the store has not taken yet, by record key: process-wide state, like
+        # the store itself (one middleware serves one event loop).
+        self._held: dict[str, _Held] = {}
+        self._held_bytes = 0
+        #: Responses that could not be held because max_pending(_bytes) was reached.
+        self.pending_dropped = 0
+
+    @property
+    def pending(self) -> int:
+        """How many responses are held here, waiting for the store to take them."""
+        return len(self._held)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -293,7 +352,7 @@ class IdempotencyMiddleware:
             return
 
         # Raises when the hook fails: the request is then answered 500, never let through
-        # anonymous (DESIGN section 3).
+        # anonymous (docs/architecture.md, "Contracts").
         who = await principal(scope, self.identify)
 
         declared = _content_length(scope)
@@ -320,7 +379,20 @@ class IdempotencyMiddleware:
             return
         receive = replay_body(body, receive)
         fingerprint = _fingerprint(method, path, scope.get("query_string", b""), body)
-        record_key = _record_key(who, method, config.pattern, key)
+        # Anonymous callers are scoped by their address: a key is guessable, and a shared
+        # namespace would hand one caller another's response, cookies included.
+        owner = who if who is not None else ("ip", self.client_ip(scope))
+        record_key = _record_key(owner, method, config.pattern, key)
+        if self._held:
+            held = self._held.get(record_key)
+            if held is not None:
+                # Answered from here, never from the store: while it could not be reached
+                # our lease may have lapsed there, and taking it anew would run the app twice.
+                if held.record.fingerprint != fingerprint:
+                    await send_error(scope, send, IdempotencyKeyReused())
+                else:
+                    await _replay(send, held.record)
+                return
         lease = _encoder.encode(_InFlight(fingerprint, secrets.token_bytes(16)))
 
         try:
@@ -374,9 +446,12 @@ class IdempotencyMiddleware:
         size = 0
         storable = True
         complete = False
+        recorded = False  # the record was written, or held here, or could not be held
+        held: _Held | None = None
+        started = self.clock()
 
         async def capture(message: Message) -> None:
-            nonlocal status, headers, size, storable, complete
+            nonlocal status, headers, size, storable, complete, recorded, held
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
@@ -395,12 +470,17 @@ class IdempotencyMiddleware:
                         chunks.append(bytes(chunk))
                 if not message.get("more_body", False):
                     complete = True
+                    if storable and status is not None and _is_final(status):
+                        # Before the last chunk: once the client holds the complete
+                        # response, the store (or this process) holds its record.
+                        recorded = True
+                        record = _Completed(fingerprint, status, _storable_headers(headers), chunks)
+                        held = await self._record(scope, config, record_key, lease, record, started)
             else:
                 # http.response.pathsend, zerocopysend, ...: bytes we never see.
                 storable = False
             await send(message)
 
-        started = self.clock()
         try:
             await self.app(scope, receive, capture)
         finally:
@@ -408,24 +488,25 @@ class IdempotencyMiddleware:
             # app that raises after its complete response (a failing background task, a
             # disconnect on the last send) has done its work, and freeing the key would
             # let a retry do it again. Shielded, so a cancelled request still settles.
-            final = status if complete else None
-            with anyio.move_on_after(_RELEASE_TIMEOUT, shield=True):
-                if final is None or not 200 <= final < 500 or final in _RETRYABLE_4XX:
-                    # 5xx, no full response, or "retry later": the client may retry.
-                    await self._release(scope, record_key, lease)
-                elif not storable:
-                    logger.warning(
-                        "response over %d bytes (or not capturable) not stored; key released "
-                        "[request_id=%s]",
-                        config.max_response_bytes,
-                        ensure_request_id(scope),
-                    )
-                    await self._release(scope, record_key, lease)
-                else:
-                    record = _Completed(fingerprint, final, _storable_headers(headers), chunks)
-                    await self._keep(scope, config, record_key, lease, record, started)
+            if held is not None:
+                await self._settle(scope, record_key, held)
+            elif not recorded:
+                final = status if complete else None
+                with anyio.move_on_after(_STORE_CALL_TIMEOUT, shield=True):
+                    if final is None or not _is_final(final):
+                        # 5xx, no full response, a redirect or "retry later": the client
+                        # may retry.
+                        await self._release(scope, record_key, lease)
+                    else:
+                        logger.warning(
+                            "response over %d bytes (or not capturable) not stored; key "
+                            "released [request_id=%s]",
+                            config.max_response_bytes,
+                            ensure_request_id(scope),
+                        )
+                        await self._release(scope, record_key, lease)
 
-    async def _keep(
+    async def _record(
         self,
         scope: Scope,
         config: _RouteConfig,
@@ -433,27 +514,128 @@ class IdempotencyMiddleware:
         lease: bytes,
         record: _Completed,
         started: float,
-    ) -> None:
-        try:
-            kept = await self.store.lease_complete(
-                record_key, lease, _encoder.encode(record), config.ttl
-            )
-        except StoreError as exc:
-            # Never released here: the handler succeeded, so a retry must not run it
-            # again; the in-flight lease answers 409 until it expires after lock_ttl.
-            logger.warning(
-                "idempotency store failed to keep a response; the key stays locked for its "
-                "lock_ttl [request_id=%s]: %s",
-                ensure_request_id(scope),
-                exc,
-            )
-            return
-        if not kept:
+    ) -> _Held | None:
+        """Write ``record`` now; if the store fails, hold it here. The held record, if any."""
+        held = _Held(config, lease, record, _encoder.encode(record))
+        stored: bool | None = None
+        failure: str = "timed out"
+        with anyio.move_on_after(_STORE_CALL_TIMEOUT, shield=True):
+            try:
+                stored = await self._write(record_key, held)
+            except StoreError as exc:
+                failure = str(exc)
+        if stored is None:
+            return self._hold(scope, record_key, held, failure)
+        if not stored:
             logger.warning(
                 "idempotency lease lost after %.1fs (lock_ttl=%gs); response not stored "
                 "[request_id=%s]",
                 self.clock() - started,
                 config.lock_ttl,
+                ensure_request_id(scope),
+            )
+        return None
+
+    async def _write(self, record_key: str, held: _Held) -> bool:
+        """One attempt to put ``held`` in the store: True once it is there, False if
+        another request holds the key.
+
+        Raises:
+            StoreError: the store did not answer; whether the write ran is unknown.
+        """
+        store = self.store
+        config = held.config
+        if await store.lease_complete(record_key, held.lease, held.value, config.ttl):
+            return True
+        # Not our lease any more. A free key lapsed while the store could not be reached:
+        # take it back and write. A key holding a value holds our own record (an earlier
+        # write ran in the store although its answer never came back) or another request's.
+        if await store.lease_extend(record_key, held.lease, config.lock_ttl):
+            return await store.lease_complete(record_key, held.lease, held.value, config.ttl)
+        current = await store.lease_acquire(record_key, held.lease, config.lock_ttl)
+        if current is None:  # freed between the two calls, and ours again
+            return await store.lease_complete(record_key, held.lease, held.value, config.ttl)
+        return current == held.value
+
+    def _hold(self, scope: Scope, record_key: str, held: _Held, failure: str) -> _Held | None:
+        """Keep ``held`` in this process until the store takes it, within the bounds."""
+        size = len(held.value)
+        if (
+            record_key in self._held
+            or len(self._held) >= self.max_pending
+            or self._held_bytes + size > self.max_pending_bytes
+        ):
+            # Fail closed: the lease is kept, not released, so retries get 409 until it
+            # expires; after that one retry may run the app again.
+            self.pending_dropped += 1
+            logger.error(
+                "idempotency store failed to keep a response, and it cannot be held here "
+                "(max_pending=%d, max_pending_bytes=%d reached: %d held, %d bytes); the key "
+                "stays locked until its lease expires after lock_ttl=%gs [request_id=%s]: %s",
+                self.max_pending,
+                self.max_pending_bytes,
+                len(self._held),
+                self._held_bytes,
+                held.config.lock_ttl,
+                ensure_request_id(scope),
+                failure,
+            )
+            return None
+        self._held[record_key] = held
+        self._held_bytes += size
+        logger.warning(
+            "idempotency store failed to keep a response; it is held in this process and "
+            "written again until it lands [request_id=%s]: %s",
+            ensure_request_id(scope),
+            failure,
+        )
+        return held
+
+    async def _settle(self, scope: Scope, record_key: str, held: _Held) -> None:
+        """Write a held record again, with backoff, until it lands (bounded by its ttl).
+
+        Runs in the request's task once the response is complete (an ASGI app has no
+        task group of its own without lifespan), shielded: the client is not waiting.
+        """
+        config = held.config
+        delay = _RETRY_FIRST
+        attempts = 0
+        stored: bool | None = None
+        try:
+            # Past the record's ttl there is nothing left to protect.
+            with anyio.move_on_after(config.ttl, shield=True):
+                while stored is None:
+                    # Jitter, so held records do not all hit a returning store at once.
+                    await anyio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
+                    attempts += 1
+                    try:
+                        stored = await self._write(record_key, held)
+                    except StoreError:
+                        delay = min(2 * delay, _RETRY_MAX)
+                        # Keep the lease meanwhile, so other processes answer 409.
+                        with contextlib.suppress(StoreError):
+                            await self.store.lease_extend(record_key, held.lease, config.lock_ttl)
+        finally:
+            if self._held.get(record_key) is held:
+                del self._held[record_key]
+                self._held_bytes -= len(held.value)
+        if stored:
+            logger.info(
+                "idempotency record written after %d more attempts [request_id=%s]",
+                attempts,
+                ensure_request_id(scope),
+            )
+        elif stored is None:
+            logger.error(
+                "idempotency store did not take a held response within its ttl=%gs; it "
+                "is no longer held [request_id=%s]",
+                config.ttl,
+                ensure_request_id(scope),
+            )
+        else:
+            logger.warning(
+                "idempotency lease taken by another request while the response was held; "
+                "response not stored [request_id=%s]",
                 ensure_request_id(scope),
             )
 
@@ -473,13 +655,15 @@ class IdempotencyMiddleware:
         return f"IdempotencyMiddleware(routes={patterns!r}, store={self.store!r})"
 
 
-def _record_key(who: str | None, method: str, pattern: str, key: str) -> str:
-    """``idem:<digest>`` of (principal, method, route, key).
+def _record_key(owner: str | tuple[str, str], method: str, pattern: str, key: str) -> str:
+    """``idem:<digest>`` of (owner, method, route, key).
 
-    Hashed as one unambiguous encoding: the parts are free text (a principal may hold
-    ``:``) and together could pass the 256-byte key limit.
+    The owner is the principal, or ``("ip", address)`` for an anonymous caller (an array
+    in the encoding, so no principal's name can equal it). Hashed as one unambiguous
+    encoding: the parts are free text (a principal may hold ``:``) and together could pass
+    the 256-byte key limit.
     """
-    parts = _encoder.encode((who, method, pattern, key))
+    parts = _encoder.encode((owner, method, pattern, key))
     return make_key("idem", hashlib.sha256(parts).hexdigest()[:40])
 
 

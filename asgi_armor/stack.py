@@ -239,7 +239,11 @@ def armor(
             with _entry(f"idempotency[{index}].route"):
                 route = Route(idem.route)
             options = IdempotencyOptions(
-                ttl=idem.ttl, required=idem.required, lock_ttl=idem.lock_ttl
+                ttl=idem.ttl,
+                required=idem.required,
+                lock_ttl=idem.lock_ttl,
+                max_body_bytes=idem.max_body_bytes,
+                max_response_bytes=idem.max_response_bytes,
             )
             idem_routes.append((route, options))
         with _entry("idempotency"):
@@ -248,7 +252,13 @@ def armor(
                 routes=idem_routes,
                 store=store,
                 identify=identify,
+                client_ip=client_ip,
+                # InputLimits refuses bigger bodies before this layer; a smaller default
+                # here would refuse bodies the [limits] allow.
+                max_body_bytes=config.limits.max_body_bytes if config.limits else 1_048_576,
                 on_store_error=config.idempotency_on_store_error,
+                max_pending=config.idempotency_max_pending,
+                max_pending_bytes=config.idempotency_max_pending_bytes,
             )
 
     if config.signature:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
@@ -911,7 +912,11 @@ async def test_exception_after_complete_response_keeps_the_record() -> None:
 
 
 async def test_store_failure_while_keeping_does_not_free_the_key() -> None:
-    """The handler succeeded: a failed lease_complete must not let a retry run it again."""
+    """The handler succeeded: a failed lease_complete must not let a retry run it again.
+
+    The record is written again after the response (httpx's ASGITransport waits for the
+    app's task, so by the time it answers the record has landed): the retry is the replay.
+    """
     runs = 0
 
     class FlakyComplete(MemoryStore):
@@ -937,7 +942,8 @@ async def test_store_failure_while_keeping_does_not_free_the_key() -> None:
     ) as client:
         assert (await client.post("/pay", headers={"Idempotency-Key": "k"})).status_code == 201
         retry = await client.post("/pay", headers={"Idempotency-Key": "k"})
-    assert retry.status_code == 409
+    assert (retry.status_code, retry.content) == (201, b"charged")
+    assert retry.headers["idempotent-replayed"] == "true"
     assert runs == 1
 
 
@@ -955,3 +961,411 @@ async def test_integer_principals_work() -> None:
         first = await client.post("/pay", headers={"Idempotency-Key": "k"})
         again = await client.post("/pay", headers={"Idempotency-Key": "k"})
     assert (first.status_code, again.headers.get("idempotent-replayed")) == (201, "true")
+
+
+# -- a response delivered is a response recorded -------------------------------------------
+
+
+class Outage(MemoryStore):
+    """A MemoryStore whose listed operations fail, as a frozen or unreachable Redis would.
+
+    ``lost_replies`` lists operations that do their work and then fail: the command ran in
+    the store, its answer never came back (a Redis frozen after it read the command).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.failing: set[str] = set()
+        self.lost_replies: set[str] = set()
+        self.calls: Counter[str] = Counter()
+
+    def _fail(self, name: str) -> None:
+        self.calls[name] += 1
+        if name in self.failing:
+            raise StoreError("redis store call failed: TimeoutError")
+
+    async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
+        self._fail("lease_acquire")
+        return await super().lease_acquire(key, lease, ttl)
+
+    async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
+        self._fail("lease_complete")
+        done = await super().lease_complete(key, lease, value, ttl)
+        if "lease_complete" in self.lost_replies:
+            self.lost_replies.discard("lease_complete")
+            raise StoreError("redis store call failed: TimeoutError")
+        return done
+
+    async def lease_extend(self, key: str, lease: bytes, ttl: float) -> bool:
+        self._fail("lease_extend")
+        return await super().lease_extend(key, lease, ttl)
+
+    async def lease_release(self, key: str, lease: bytes) -> bool:
+        self._fail("lease_release")
+        return await super().lease_release(key, lease)
+
+
+WRITES = {"lease_complete", "lease_extend", "lease_release"}
+
+
+def _scope(path: str, headers: Sequence[tuple[bytes, bytes]], client: str) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "client": (client, 123),
+        "server": ("t", 80),
+    }
+
+
+class Answer:
+    """What a client received: the status, the headers and the body, once complete."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+        self.complete = anyio.Event()
+
+
+async def respond(
+    tg: anyio.abc.TaskGroup,
+    app: Any,
+    path: str = "/api/payments",
+    idem_key: str = "k",
+    *,
+    body: bytes = b'{"amount": 1}',
+    client: str = "1.2.3.4",
+    on_last: Callable[[], None] | None = None,
+) -> Answer:
+    """Start one request in ``tg``; return when its response is complete, as a server would.
+
+    The app's task may go on after that (as it does under uvicorn): that is where a write
+    that failed is retried.
+    """
+    answer = Answer()
+    given = False
+
+    async def receive() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        assert not answer.complete.is_set(), message
+        if message["type"] == "http.response.start":
+            answer.status = message["status"]
+            answer.headers = dict(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            answer.body += message.get("body", b"")
+            if not message.get("more_body", False):
+                if on_last is not None:
+                    on_last()
+                answer.complete.set()
+
+    headers = [(b"idempotency-key", idem_key.encode()), (b"content-type", b"application/json")]
+    tg.start_soon(app, _scope(path, headers, client), receive, send)
+    with anyio.fail_after(5):
+        await answer.complete.wait()
+    return answer
+
+
+def inner(app: Any) -> IdempotencyMiddleware:
+    middleware = app.app
+    assert isinstance(middleware, IdempotencyMiddleware)
+    return middleware
+
+
+async def wait_settled(app: Any) -> None:
+    """Wait (at most 5 s) until the app's held records have reached the store."""
+    for _ in range(500):
+        if not inner(app).pending:
+            return
+        await anyio.sleep(0.01)
+    pytest.fail(f"{inner(app).pending} records still held after 5 s")
+
+
+@pytest.mark.parametrize("path", ["/api/payments", "/api/stream", "/api/big"])
+async def test_the_record_is_stored_before_the_last_chunk_goes_out(
+    anyio_backend: str, path: str
+) -> None:
+    """A client holding the complete response can count on its replay (streamed, or with
+    an empty last chunk, too)."""
+    store = MemoryStore()
+    app, backend = build(store=store)
+    record = _record_key("u1", "POST", f"POST {path}", "k")
+    stored_when_last_sent: list[bool] = []
+
+    def check() -> None:
+        value = store._get(record, store.clock())
+        stored_when_last_sent.append(value is not None and b"idem1.done" in value)
+
+    async with anyio.create_task_group() as tg:
+        headers = [(b"idempotency-key", b"k"), (b"x-user", b"u1")]
+        answer = Answer()
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                check()
+                answer.complete.set()
+
+        tg.start_soon(app, _scope(path, headers, "1.2.3.4"), receive, send)
+        await answer.complete.wait()
+    assert stored_when_last_sent == [True]
+    assert backend.calls[path] == 1
+
+
+async def test_a_failed_write_is_kept_and_retried_until_it_lands(anyio_backend: str) -> None:
+    store = Outage()
+    backend = Backend()
+    here, _ = build(backend, store=store)
+    elsewhere, _ = build(backend, store=store)  # another process sharing the store
+    async with client_for(elsewhere) as other, anyio.create_task_group() as tg:
+        store.failing = set(WRITES)
+        first = await respond(tg, here)
+        assert first.status == 201
+        assert inner(here).pending == 1
+        # This process holds the response: a retry reaching it is the replay.
+        again = await respond(tg, here)
+        assert (again.status, again.body) == (201, first.body)
+        assert again.headers[b"idempotent-replayed"] == b"true"
+        # Another process finds the lease kept, never released: 409, never a second run.
+        busy = await other.post("/api/payments", headers=key("k"), content=b'{"amount": 1}')
+        assert_error(busy, 409, "idempotency_key_in_use")
+        assert busy.headers["retry-after"] == "1"
+        store.failing = set()
+        await wait_settled(here)
+        landed = await other.post("/api/payments", headers=key("k"), content=b'{"amount": 1}')
+    assert (landed.status_code, landed.content) == (201, first.body)
+    assert landed.headers["idempotent-replayed"] == "true"
+    assert backend.calls["/api/payments"] == 1
+    assert inner(here).pending_dropped == 0
+
+
+async def test_a_lease_that_lapsed_during_the_outage_is_taken_back(
+    anyio_backend: str, clock: FakeClock
+) -> None:
+    """The store failed for longer than lock_ttl: still one execution while we hold it."""
+    store = Outage(clock=clock)
+    backend = Backend()
+    here, _ = build(backend, store=store, clock=clock, lock_ttl=1.0)
+    elsewhere, _ = build(backend, store=store, clock=clock, lock_ttl=1.0)
+    async with client_for(elsewhere) as other, anyio.create_task_group() as tg:
+        store.failing = set(WRITES)
+        first = await respond(tg, here)
+        clock.advance(3)  # the lease expires in the store meanwhile
+        again = await respond(tg, here)
+        assert (again.status, again.body) == (201, first.body)
+        assert again.headers[b"idempotent-replayed"] == b"true"
+        store.failing = set()
+        await wait_settled(here)
+        landed = await other.post("/api/payments", headers=key("k"), content=b'{"amount": 1}')
+    assert (landed.status_code, landed.content) == (201, first.body)
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_a_write_that_ran_but_whose_reply_was_lost_is_recognised(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis froze after reading the command: it stored the record, we saw a timeout."""
+    store = Outage()
+    store.lost_replies = {"lease_complete"}
+    app, backend = build(store=store)
+    with caplog.at_level(logging.INFO, logger="asgi_armor.idempotency"):
+        async with anyio.create_task_group() as tg:
+            first = await respond(tg, app)
+        async with client_for(app) as client:
+            again = await client.post("/api/payments", headers=key("k"), content=b'{"amount": 1}')
+    assert (again.status_code, again.content) == (201, first.body)
+    assert backend.calls["/api/payments"] == 1
+    assert inner(app).pending == 0
+    assert not any("lost" in record.getMessage() for record in caplog.records)
+
+
+async def test_pending_records_are_bounded_and_the_lease_is_kept(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Outage()
+    backend = Backend()
+    here, _ = build(backend, store=store, max_pending=1)
+    elsewhere, _ = build(backend, store=store)
+    with caplog.at_level(logging.WARNING, logger="asgi_armor.idempotency"):
+        async with client_for(elsewhere) as other, anyio.create_task_group() as tg:
+            store.failing = set(WRITES)
+            kept = await respond(tg, here, idem_key="k1")
+            await respond(tg, here, idem_key="k2")
+            assert inner(here).pending == 1
+            assert inner(here).pending_dropped == 1
+            # Past the bound the lease is kept (fail closed), not released.
+            busy = await other.post("/api/payments", headers=key("k2"), content=b'{"amount": 1}')
+            assert_error(busy, 409, "idempotency_key_in_use")
+            store.failing = set()
+            await wait_settled(here)
+            replay = await other.post("/api/payments", headers=key("k1"), content=b'{"amount": 1}')
+    assert replay.content == kept.body
+    assert backend.calls["/api/payments"] == 2
+    assert any("max_pending" in record.getMessage() for record in caplog.records)
+
+
+async def test_pending_bytes_are_bounded(anyio_backend: str) -> None:
+    store = Outage()
+    app, _ = build(store=store, max_pending_bytes=10)
+    async with anyio.create_task_group() as tg:
+        store.failing = set(WRITES)
+        await respond(tg, app)
+        assert (inner(app).pending, inner(app).pending_dropped) == (0, 1)
+        store.failing = set()
+
+
+@pytest.mark.parametrize(
+    "options", [{"max_pending": -1}, {"max_pending_bytes": -1}, {"max_pending": True}]
+)
+def test_pending_bounds_are_checked(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(options))):
+        IdempotencyMiddleware(Backend(), routes=ROUTES, **options)
+
+
+# -- scoping and what is stored (issue 15) -------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [307, 308])
+async def test_redirects_are_not_stored(anyio_backend: str, code: int) -> None:
+    """The client repeats the request at the new location with the same key."""
+    app, backend = build()
+    async with client_for(app) as client:
+        for expected_runs in (1, 2):
+            response = await client.post(f"/api/status/{code}", headers=key("k"))
+            assert response.status_code == code
+            assert "idempotent-replayed" not in response.headers
+            assert backend.calls[f"/api/status/{code}"] == expected_runs
+
+
+def anonymous_client(app: Any, address: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=(address, 123)), base_url="http://t"
+    )
+
+
+async def test_anonymous_callers_are_scoped_by_client_address(anyio_backend: str) -> None:
+    """A guessed key never hands one anonymous caller another's response (or cookies)."""
+    app, backend = build(identify=None)
+    async with anonymous_client(app, "1.2.3.4") as alice, anonymous_client(app, "5.6.7.8") as eve:
+        mine = await alice.post("/api/stream", headers=key("order-1"))
+        guessed = await eve.post("/api/stream", headers=key("order-1"))
+        again = await alice.post("/api/stream", headers=key("order-1"))
+    assert guessed.headers["x-run"] == "2"
+    assert "idempotent-replayed" not in guessed.headers
+    assert (again.content, again.headers["idempotent-replayed"]) == (mine.content, "true")
+    assert backend.calls["/api/stream"] == 2
+
+
+async def test_anonymous_scoping_uses_the_full_ipv6_address(anyio_backend: str) -> None:
+    app, backend = build(identify=None)
+    async with (
+        anonymous_client(app, "2001:db8::1") as one,
+        anonymous_client(app, "2001:db8::2") as neighbour,
+    ):
+        await one.post("/api/payments", headers=key("k"))
+        other = await neighbour.post("/api/payments", headers=key("k"))
+    assert "idempotent-replayed" not in other.headers
+    assert backend.calls["/api/payments"] == 2
+
+
+async def test_principals_are_not_scoped_by_address(anyio_backend: str) -> None:
+    """A signed-in user retrying from another network still gets their replay."""
+    app, backend = build()
+    async with anonymous_client(app, "1.2.3.4") as home, anonymous_client(app, "5.6.7.8") as phone:
+        first = await home.post("/api/payments", headers={**key("k"), "X-User": "u1"})
+        retry = await phone.post("/api/payments", headers={**key("k"), "X-User": "u1"})
+    assert (retry.content, retry.headers["idempotent-replayed"]) == (first.content, "true")
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_client_ip_option_names_the_anonymous_scope(anyio_backend: str) -> None:
+    app, backend = build(identify=None, client_ip=lambda scope: "one-tenant")
+    async with anonymous_client(app, "1.2.3.4") as one, anonymous_client(app, "5.6.7.8") as two:
+        await one.post("/api/payments", headers=key("k"))
+        replay = await two.post("/api/payments", headers=key("k"))
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_armor_scopes_anonymous_callers_by_the_forwarded_client(anyio_backend: str) -> None:
+    from asgi_armor import ArmorConfig, armor
+    from asgi_armor.config import IdempotencyEntry
+
+    backend = Backend()
+    config = ArmorConfig(
+        trusted_proxies=["10.0.0.1"], idempotency=[IdempotencyEntry(route="POST /api/payments")]
+    )
+    app = armor(backend, config)
+    async with anonymous_client(app, "10.0.0.1") as proxy:
+        first = await proxy.post(
+            "/api/payments", headers={**key("k"), "X-Forwarded-For": "198.51.100.7"}
+        )
+        other = await proxy.post(
+            "/api/payments", headers={**key("k"), "X-Forwarded-For": "203.0.113.9"}
+        )
+        retry = await proxy.post(
+            "/api/payments", headers={**key("k"), "X-Forwarded-For": "198.51.100.7"}
+        )
+    assert "idempotent-replayed" not in other.headers
+    assert (retry.content, retry.headers["idempotent-replayed"]) == (first.content, "true")
+    assert backend.calls["/api/payments"] == 2
+
+
+async def test_armor_request_cap_follows_limits(anyio_backend: str) -> None:
+    """Bodies the [limits] allow reach an idempotent route."""
+    from asgi_armor import ArmorConfig, armor
+    from asgi_armor.config import IdempotencyEntry, LimitsConfig
+
+    backend = Backend()
+    config = ArmorConfig(
+        limits=LimitsConfig(max_body_bytes=4 * 1_048_576),
+        idempotency=[IdempotencyEntry(route="POST /api/payments")],
+    )
+    async with client_for(armor(backend, config)) as client:
+        big_body = b"x" * (2 * 1_048_576)
+        response = await client.post("/api/payments", headers=key("k"), content=big_body)
+    assert response.status_code == 201, response.text
+    assert backend.calls["/api/payments"] == 1
+
+
+async def test_armor_entry_sets_its_own_caps(anyio_backend: str) -> None:
+    from asgi_armor import ArmorConfig, armor
+    from asgi_armor.config import IdempotencyEntry
+
+    backend = Backend()
+    entry = IdempotencyEntry(route="POST /api/big", max_body_bytes=100, max_response_bytes=3000)
+    async with client_for(armor(backend, ArmorConfig(idempotency=[entry]))) as client:
+        assert_error(
+            await client.post("/api/big", headers=key("k"), content=b"x" * 101),
+            413,
+            "payload_too_large",
+        )
+        # 4000 bytes answered, over the entry's 3000: passed through unstored.
+        for _ in range(2):
+            assert (await client.post("/api/big", headers=key("k"))).status_code == 200
+    assert backend.calls["/api/big"] == 2
+
+
+def test_config_entry_caps_are_checked() -> None:
+    from asgi_armor import ArmorConfig, armor
+    from asgi_armor.config import IdempotencyEntry
+
+    config = ArmorConfig(idempotency=[IdempotencyEntry(route="POST /x", max_body_bytes=-1)])
+    with pytest.raises(ConfigError, match=r"idempotency.*max_body_bytes"):
+        armor(Backend(), config)
