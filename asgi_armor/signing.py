@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import random
 import re
 import secrets as _secrets
 import time
@@ -97,6 +98,14 @@ _DIGEST_SIZE = {name: hashlib.new(name).digest_size for name in _ALGORITHMS}
 
 _MALFORMED = "malformed_signature"
 _MISSING = "missing_signature"
+
+#: Backoff between two store calls that settle a replay-cache entry the store missed
+#: (seconds, doubled up to the cap, jittered).
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+#: Seconds forgetting a failed delivery may take when it runs shielded from cancellation;
+#: past it, it is retried after the response.
+_FORGET_TIMEOUT = 1.0
 
 
 # -- header access -------------------------------------------------------------------
@@ -773,6 +782,21 @@ class _Compiled:
     replay_protection: bool
 
 
+@dataclass(slots=True)
+class _Intent:
+    """What the store must end up holding for one message id, while it does not yet.
+
+    ``remember``: an accepted delivery, remembered only here so far. Otherwise a delivery
+    that was not handled, whose id the store may still hold: its retry must get through.
+    """
+
+    remember: bool
+    expires: float  # monotonic end of the replay window
+    # The request whose task brings the store in line after its response; None for a note
+    # kept here only (an id the store may hold after a call whose answer was lost).
+    owner: object | None
+
+
 class SignatureMiddleware:
     """Verify request signatures on configured routes before the app sees the request.
 
@@ -790,7 +814,11 @@ class SignatureMiddleware:
         max_body_bytes: larger bodies are refused with 413 before hashing.
         replay_protection: remember verified messages and refuse repeats.
         on_store_error: ``"deny"`` (503 service_unavailable, default) or ``"allow"``
-            (accept the message unremembered) when the store fails.
+            (accept the message, remembered in this process until the store takes it)
+            when the store fails.
+        max_pending: most message ids held in this process while the store cannot take
+            them; past it a delivery the store cannot remember is refused (503) and the
+            drop is logged and counted in ``pending_dropped``.
         wall_clock: current Unix time (``time.time``); inject a fake one in tests.
         logger: where store failures are logged.
 
@@ -810,10 +838,15 @@ class SignatureMiddleware:
         max_body_bytes: int = 1_048_576,
         replay_protection: bool = True,
         on_store_error: OnStoreError = "deny",
+        max_pending: int = 10_000,
         wall_clock: Callable[[], float] = time.time,
         logger: logging.Logger = logger,
     ) -> None:
         _check_tolerance(tolerance, "signature tolerance")
+        if type(max_pending) is not int or max_pending < 0:
+            raise ConfigError(
+                f"signature max_pending: {max_pending!r} must be a non-negative integer"
+            )
         if max_body_bytes < 1:
             raise ConfigError("signature max_body_bytes: must be at least 1")
         if on_store_error not in ("allow", "deny"):
@@ -851,8 +884,18 @@ class SignatureMiddleware:
         self.max_body_bytes = max_body_bytes
         self.replay_protection = replay_protection
         self.on_store_error: OnStoreError = on_store_error
+        self.max_pending = max_pending
         self.wall_clock = wall_clock
         self.logger = logger
+        # Replay-cache entries the store missed, by nonce key: process-wide, like the store.
+        self._intents: dict[str, _Intent] = {}
+        #: Deliveries whose id could not be held because max_pending was reached.
+        self.pending_dropped = 0
+
+    @property
+    def pending(self) -> int:
+        """How many message ids this process holds until the store takes them (or drops them)."""
+        return len(self._intents)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -863,42 +906,53 @@ class SignatureMiddleware:
             await self.app(scope, receive, send)
             return
         route = found[0]
+        me = object()  # this request, as the owner of a replay-cache entry it must settle
+        nonce: str | None = None
         try:
-            body = await self._read(scope, receive)
-            message = _verify(
-                _HeaderView(scope["headers"]),
-                body,
-                route.keys,
-                route.scheme,
-                route.tolerance,
-                self.wall_clock(),
-            )
-            nonce = await self._remember(scope, route, message) if route.replay_protection else None
-        except ArmorError as exc:
-            if isinstance(exc, InvalidSignature):
-                exc.headers["WWW-Authenticate"] = route.scheme.challenge()
-            await send_error(scope, send, exc)
-            return
-        scope_state(scope)["signature"] = message
-        if nonce is None:
-            await self.app(scope, replay_body(body, receive), send)
-            return
-        status = 500
+            try:
+                body = await self._read(scope, receive)
+                message = _verify(
+                    _HeaderView(scope["headers"]),
+                    body,
+                    route.keys,
+                    route.scheme,
+                    route.tolerance,
+                    self.wall_clock(),
+                )
+                if route.replay_protection:
+                    nonce = make_key("nonce", route.pattern, message.replay_id)
+                    await self._admit(scope, route, nonce, me)
+            except ArmorError as exc:
+                if isinstance(exc, InvalidSignature):
+                    exc.headers["WWW-Authenticate"] = route.scheme.challenge()
+                await send_error(scope, send, exc)
+                return
+            scope_state(scope)["signature"] = message
+            if nonce is None:
+                await self.app(scope, replay_body(body, receive), send)
+                return
+            status = 500
 
-        async def watch_status(reply: Message) -> None:
-            nonlocal status
-            if reply["type"] == "http.response.start":
-                status = reply["status"]
-            await send(reply)
+            async def watch_status(reply: Message) -> None:
+                nonlocal status
+                if reply["type"] == "http.response.start":
+                    status = reply["status"]
+                await send(reply)
 
-        try:
-            await self.app(scope, replay_body(body, receive), watch_status)
+            try:
+                await self.app(scope, replay_body(body, receive), watch_status)
+            finally:
+                if status >= 500:
+                    # The app failed to handle the message: a sender retrying the same
+                    # signed request must get through, not be refused as a replay.
+                    await self._unadmit(scope, route, nonce, me)
         finally:
-            if status >= 500:
-                # The app failed to handle the message: a sender retrying the same
-                # signed request must get through, not be refused as a replay.
-                with anyio.move_on_after(1.0, shield=True):
-                    await self._forget(scope, nonce)
+            # After the response, in this request's task: an entry the store missed is
+            # written (or deleted) there until it lands.
+            intent = None if nonce is None else self._intents.get(nonce)
+            if intent is not None and intent.owner is me:
+                assert nonce is not None
+                await self._settle(scope, nonce, intent)
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         declared = get_header(scope, b"content-length")
@@ -912,15 +966,27 @@ class SignatureMiddleware:
             raise PayloadTooLarge(max_bytes=self.max_body_bytes)
         return await read_body(receive, self.max_body_bytes)
 
-    async def _remember(
-        self, scope: Scope, route: _Compiled, message: VerifiedMessage
-    ) -> str | None:
-        """Record the message as seen; its nonce key, or None when the store failed open."""
-        key = make_key("nonce", route.pattern, message.replay_id)
+    async def _admit(self, scope: Scope, route: _Compiled, key: str, me: object) -> None:
+        """Record a verified delivery as seen, or raise: replayed, or the store failed."""
+        intent = self._intents.get(key) if self._intents else None
+        if intent is not None and intent.expires <= time.monotonic():
+            intent = None  # its replay window is over; the store has dropped the id too
+        if intent is not None:
+            if intent.remember:
+                # Accepted here already; the store has not taken it yet.
+                raise InvalidSignature("replayed")
+            # The retry of a delivery that was not handled, whose id the store may still
+            # hold. Claimed before any await, so a concurrent copy is refused.
+            intent.remember = True
+        window = 2 * route.tolerance
         try:
-            new = await self.store.remember(key, 2 * route.tolerance)
+            new = await self.store.remember(key, window)
         except Overloaded:
-            raise  # this process is overloaded, not the store: shed, never the policy
+            # This process is overloaded, not the store (the call was never sent): shed,
+            # never the policy.
+            if intent is not None:
+                intent.remember = False
+            raise
         except Exception as exc:
             self.logger.warning(
                 "replay cache unavailable for %r (%s) [request_id=%s]: %s",
@@ -930,23 +996,120 @@ class SignatureMiddleware:
                 type(exc).__name__,
             )
             if self.on_store_error == "deny":
+                if intent is not None:
+                    intent.remember = False
+                else:
+                    # The call may have run in the store although its answer was lost;
+                    # noted, so the retry of this delivery reaching this process is not
+                    # refused as a replay of it.
+                    self._hold(scope, key, False, window, None)
                 # Same answer as the idempotency layer's: the store's breaker lets a trial
                 # call through after about a second, so that is when a retry may succeed.
                 raise ServiceUnavailable(retry_after=1.0) from None
-            return None
+            if intent is not None:
+                if intent.owner is None:
+                    intent.owner = me
+            elif not self._hold(scope, key, True, window, me):
+                # Past the bound: refused rather than accepted unremembered, so a replay
+                # can never run twice.
+                raise ServiceUnavailable(retry_after=1.0) from None
+            return
+        if intent is not None:
+            if intent.owner is None and self._intents.get(key) is intent:
+                del self._intents[key]  # a note only, and the store holds the id now
+            return
         if not new:
             raise InvalidSignature("replayed")
-        return key
 
-    async def _forget(self, scope: Scope, key: str) -> None:
-        try:
-            await self.store.forget(key)
-        except Exception as exc:
-            self.logger.warning(
-                "replay cache could not forget a failed message; a retry is refused until it "
-                "expires [request_id=%s]: %s",
+    def _hold(
+        self, scope: Scope, key: str, remember: bool, window: float, owner: object | None
+    ) -> bool:
+        """Hold what the store must end up with for ``key``; False past ``max_pending``."""
+        now = time.monotonic()
+        current = self._intents.get(key)
+        if current is not None and current.expires > now:
+            # Another copy of this delivery got here during our store call.
+            if remember and current.remember:
+                raise InvalidSignature("replayed")
+            current.remember = current.remember or remember
+            if current.owner is None:
+                current.owner = owner
+            return True
+        if len(self._intents) >= self.max_pending:
+            for stale in [
+                k for k, i in self._intents.items() if i.owner is None and i.expires <= now
+            ]:
+                del self._intents[stale]
+        if len(self._intents) >= self.max_pending:
+            self.pending_dropped += 1
+            self.logger.error(
+                "replay cache: the store missed a message id and it cannot be held here "
+                "(max_pending=%d reached) [request_id=%s]",
+                self.max_pending,
                 ensure_request_id(scope),
-                type(exc).__name__,
+            )
+            return False
+        self._intents[key] = _Intent(remember, now + window, owner)
+        return True
+
+    async def _unadmit(self, scope: Scope, route: _Compiled, key: str, me: object) -> None:
+        """Forget a delivery the app failed to handle, so its retry is not a replay."""
+        intent = self._intents.get(key)
+        if intent is not None:
+            intent.remember = False  # its owner's task forgets it in the store
+            if intent.owner is None:
+                intent.owner = me
+            return
+        forgotten = False
+        with anyio.move_on_after(_FORGET_TIMEOUT, shield=True):
+            try:
+                await self.store.forget(key)
+                forgotten = True
+            except Exception as exc:
+                self.logger.warning(
+                    "replay cache could not forget a failed message; retried after the "
+                    "response [request_id=%s]: %s",
+                    ensure_request_id(scope),
+                    type(exc).__name__,
+                )
+        if not forgotten:
+            self._hold(scope, key, False, 2 * route.tolerance, me)
+
+    async def _settle(self, scope: Scope, key: str, intent: _Intent) -> None:
+        """Bring the store to what ``intent`` says, with backoff, within the replay window.
+
+        Runs in the request's task once its response is complete, shielded: the sender is
+        not waiting. Another delivery may change the intent meanwhile; it is followed.
+        """
+        delay = _RETRY_FIRST
+        with anyio.move_on_after(max(0.0, intent.expires - time.monotonic()), shield=True):
+            while self._intents.get(key) is intent and intent.owner is not None:
+                # Jitter, so held entries do not all hit a returning store at once.
+                await anyio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
+                wanted = intent.remember
+                try:
+                    if wanted:
+                        await self.store.remember(key, max(intent.expires - time.monotonic(), 1.0))
+                    else:
+                        await self.store.forget(key)
+                except Exception:
+                    delay = min(2 * delay, _RETRY_MAX)
+                    continue
+                if intent.remember == wanted and self._intents.get(key) is intent:
+                    del self._intents[key]
+                    self.logger.info(
+                        "replay cache caught up with a message id [request_id=%s]",
+                        ensure_request_id(scope),
+                    )
+                    return
+                delay = _RETRY_FIRST
+        if self._intents.get(key) is intent:
+            # The replay window is over: the store would have dropped the id by now.
+            del self._intents[key]
+            self.logger.warning(
+                "replay cache: the store did not answer within the replay window; the "
+                "message id is no longer held [request_id=%s]",
+                ensure_request_id(scope),
             )
 
     def __repr__(self) -> str:

@@ -648,12 +648,8 @@ async def test_store_failure_denies_by_default_and_allows_when_asked() -> None:
             await client.post("/webhooks/hex", content=BODY, headers=wrong), "signature_mismatch"
         )
     assert recorder.bodies == []
-    app = make(recorder, store=FailingStore(), on_store_error="allow")
-    async with client_for(app) as client:
-        for _ in range(2):
-            response = await client.post("/webhooks/hex", content=BODY, headers=headers)
-            assert response.status_code == 200
-    assert recorder.bodies == [BODY, BODY]
+    # "allow" accepts the delivery unremembered in the store, but never twice here: see
+    # test_an_accepted_delivery_stays_remembered_when_the_store_fails_open.
 
 
 @pytest.mark.anyio
@@ -831,3 +827,202 @@ def test_verify_raises_with_its_schemes_challenge() -> None:
     }
     assert InvalidSignature().headers == {"WWW-Authenticate": "Signature"}
     assert Stripe().challenge() == 'Signature scheme="stripe", header="Stripe-Signature"'
+
+
+# -- an accepted delivery stays remembered; a failed one stays retryable -------------------
+
+
+class FlakyNonces(MemoryStore):
+    """A MemoryStore whose replay-cache calls fail while listed, as a frozen Redis's would.
+
+    ``lost_replies`` lists calls that do their work and then fail (the command ran in the
+    store; its answer never came back).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[str] = set()
+        self.lost_replies: set[str] = set()
+
+    async def remember(self, key: str, ttl: float) -> bool:
+        if "remember" in self.failing:
+            raise StoreError("redis store call failed: TimeoutError")
+        new = await super().remember(key, ttl)
+        if "remember" in self.lost_replies:
+            self.lost_replies.discard("remember")
+            raise StoreError("redis store call failed: TimeoutError")
+        return new
+
+    async def forget(self, key: str) -> None:
+        if "forget" in self.failing:
+            raise StoreError("redis store call failed: TimeoutError")
+        await super().forget(key)
+
+
+async def deliver(
+    tg: Any, app: Any, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    """Start one delivery in ``tg``; return its status and body once the response is
+    complete (the app's task may go on after that, as under a real server)."""
+    import anyio
+
+    status = 0
+    answer = b""
+    complete = anyio.Event()
+    given = False
+
+    async def receive() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        nonlocal status, answer
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            answer += message.get("body", b"")
+            if not message.get("more_body", False):
+                complete.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.lower().encode(), value.encode()) for name, value in headers.items()],
+        "client": ("1.2.3.4", 123),
+        "server": ("t", 80),
+    }
+    tg.start_soon(ErrorMiddleware(app), scope, receive, send)
+    with anyio.fail_after(5):
+        await complete.wait()
+    return status, answer
+
+
+async def settled(*middlewares: SignatureMiddleware) -> None:
+    import anyio
+
+    for _ in range(500):
+        if not any(middleware.pending for middleware in middlewares):
+            return
+        await anyio.sleep(0.01)
+    pytest.fail("message ids still held after 5 s")
+
+
+def replayed(answer: tuple[int, bytes]) -> bool:
+    status, body = answer
+    return status == 401 and json.loads(body)["details"][0]["code"] == "replayed"
+
+
+def failing_once() -> tuple[Callable[..., Any], list[int]]:
+    """An app answering 500 to its first delivery and 200 after; the list counts runs."""
+    runs: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        runs.append(1)
+        status = 500 if len(runs) == 1 else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app, runs
+
+
+@pytest.mark.anyio
+async def test_an_accepted_delivery_stays_remembered_when_the_store_fails_open() -> None:
+    import anyio
+
+    store = FlakyNonces()
+    recorder = Recorder()
+    here = make(recorder, store=store, on_store_error="allow")
+    elsewhere = make(recorder, store=store, on_store_error="allow")
+    headers = sign(BODY, "hex-secret")
+    async with anyio.create_task_group() as tg:
+        store.failing = {"remember"}
+        assert (await deliver(tg, here, "/webhooks/hex", BODY, headers))[0] == 200
+        # Still down: this process knows of the delivery and refuses its replay.
+        assert replayed(await deliver(tg, here, "/webhooks/hex", BODY, headers))
+        other = sign(b'{"other": 1}', "hex-secret")
+        assert (await deliver(tg, here, "/webhooks/hex", b'{"other": 1}', other))[0] == 200
+        store.failing = set()
+        await settled(here)
+        # Remembered in the store once it answers: other processes refuse it too.
+        assert replayed(await deliver(tg, elsewhere, "/webhooks/hex", BODY, headers))
+    assert recorder.bodies == [BODY, b'{"other": 1}']
+
+
+@pytest.mark.anyio
+async def test_a_failed_delivery_stays_retryable_when_forget_fails() -> None:
+    import anyio
+
+    store = FlakyNonces()
+    app, runs = failing_once()
+    routes = {"POST /hook": (HexHmac(), "s")}
+    here = SignatureMiddleware(app, routes=routes, store=store)
+    elsewhere = SignatureMiddleware(app, routes=routes, store=store)
+    body = b'{"event": 1}'
+    headers = sign(body, "s", scheme=HexHmac())
+    async with anyio.create_task_group() as tg:
+        store.failing = {"forget"}
+        assert (await deliver(tg, here, "/hook", body, headers))[0] == 500
+        # The sender's retry is the genuine delivery, not a replay.
+        assert (await deliver(tg, here, "/hook", body, headers))[0] == 200
+        assert replayed(await deliver(tg, here, "/hook", body, headers))
+        store.failing = set()
+        await settled(here)
+        assert replayed(await deliver(tg, elsewhere, "/hook", body, headers))
+    assert len(runs) == 2
+
+
+@pytest.mark.anyio
+async def test_a_failed_delivery_is_forgotten_once_the_store_answers() -> None:
+    import anyio
+
+    store = FlakyNonces()
+    app, runs = failing_once()
+    routes = {"POST /hook": (HexHmac(), "s")}
+    here = SignatureMiddleware(app, routes=routes, store=store)
+    elsewhere = SignatureMiddleware(app, routes=routes, store=store)
+    body = b'{"event": 2}'
+    headers = sign(body, "s", scheme=HexHmac())
+    async with anyio.create_task_group() as tg:
+        store.failing = {"forget"}
+        assert (await deliver(tg, here, "/hook", body, headers))[0] == 500
+        store.failing = set()
+        await settled(here)
+        # The retry reaches another process: the failed delivery was forgotten there too.
+        assert (await deliver(tg, elsewhere, "/hook", body, headers))[0] == 200
+    assert len(runs) == 2
+
+
+@pytest.mark.anyio
+async def test_a_refused_delivery_whose_remember_ran_stays_retryable() -> None:
+    """The store kept the id but its answer was lost: the 503'd delivery is no replay here.
+
+    (A retry reaching another process is refused until the id expires: see
+    docs/security.md, "Known limits".)
+    """
+    import anyio
+
+    store = FlakyNonces()
+    recorder = Recorder()
+    here = make(recorder, store=store)
+    elsewhere = make(recorder, store=store)
+    headers = sign(BODY, "hex-secret")
+    async with anyio.create_task_group() as tg:
+        store.lost_replies = {"remember"}
+        assert (await deliver(tg, here, "/webhooks/hex", BODY, headers))[0] == 503
+        assert here.pending == 1
+        assert (await deliver(tg, here, "/webhooks/hex", BODY, headers))[0] == 200
+        assert here.pending == 0
+        assert replayed(await deliver(tg, here, "/webhooks/hex", BODY, headers))
+        assert replayed(await deliver(tg, elsewhere, "/webhooks/hex", BODY, headers))
+    assert recorder.bodies == [BODY]
