@@ -352,7 +352,7 @@ class IdempotencyMiddleware:
             return
 
         # Raises when the hook fails: the request is then answered 500, never let through
-        # anonymous (docs/architecture.md, "Contracts").
+        # anonymous.
         who = await principal(scope, self.identify)
 
         declared = _content_length(scope)

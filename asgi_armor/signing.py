@@ -1082,30 +1082,35 @@ class SignatureMiddleware:
         not waiting. Another delivery may change the intent meanwhile; it is followed.
         """
         delay = _RETRY_FIRST
-        with anyio.move_on_after(max(0.0, intent.expires - time.monotonic()), shield=True):
-            while self._intents.get(key) is intent and intent.owner is not None:
-                # Jitter, so held entries do not all hit a returning store at once.
-                await anyio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
-                wanted = intent.remember
-                try:
-                    if wanted:
-                        await self.store.remember(key, max(intent.expires - time.monotonic(), 1.0))
-                    else:
-                        await self.store.forget(key)
-                except Exception:
-                    delay = min(2 * delay, _RETRY_MAX)
-                    continue
-                if intent.remember == wanted and self._intents.get(key) is intent:
-                    del self._intents[key]
-                    self.logger.info(
-                        "replay cache caught up with a message id [request_id=%s]",
-                        ensure_request_id(scope),
-                    )
-                    return
-                delay = _RETRY_FIRST
-        if self._intents.get(key) is intent:
+        settled = False
+        try:
+            with anyio.move_on_after(max(0.0, intent.expires - time.monotonic()), shield=True):
+                while not settled:
+                    # Jitter, so held entries do not all hit a returning store at once.
+                    await anyio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
+                    wanted = intent.remember
+                    try:
+                        if wanted:
+                            ttl = max(intent.expires - time.monotonic(), 1.0)
+                            await self.store.remember(key, ttl)
+                        else:
+                            await self.store.forget(key)
+                    except Exception:
+                        delay = min(2 * delay, _RETRY_MAX)
+                        continue
+                    # Another delivery may have changed what is wanted during the call.
+                    settled = intent.remember == wanted
+                    delay = _RETRY_FIRST
+        finally:
+            if self._intents.get(key) is intent:
+                del self._intents[key]
+        if settled:
+            self.logger.info(
+                "replay cache caught up with a message id [request_id=%s]",
+                ensure_request_id(scope),
+            )
+        else:
             # The replay window is over: the store would have dropped the id by now.
-            del self._intents[key]
             self.logger.warning(
                 "replay cache: the store did not answer within the replay window; the "
                 "message id is no longer held [request_id=%s]",

@@ -1026,3 +1026,25 @@ async def test_a_refused_delivery_whose_remember_ran_stays_retryable() -> None:
         assert replayed(await deliver(tg, here, "/webhooks/hex", BODY, headers))
         assert replayed(await deliver(tg, elsewhere, "/webhooks/hex", BODY, headers))
     assert recorder.bodies == [BODY]
+
+
+@pytest.mark.anyio
+async def test_past_max_pending_a_delivery_the_store_misses_is_refused() -> None:
+    """Fail closed: never accepted unremembered, even under "allow"."""
+    import anyio
+
+    store = FlakyNonces()
+    store.failing = {"remember"}
+    recorder = Recorder()
+    app = make(recorder, store=store, on_store_error="allow", max_pending=0)
+    async with anyio.create_task_group() as tg:
+        status, _ = await deliver(tg, app, "/webhooks/hex", BODY, sign(BODY, "hex-secret"))
+    assert status == 503
+    assert (app.pending, app.pending_dropped) == (0, 1)
+    assert recorder.bodies == []
+
+
+@pytest.mark.parametrize("bound", [-1, True, 1.5])
+def test_signature_max_pending_is_checked(bound: Any) -> None:
+    with pytest.raises(ConfigError, match="max_pending"):
+        make(Recorder(), max_pending=bound)
