@@ -522,8 +522,10 @@ class IdempotencyMiddleware:
         with anyio.move_on_after(_STORE_CALL_TIMEOUT, shield=True):
             try:
                 stored = await self._write(record_key, held)
-            except StoreError as exc:
-                failure = str(exc)
+            except (StoreError, Overloaded) as exc:
+                # Overloaded: this process could not reach the store in time; the record
+                # is held all the same.
+                failure = str(exc) or type(exc).__name__
         if stored is None:
             return self._hold(scope, record_key, held, failure)
         if not stored:
@@ -542,6 +544,7 @@ class IdempotencyMiddleware:
 
         Raises:
             StoreError: the store did not answer; whether the write ran is unknown.
+            Overloaded: this process could not send the call in time.
         """
         store = self.store
         config = held.config
@@ -610,10 +613,10 @@ class IdempotencyMiddleware:
                     attempts += 1
                     try:
                         stored = await self._write(record_key, held)
-                    except StoreError:
+                    except (StoreError, Overloaded):
                         delay = min(2 * delay, _RETRY_MAX)
                         # Keep the lease meanwhile, so other processes answer 409.
-                        with contextlib.suppress(StoreError):
+                        with contextlib.suppress(StoreError, Overloaded):
                             await self.store.lease_extend(record_key, held.lease, config.lock_ttl)
         finally:
             if self._held.get(record_key) is held:

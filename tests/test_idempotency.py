@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from asgi_armor._asgi import Message, Receive, Scope, Send
-from asgi_armor.errors import ConfigError, ErrorMiddleware
+from asgi_armor.errors import ConfigError, ErrorMiddleware, Overloaded
 from asgi_armor.idempotency import (
     IdempotencyMiddleware,
     IdempotencyOptions,
@@ -977,12 +977,16 @@ class Outage(MemoryStore):
         super().__init__(**options)
         self.failing: set[str] = set()
         self.lost_replies: set[str] = set()
+        self.overloaded: set[str] = set()  # each fails once, as a saturated process does
         self.calls: Counter[str] = Counter()
 
     def _fail(self, name: str) -> None:
         self.calls[name] += 1
         if name in self.failing:
             raise StoreError("redis store call failed: TimeoutError")
+        if name in self.overloaded:
+            self.overloaded.discard(name)
+            raise Overloaded(retry_after=1.0)
 
     async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
         self._fail("lease_acquire")
@@ -1193,6 +1197,21 @@ async def test_a_write_that_ran_but_whose_reply_was_lost_is_recognised(
     assert backend.calls["/api/payments"] == 1
     assert inner(app).pending == 0
     assert not any("lost" in record.getMessage() for record in caplog.records)
+
+
+async def test_an_overloaded_process_still_holds_the_record(anyio_backend: str) -> None:
+    """Overloaded (no turn to reach the store in time) is a failed write, not a lost one."""
+    store = Outage()
+    store.overloaded = {"lease_complete"}
+    app, backend = build(store=store)
+    async with anyio.create_task_group() as tg:
+        first = await respond(tg, app)
+        assert inner(app).pending == 1
+        await wait_settled(app)
+    async with client_for(app) as client:
+        again = await client.post("/api/payments", headers=key("k"), content=b'{"amount": 1}')
+    assert (first.status, again.status_code, again.content) == (201, 201, first.body)
+    assert backend.calls["/api/payments"] == 1
 
 
 async def test_pending_records_are_bounded_and_the_lease_is_kept(

@@ -118,8 +118,8 @@ class Payments:
         await send_json(send, 201, json.dumps(payload).encode())
 
 
-def _breaker() -> CircuitBreaker:
-    return CircuitBreaker(fail_max=3, reset_timeout=0.3, name="redis-store")
+def _breakers() -> dict[str, CircuitBreaker]:
+    return {"idempotency": CircuitBreaker(fail_max=3, reset_timeout=0.3, name="idempotency")}
 
 
 class Workers:
@@ -128,14 +128,14 @@ class Workers:
     def __init__(self, url: str, prefix: str, pid: int, lock_ttl: float = 60.0) -> None:
         self.payments = Payments()
         # A breaker that tries again after 0.3 s (not 1 s) keeps the 20 rounds short.
-        self.store = FreezingStore.from_url(url, prefix=prefix, breaker=_breaker())
+        self.store = FreezingStore.from_url(url, prefix=prefix, breakers=_breakers())
         self.store.pid = pid
         self.store.armed = {}
         self.store.frozen_at = {}
         self.here = IdempotencyMiddleware(
             self.payments, routes=["POST /pay"], store=self.store, lock_ttl=lock_ttl
         )
-        self.other_store = RedisStore.from_url(url, prefix=prefix, breaker=_breaker())
+        self.other_store = RedisStore.from_url(url, prefix=prefix, breakers=_breakers())
         self.elsewhere = IdempotencyMiddleware(
             self.payments, routes=["POST /pay"], store=self.other_store, lock_ttl=lock_ttl
         )
