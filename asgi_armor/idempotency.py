@@ -397,7 +397,9 @@ class IdempotencyMiddleware:
 
         try:
             found = await self.store.lease_acquire(record_key, lease, config.lock_ttl)
-            existing = None if found is None else _decoder.decode(found)
+            # Our own lease back means the script ran twice (a client re-sent it after a
+            # lost reply): the lease is ours, not another request's in flight.
+            existing = None if found is None or found == lease else _decoder.decode(found)
         except Overloaded as exc:
             # This process could not ask the store in time: shed, never the failure policy.
             await send_error(scope, send, exc)

@@ -1388,3 +1388,22 @@ def test_config_entry_caps_are_checked() -> None:
     config = ArmorConfig(idempotency=[IdempotencyEntry(route="POST /x", max_body_bytes=-1)])
     with pytest.raises(ConfigError, match=r"idempotency.*max_body_bytes"):
         armor(Backend(), config)
+
+
+class ResendingStore(MemoryStore):
+    """A store whose client sends ``lease_acquire`` twice, as redis-py's retry does when
+    the first reply is lost on a broken connection: the second run sees our own lease."""
+
+    async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
+        await super().lease_acquire(key, lease, ttl)
+        return await super().lease_acquire(key, lease, ttl)
+
+
+async def test_a_resent_lease_acquire_that_finds_our_own_lease_runs_the_app() -> None:
+    app, backend = build(store=ResendingStore())
+    async with client_for(app) as client:
+        first = await client.post("/api/payments", headers=key("resent"), json={"a": 1})
+        again = await client.post("/api/payments", headers=key("resent"), json={"a": 1})
+    assert first.status_code == 201, first.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert backend.calls["/api/payments"] == 1
