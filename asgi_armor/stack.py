@@ -173,7 +173,8 @@ def armor(
     if identify is None and config.identify:
         identify = import_callable(config.identify, "identify")
     client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
-    store = store or build_store(config)
+    # An empty MemoryStore is falsy (it has __len__): test for None, not truth.
+    store = build_store(config) if store is None else store
     layers: list[object] = []
 
     def add(layer: Callable[..., ASGIApp], **options: Any) -> None:
