@@ -776,13 +776,98 @@ def test_list_shaped_asgi_headers_are_read() -> None:
     verify([[name.lower().encode(), value.encode()]], body, "s", scheme=HexHmac())  # type: ignore[list-item]
 
 
-def test_replay_protection_is_per_route() -> None:
-    middleware = SignatureMiddleware(
-        lambda s, r, x: None,  # type: ignore[arg-type, return-value]
-        routes={
-            "POST /a": SignedRoute(HexHmac(), "s"),
-            "POST /b": SignedRoute(HexHmac(), "s", replay_protection=False),
-        },
+# -- tests helper (issue 23) ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_replay_protection_is_per_route() -> None:
+    """The same signed delivery twice: refused as a replay on the protected route, let
+    through on the route that turned protection off, and a middleware default applies to
+    routes that say nothing."""
+    recorder = Recorder()
+    routes = {
+        "POST /a": SignedRoute(HexHmac(), "s"),
+        "POST /b": SignedRoute(HexHmac(), "s", replay_protection=False),
+        "POST /c": SignedRoute(HexHmac(), "s", replay_protection=True),
+    }
+    headers = sign(BODY, "s", scheme=HexHmac())
+    async with client_for(make(recorder, routes=routes)) as client:
+        assert (await client.post("/a", content=BODY, headers=headers)).status_code == 200
+        assert_signature_error(await client.post("/a", content=BODY, headers=headers), "replayed")
+        for _ in range(3):
+            assert (await client.post("/b", content=BODY, headers=headers)).status_code == 200
+    assert len(recorder.bodies) == 4
+    off_by_default = make(Recorder(), routes=routes, replay_protection=False)
+    async with client_for(off_by_default) as client:
+        for _ in range(2):
+            assert (await client.post("/a", content=BODY, headers=headers)).status_code == 200
+        assert (await client.post("/c", content=BODY, headers=headers)).status_code == 200
+        assert_signature_error(await client.post("/c", content=BODY, headers=headers), "replayed")
+
+
+class _ComparisonLog:
+    """``hmac`` for the signing module, recording every ``compare_digest`` it is asked."""
+
+    def __init__(self) -> None:
+        self.new = hmac.new
+        self.pairs: list[tuple[bytes, bytes]] = []
+
+    def compare_digest(self, a: bytes, b: bytes) -> bool:
+        self.pairs.append((a, b))
+        return hmac.compare_digest(a, b)
+
+
+def _stripe_entry(secret: str) -> str:
+    header = sign(BODY, secret, Stripe(), timestamp=NOW)["Stripe-Signature"]
+    return header.split(",v1=", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("signed_with", "expected_index"),
+    [
+        (["a"], 0),  # the first secret, the first entry: an early exit would stop here
+        (["zz", "c"], 2),  # the last secret, the last entry
+        (["b", "a"], 0),  # both match: the first secret wins, the rest still compared
+        (["zz"], None),  # nothing matches
+    ],
+)
+def test_every_secret_is_compared_with_every_signature_entry(
+    monkeypatch: pytest.MonkeyPatch, signed_with: list[str], expected_index: int | None
+) -> None:
+    """No early exit (the time taken must not say which secret or entry matched): each of
+    the secrets against each of the entries, exactly once."""
+    import asgi_armor.signing as signing
+
+    log = _ComparisonLog()
+    monkeypatch.setattr(signing, "hmac", log)
+    secrets = ["a", "b", "c"]
+    entries = [_stripe_entry(secret) for secret in signed_with] + ["0" * 64]
+    header = f"t={NOW}," + ",".join(f"v1={entry}" for entry in entries)
+    if expected_index is None:
+        with pytest.raises(InvalidSignature) as excinfo:
+            verify({"Stripe-Signature": header}, BODY, secrets, Stripe(), now=NOW)
+        assert code_of(excinfo) == "signature_mismatch"
+    else:
+        message = verify({"Stripe-Signature": header}, BODY, secrets, Stripe(), now=NOW)
+        assert message.secret_index == expected_index
+    digests = {bytes.fromhex(_stripe_entry(secret)): secret for secret in secrets}
+    compared = [(digests[a], b) for a, b in log.pairs]
+    assert sorted(compared) == sorted(
+        (secret, bytes.fromhex(entry)) for secret in secrets for entry in entries
     )
-    flags = {route.pattern: route.replay_protection for _, route in middleware.routes.entries}
-    assert flags == {"POST /a": True, "POST /b": False}
+
+
+@pytest.mark.anyio
+async def test_the_middleware_compares_every_secret_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asgi_armor.signing as signing
+
+    log = _ComparisonLog()
+    monkeypatch.setattr(signing, "hmac", log)
+    routes = {"POST /hook": (Stripe(), ["new", "old", "older"])}
+    headers = {"Stripe-Signature": f"t={NOW},v1={_stripe_entry('new')},v1={'0' * 64}"}
+    recorder = Recorder()
+    async with client_for(make(recorder, routes=routes)) as client:
+        assert (await client.post("/hook", content=BODY, headers=headers)).status_code == 200
+    assert len(log.pairs) == 3 * 2
+    assert recorder.messages[0] is not None
+    assert recorder.messages[0].secret_index == 0
