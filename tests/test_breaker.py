@@ -158,8 +158,42 @@ def test_open_rejects_with_honest_retry_after(clock: FakeClock) -> None:
     assert breaker.state is HALF_OPEN
 
 
+def _rounding_cases() -> list[tuple[float, float]]:
+    """(now, deadline) pairs where ``now + (deadline - now)`` falls one ulp short.
+
+    With round-half-even this happens only when the subtraction is inexact (``now`` below
+    half the deadline) and lands exactly on a tie: ``now`` an odd multiple of half the
+    deadline's ulp, the deadline's last mantissa bit odd.
+    """
+    cases = []
+    for deadline in (math.nextafter(1.0, 2.0), 30.0 + 2**-48, 4.0 + 2**-50 * 3, 0.75 + 2**-53):
+        half_ulp = math.ulp(deadline) / 2
+        for k in range(1, 40, 2):
+            now = half_ulp * k
+            if now + (deadline - now) < deadline:
+                cases.append((now, deadline))
+    return cases
+
+
+def test_retry_after_reaches_the_deadline_despite_rounding() -> None:
+    """Waiting exactly ``retry_after`` gets a caller in, even where the float subtraction
+    behind it rounds down."""
+    cases = _rounding_cases()
+    assert len(cases) >= 4, cases
+    for now, deadline in cases:
+        clock = FakeClock(0.0)
+        breaker = CircuitBreaker(fail_max=1, reset_timeout=deadline, clock=clock)
+        fail(breaker, 0.0)
+        wait = breaker.retry_after(now)
+        assert wait > 0
+        with pytest.raises(CircuitOpenError) as info:
+            breaker.acquire(now)
+        assert info.value.retry_after == wait
+        assert breaker.state_at(now + wait) is HALF_OPEN, (now, deadline, wait)
+
+
 @pytest.mark.parametrize(("opened_at", "reset_timeout"), [(0.1, 1030.7), (1e9 + 0.3, 0.7)])
-def test_retry_after_reaches_the_deadline_despite_rounding(
+def test_retry_after_reaches_the_deadline_at_ordinary_times(
     opened_at: float, reset_timeout: float
 ) -> None:
     for now in (opened_at, opened_at + 0.01, opened_at + reset_timeout / 3):
