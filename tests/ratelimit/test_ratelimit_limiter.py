@@ -241,3 +241,30 @@ async def test_concurrency_exact_on_memory(limiter: RateLimiter) -> None:
         for _ in range(200):
             tg.start_soon(one)
     assert allowed == 50
+
+
+@pytest.mark.parametrize("rate", ["10/minute", Rate.parse("10/minute"), "10/minute burst 20"])
+@pytest.mark.parametrize(
+    ("cost", "message"),
+    [
+        (-1, "cost must be a whole number >= 0"),
+        (-20, "cost must be a whole number >= 0"),
+        (True, "cost must be a whole number >= 0"),
+        (1.5, "cost must be a whole number >= 0"),
+        (21, "exceeds the burst"),
+    ],
+)
+async def test_impossible_costs_are_refused_on_every_call_and_take_nothing(
+    limiter: RateLimiter, rate: Rate | str, cost: int, message: str
+) -> None:
+    """Not only on a rate's first use: a negative cost on a warmed-up rate would refund
+    tokens and let a client past its limit."""
+    for _ in range(3):
+        await limiter.hit("k", rate)
+    before = await limiter.hit("k", rate, cost=0)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=message):
+            await limiter.hit("k", rate, cost=cost)
+        with pytest.raises(ValueError, match=message):
+            await limiter.hit_many([("k", rate)], cost=cost)
+    assert await limiter.hit("k", rate, cost=0) == before
