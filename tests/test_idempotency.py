@@ -956,3 +956,100 @@ async def test_integer_principals_work() -> None:
         first = await client.post("/pay", headers={"Idempotency-Key": "k"})
         again = await client.post("/pay", headers={"Idempotency-Key": "k"})
     assert (first.status_code, again.headers.get("idempotent-replayed")) == (201, "true")
+
+
+# -- release and trailers (tests helper, issue 23) ---------------------------------------
+
+
+class FailingRelease(MemoryStore):
+    """A store that takes and keeps leases but fails every release, as Redis going away
+    between the handler's start and its end would."""
+
+    releases = 0
+
+    async def lease_release(self, key: str, lease: bytes) -> bool:
+        self.releases += 1
+        raise StoreError("redis went away")
+
+
+async def test_store_failure_while_releasing_still_delivers_the_answer(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 5xx is delivered whole even when the key cannot be freed; the key then stays
+    leased (retries are told 409 in use, the app is not run again) until lock_ttl."""
+    store = FailingRelease(clock=clock)
+    app, backend = build(store=store, clock=clock, lock_ttl=30)
+    async with client_for(app) as client:
+        with caplog.at_level(logging.WARNING, logger="asgi_armor.idempotency"):
+            first = await client.post("/api/status/503", headers=key("k"), json={})
+        assert first.status_code == 503
+        assert first.json()["run"] == 1
+        assert store.releases == 1
+        warnings = [r.getMessage() for r in caplog.records]
+        assert any(
+            "failed to release" in m and first.headers["x-request-id"] in m for m in warnings
+        )
+        assert_error(
+            await client.post("/api/status/503", headers=key("k"), json={}),
+            409,
+            "idempotency_key_in_use",
+        )
+        assert backend.calls["/api/status/503"] == 1
+        clock.advance(30.5)
+        again = await client.post("/api/status/503", headers=key("k"), json={})
+    assert again.status_code == 503
+    assert backend.calls["/api/status/503"] == 2
+
+
+async def test_store_failure_while_releasing_after_an_exception_is_still_the_envelope(
+    clock: FakeClock,
+) -> None:
+    app, backend = build(store=FailingRelease(clock=clock), clock=clock)
+    async with client_for(app) as client:
+        data = assert_error(
+            await client.post("/api/boom", headers=key("k"), json={}), 500, "internal_error"
+        )
+    assert "secret" not in json.dumps(data)
+    assert backend.calls["/api/boom"] == 1
+
+
+async def test_a_response_with_trailers_is_never_stored() -> None:
+    """Trailers come after the body: a replay could not reproduce them, so the response
+    is passed through unstored and a retry runs the handler again."""
+    runs = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal runs
+        runs += 1
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"trailer", b"x-checksum")],
+                "trailers": True,
+            }
+        )
+        await send({"type": "http.response.body", "body": b"part 1, ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"part 2", "more_body": False})
+        await send(
+            {
+                "type": "http.response.trailers",
+                "headers": [(b"x-checksum", b"%d" % runs)],
+                "more_trailers": False,
+            }
+        )
+
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"])
+    headers = [(b"idempotency-key", b"k")]
+    first = await call_raw(armored, "/pay", headers=headers)
+    again = await call_raw(armored, "/pay", headers=headers)
+    assert runs == 2
+    for run, sent in enumerate((first, again), start=1):
+        assert [m["type"] for m in sent] == [
+            "http.response.start",
+            "http.response.body",
+            "http.response.body",
+            "http.response.trailers",
+        ]
+        assert (b"idempotent-replayed", b"true") not in sent[0]["headers"]
+        assert sent[3]["headers"] == [(b"x-checksum", b"%d" % run)]
