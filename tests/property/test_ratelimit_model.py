@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Coroutine
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 from hypothesis import settings
@@ -67,7 +67,7 @@ class Bucket:
 
 
 class LimiterModel(RuleBasedStateMachine):
-    rates = RATES
+    rates: ClassVar[list[Rate]] = RATES
     #: Whether times (reset_after, retry_after) must agree to the bit.
     exact = True
 
@@ -160,7 +160,7 @@ TestLimiterModel.settings = settings(max_examples=150, stateful_step_count=40, d
 
 
 class NonBinaryLimiterModel(LimiterModel):
-    rates = [
+    rates: ClassVar[list[Rate]] = [
         Rate.parse("3/second"),  # interval 1/3 s
         Rate.parse("7/second"),  # interval 1/7 s
         Rate(7, 3, burst=2),  # interval 3/7 s, shallow
