@@ -39,7 +39,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict asgi_armor tests/typing_usage.py
 
 test: lint typecheck
-	ARMOR_REQUIRE_REDIS=1 $(BIN)/python -m pytest -m "not slow" -q
+	ARMOR_REQUIRE_REDIS=1 ARMOR_REQUIRE_DOCS=1 $(BIN)/python -m pytest -m "not slow" -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q -x
