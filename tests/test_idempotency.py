@@ -24,6 +24,7 @@ from asgi_armor.idempotency import (
 from asgi_armor.stores.base import StoreError
 from asgi_armor.stores.memory import MemoryStore
 from tests.conftest import FakeClock
+from tests.envelope import assert_envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -153,16 +154,7 @@ def client_for(app: Any) -> httpx.AsyncClient:
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    data: dict[str, Any] = response.json()
-    assert set(data) == {"error", "message", "details", "request_id"}
-    assert data["error"] == code
-    assert data["message"]
-    assert isinstance(data["details"], list)
-    assert response.headers["x-request-id"] == data["request_id"]
-    assert data["request_id"]
-    return data
+    return assert_envelope(response, status, code)
 
 
 def key(value: str) -> dict[str, str]:

@@ -35,6 +35,7 @@ from asgi_armor.signing import (
 from asgi_armor.stores.base import StoreError
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.stores.redis import RedisStore
+from tests.envelope import assert_envelope
 
 NOW = 1_700_000_000
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -433,13 +434,8 @@ def make(recorder: Recorder, **options: Any) -> SignatureMiddleware:
 
 
 def assert_signature_error(response: httpx.Response, code: str) -> None:
-    assert response.status_code == 401, response.text
-    payload = response.json()
-    assert payload["error"] == "invalid_signature"
+    payload = assert_envelope(response, 401, "invalid_signature")
     assert [d["code"] for d in payload["details"]] == [code]
-    assert set(payload["details"][0]) == {"code", "message", "field"}
-    assert payload["request_id"] == response.headers["x-request-id"]
-    assert payload["request_id"]
 
 
 @pytest.mark.anyio
