@@ -565,6 +565,19 @@ def _script(kind: str, slow: float | None) -> list[tuple[str, tuple[Any, ...]]]:
         ("facade_end", ("cancel",)),  # gives the trial slot back
         ("facade_begin", (kind,)),
         ("facade_end", ("failure",)),  # open again
+        ("reset", ()),
+        ("facade_begin", (kind,)),
+        ("reset", ()),  # the call in flight is stale from here on
+        ("call_fails", ()),  # a run of one
+        ("facade_end", ("success",)),  # stale: does not end the run
+        ("facade_begin", (kind,)),
+        ("reset", ()),
+        ("call_fails", ()),
+        ("call_fails", ()),  # a run of two
+        ("facade_end", ("failure",)),  # stale: does not make it three
+        ("facade_begin", (kind,)),
+        ("reset", ()),
+        ("facade_end", ("cancel",)),  # stale: counted, nothing else
     ]
     if slow is not None:
         steps += [
