@@ -6,6 +6,7 @@ import contextvars
 import inspect
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, assert_type
 
@@ -77,9 +78,11 @@ def succeed(breaker: CircuitBreaker, now: float, duration: float = 0.0) -> None:
         ({"exclude": (KeyError, "nope")}, "exclude"),
     ],
 )
-def test_bad_config_names_the_entry(kwargs: dict[str, Any], entry: str) -> None:
-    with pytest.raises(ConfigError, match=entry):
-        CircuitBreaker(name="db", **kwargs)
+@pytest.mark.parametrize("name", ["db", ""])
+def test_bad_config_names_the_entry(kwargs: dict[str, Any], entry: str, name: str) -> None:
+    where = f"CircuitBreaker({name!r})" if name else "CircuitBreaker"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}: .*{re.escape(entry)}"):
+        CircuitBreaker(name=name, **kwargs)
 
 
 def test_bare_exclude_type_is_accepted(clock: FakeClock) -> None:
