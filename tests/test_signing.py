@@ -1184,6 +1184,17 @@ async def test_an_app_that_fails_before_answering_lets_the_retry_through() -> No
         )
 
 
+class _CheckpointingStore(MemoryStore):
+    """A MemoryStore that yields to the event loop in ``forget``, as a network store does:
+    in a cancelled task, an unshielded ``forget`` would be cancelled right there."""
+
+    async def forget(self, key: str) -> None:
+        import anyio.lowlevel
+
+        await anyio.lowlevel.checkpoint()
+        await super().forget(key)
+
+
 @pytest.mark.anyio
 async def test_a_cancelled_delivery_is_forgotten_so_the_retry_gets_through() -> None:
     """The client went away (or a timeout cancelled the handler): the message was not
@@ -1202,7 +1213,7 @@ async def test_a_cancelled_delivery_is_forgotten_so_the_retry_gets_through() -> 
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    store = MemoryStore()
+    store = _CheckpointingStore()
     middleware = SignatureMiddleware(
         hangs_first, routes={"POST /hook": (HexHmac(), "s")}, store=store
     )
@@ -1278,3 +1289,69 @@ async def test_a_declared_oversized_body_is_413_naming_the_cap() -> None:
         response = await c.post("/hook", content=b"x" * 11, headers=sign(b"x" * 11, "s"))
     data = assert_envelope(response, 413, "payload_too_large")
     assert data["message"] == "Request body exceeds 10 bytes"
+
+
+def test_a_malformed_timestamp_names_its_header() -> None:
+    scheme = HexHmac(timestamp_header="X-Timestamp")
+    headers = {**sign(BODY, "s", scheme, timestamp=NOW), "X-Timestamp": "soon"}
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, "s", scheme, now=NOW)
+    assert (code_of(excinfo), excinfo.value.details[0].field) == (
+        "malformed_signature",
+        "X-Timestamp",
+    )
+    mismatched = sign(BODY, "other", scheme, timestamp=NOW)
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(mismatched, BODY, "s", scheme, now=NOW)
+    assert excinfo.value.details[0].field == "X-Signature"
+
+
+def test_header_values_are_kept_as_sent_apart_from_spaces_and_tabs() -> None:
+    for msg_id in ("msg_X", "X", "msg_XX"):
+        headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW, msg_id=msg_id)
+        headers["webhook-id"] = f" \t{msg_id}\t "
+        assert verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW).msg_id == msg_id
+    vertical_tab = {"X-Signature": sign(BODY, "s")["X-Signature"] + "\x0b"}
+    with pytest.raises(InvalidSignature):
+        verify(vertical_tab, BODY, "s")
+
+
+def test_odd_raw_header_items_are_skipped_not_fatal() -> None:
+    ((name, value),) = sign(BODY, "s").items()
+    good = (name.lower().encode(), value.encode())
+    for junk in ((b"a", b"b", b"c"), (b"only",), (5, b"x"), "ab"):
+        assert verify([junk, good], BODY, "s").secret_index == 0  # type: ignore[list-item]
+
+
+def test_a_value_at_the_length_cap_is_read() -> None:
+    from asgi_armor.signing import MAX_HEADER_CHARS
+
+    at_cap = "a" * MAX_HEADER_CHARS
+    for headers in ({"X-Signature": at_cap}, [(b"x-signature", at_cap.encode())]):
+        with pytest.raises(InvalidSignature) as excinfo:
+            verify(headers, BODY, "s")  # type: ignore[arg-type]
+        # Read, then refused as a wrong-length hex signature: same code, same field.
+        assert (code_of(excinfo), excinfo.value.details[0].field) == (
+            "malformed_signature",
+            "X-Signature",
+        )
+
+
+def test_standard_webhooks_takes_sixteen_signatures_and_no_more() -> None:
+    headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW)
+    others = " ".join(["v1," + base64.b64encode(b"x" * 32).decode()] * 15)
+    headers["webhook-signature"] = headers["webhook-signature"] + " " + others
+    verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW)
+    headers["webhook-signature"] += " v1," + base64.b64encode(b"y" * 32).decode()
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW)
+    assert code_of(excinfo) == "malformed_signature"
+
+
+@pytest.mark.parametrize("entry", [",YWJj", "v1,", "v1"])
+def test_standard_webhooks_entries_need_a_version_and_a_value(entry: str) -> None:
+    headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW)
+    headers["webhook-signature"] = entry + " " + headers["webhook-signature"]
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW)
+    assert code_of(excinfo) == "malformed_signature"
