@@ -1284,12 +1284,19 @@ async def test_defaults(clock: FakeClock) -> None:
     clock.advance(86_399)
     await _drive(armored, _raw_scope(), body=b"b" * 1_048_576)
     assert app.runs == 1  # replayed: a 1 MiB body and a 1 MiB response are within the caps
-    clock.advance(2)
+    clock.advance(1.5)  # 24 h and half a second after: expired
     await _drive(armored, _raw_scope(), body=b"b" * 1_048_576)
     assert app.runs == 2
-    too_big = await _drive(armored, _raw_scope(), body=b"b" * 1_048_577)
-    assert too_big[0]["status"] == 413
-    assert json.loads(too_big[1]["body"])["message"] == "Request body exceeds 1048576 bytes"
+    for headers in ([], [(b"content-length", b"1048577")]):  # read, or refused unread
+        scope = _raw_scope(headers=[(b"idempotency-key", b"k"), *headers])
+        too_big = await _drive(armored, scope, body=b"b" * 1_048_577)
+        assert too_big[0]["status"] == 413
+        assert json.loads(too_big[1]["body"])["message"] == "Request body exceeds 1048576 bytes"
+    bigger = Scripted(START, {"type": "http.response.body", "body": b"x" * 1_048_577})
+    not_stored = IdempotencyMiddleware(bigger, routes=["POST /pay"])
+    for _ in range(2):
+        await _drive(not_stored, _raw_scope())
+    assert bigger.runs == 2  # a response over 1 MiB is passed through, not stored
 
 
 async def test_the_default_lease_lasts_sixty_seconds(clock: FakeClock) -> None:

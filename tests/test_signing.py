@@ -1355,3 +1355,22 @@ def test_standard_webhooks_entries_need_a_version_and_a_value(entry: str) -> Non
     with pytest.raises(InvalidSignature) as excinfo:
         verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW)
     assert code_of(excinfo) == "malformed_signature"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Signature": 5},
+        [(b"x-signature", b"a" * 100_000)],
+        [(b"x-signature", b"\xff" * 64)],
+        [(b"x-signature", b"a" * 64), (b"X-Signature", b"b" * 64)],
+    ],
+    ids=["not-text", "oversized-bytes", "not-ascii-bytes", "repeated"],
+)
+def test_unreadable_header_values_name_the_header(headers: Any) -> None:
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, "s")
+    assert (code_of(excinfo), excinfo.value.details[0].field) == (
+        "malformed_signature",
+        "X-Signature",
+    )
