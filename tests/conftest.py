@@ -160,3 +160,16 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def _hypothesis_profiles() -> None:
+    """``--hypothesis-profile=mutate`` (``make mutate``): the same examples every run, and
+    no shrinking: a mutant only needs to be caught, not explained."""
+    from hypothesis import Phase, settings
+
+    settings.register_profile(
+        "mutate", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate]
+    )
+
+
+_hypothesis_profiles()

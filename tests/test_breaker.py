@@ -6,6 +6,7 @@ import contextvars
 import inspect
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, assert_type
 
@@ -77,9 +78,11 @@ def succeed(breaker: CircuitBreaker, now: float, duration: float = 0.0) -> None:
         ({"exclude": (KeyError, "nope")}, "exclude"),
     ],
 )
-def test_bad_config_names_the_entry(kwargs: dict[str, Any], entry: str) -> None:
-    with pytest.raises(ConfigError, match=entry):
-        CircuitBreaker(name="db", **kwargs)
+@pytest.mark.parametrize("name", ["db", ""])
+def test_bad_config_names_the_entry(kwargs: dict[str, Any], entry: str, name: str) -> None:
+    where = f"CircuitBreaker({name!r})" if name else "CircuitBreaker"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}: .*{re.escape(entry)}"):
+        CircuitBreaker(name=name, **kwargs)
 
 
 def test_bare_exclude_type_is_accepted(clock: FakeClock) -> None:
@@ -158,8 +161,42 @@ def test_open_rejects_with_honest_retry_after(clock: FakeClock) -> None:
     assert breaker.state is HALF_OPEN
 
 
+def _rounding_cases() -> list[tuple[float, float]]:
+    """(now, deadline) pairs where ``now + (deadline - now)`` falls one ulp short.
+
+    With round-half-even this happens only when the subtraction is inexact (``now`` below
+    half the deadline) and lands exactly on a tie: ``now`` an odd multiple of half the
+    deadline's ulp, the deadline's last mantissa bit odd.
+    """
+    cases = []
+    for deadline in (math.nextafter(1.0, 2.0), 30.0 + 2**-48, 4.0 + 2**-50 * 3, 0.75 + 2**-53):
+        half_ulp = math.ulp(deadline) / 2
+        for k in range(1, 40, 2):
+            now = half_ulp * k
+            if now + (deadline - now) < deadline:
+                cases.append((now, deadline))
+    return cases
+
+
+def test_retry_after_reaches_the_deadline_despite_rounding() -> None:
+    """Waiting exactly ``retry_after`` gets a caller in, even where the float subtraction
+    behind it rounds down."""
+    cases = _rounding_cases()
+    assert len(cases) >= 4, cases
+    for now, deadline in cases:
+        clock = FakeClock(0.0)
+        breaker = CircuitBreaker(fail_max=1, reset_timeout=deadline, clock=clock)
+        fail(breaker, 0.0)
+        wait = breaker.retry_after(now)
+        assert wait > 0
+        with pytest.raises(CircuitOpenError) as info:
+            breaker.acquire(now)
+        assert info.value.retry_after == wait
+        assert breaker.state_at(now + wait) is HALF_OPEN, (now, deadline, wait)
+
+
 @pytest.mark.parametrize(("opened_at", "reset_timeout"), [(0.1, 1030.7), (1e9 + 0.3, 0.7)])
-def test_retry_after_reaches_the_deadline_despite_rounding(
+def test_retry_after_reaches_the_deadline_at_ordinary_times(
     opened_at: float, reset_timeout: float
 ) -> None:
     for now in (opened_at, opened_at + 0.01, opened_at + reset_timeout / 3):
@@ -803,3 +840,146 @@ async def test_a_call_in_flight_when_the_breaker_opens_is_stale(clock: FakeClock
     async with breaker:
         pass
     assert breaker.state is CLOSED
+
+
+# -- make mutate survivors (docs/mutation.md): frames, stale outcomes, defaults ------------
+
+
+def _enter(breaker: CircuitBreaker, kind: str, ctx: contextvars.Context) -> None:
+    if kind == "with":
+        ctx.run(breaker.__enter__)
+    else:
+        coro = breaker.__aenter__()
+        with pytest.raises(StopIteration):
+            ctx.run(coro.send, None)
+
+
+def _exit(
+    breaker: CircuitBreaker, kind: str, ctx: contextvars.Context, exc: BaseException | None
+) -> None:
+    args = (type(exc) if exc else None, exc, None)
+    if kind == "with":
+        ctx.run(breaker.__exit__, *args)
+    else:
+        coro = breaker.__aexit__(*args)
+        with pytest.raises(StopIteration):
+            ctx.run(coro.send, None)
+
+
+@pytest.mark.parametrize("kind", ["with", "async_with"])
+def test_out_of_order_exits_each_use_their_own_admission(clock: FakeClock, kind: str) -> None:
+    """Two breakers entered in one context and exited out of order: each exit finds its
+    own frame (its epoch, its start time), and the other's frame stays for its own exit."""
+    a = CircuitBreaker(fail_max=1, slow_call_seconds=5, clock=clock)
+    b = CircuitBreaker(fail_max=1, slow_call_seconds=5, clock=clock)
+    a.reset()  # epochs differ (a: 1, b: 0), so a frame taken for the other's would show
+    ctx = contextvars.copy_context()
+    _enter(a, kind, ctx)
+    clock.advance(1)
+    _enter(b, kind, ctx)
+    clock.advance(5)
+    _exit(a, kind, ctx, None)  # below b's frame; 6 s since a's enter (5 since b's): slow
+    assert (a.state, a.stats.slow_calls) == (OPEN, 1)
+    clock.advance(2)
+    _exit(b, kind, ctx, None)  # 7 s since b's enter: slow, so b's frame was kept
+    assert (b.state, b.stats.slow_calls) == (OPEN, 1)
+    # Both frames are gone: a block on a new breaker in this context is its own.
+    c = CircuitBreaker(fail_max=1, slow_call_seconds=5, clock=clock)
+    _enter(c, kind, ctx)
+    _exit(c, kind, ctx, None)
+    assert (c.state, c.stats.successes) == (CLOSED, 1)
+
+
+@pytest.mark.parametrize("kind", ["with", "async_with"])
+def test_a_success_out_of_order_leaves_the_other_frame_alone(clock: FakeClock, kind: str) -> None:
+    a = CircuitBreaker(fail_max=1, clock=clock)
+    b = CircuitBreaker(fail_max=1, clock=clock)
+    ctx = contextvars.copy_context()
+    _enter(a, kind, ctx)
+    _enter(b, kind, ctx)
+    b.reset()  # b's block is stale
+    _exit(a, kind, ctx, None)  # a's own frame, below b's
+    _exit(b, kind, ctx, Boom())  # finds its stale frame: opens nothing
+    assert (a.stats.successes, b.state, b.stats.failures) == (1, CLOSED, 1)
+
+
+@pytest.mark.parametrize("kind", ["with", "async_with"])
+def test_a_stale_outcome_below_another_frame_moves_nothing(clock: FakeClock, kind: str) -> None:
+    a = CircuitBreaker(fail_max=1, clock=clock)
+    b = CircuitBreaker(fail_max=1, clock=clock)
+    ctx = contextvars.copy_context()
+    _enter(a, kind, ctx)
+    _enter(b, kind, ctx)
+    a.reset()  # a's block now belongs to an old epoch
+    _exit(a, kind, ctx, Boom())
+    assert (a.state, a.stats.failures) == (CLOSED, 1)
+    _exit(b, kind, ctx, Boom())
+    assert b.state is OPEN
+
+
+@pytest.mark.parametrize("kind", ["with", "async_with"])
+def test_nested_exit_keeps_the_outer_frame(clock: FakeClock, kind: str) -> None:
+    outer = CircuitBreaker(fail_max=1, clock=clock)
+    inner = CircuitBreaker(fail_max=1, clock=clock)
+    ctx = contextvars.copy_context()
+    _enter(outer, kind, ctx)
+    outer.reset()  # the outer block is stale from here on
+    _enter(inner, kind, ctx)
+    _exit(inner, kind, ctx, None)
+    _exit(outer, kind, ctx, Boom())  # found its frame: stale, so it opens nothing
+    assert (outer.state, outer.stats.failures) == (CLOSED, 1)
+    assert inner.stats.successes == 1
+
+
+@pytest.mark.parametrize("kind", ["with", "async_with"])
+def test_an_exit_in_a_context_that_never_entered_is_timed_from_the_exit(
+    clock: FakeClock, kind: str
+) -> None:
+    """Its start is unknown: the call counts, with no duration (never slow), for the
+    current epoch."""
+    breaker = CircuitBreaker(fail_max=1, slow_call_seconds=1, clock=clock)
+    _enter(breaker, kind, contextvars.copy_context())
+    clock.advance(5)
+    _exit(breaker, kind, contextvars.copy_context(), None)
+    assert (breaker.state, breaker.stats.successes, breaker.stats.slow_calls) == (CLOSED, 1, 0)
+    fail(breaker, clock())
+    clock.advance(60)
+    assert breaker.state is HALF_OPEN
+    _enter(breaker, kind, contextvars.copy_context())
+    _exit(breaker, kind, contextvars.copy_context(), None)  # the trial, half-open
+    assert breaker.state is CLOSED
+
+
+def test_record_success_without_a_duration_is_not_slow(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(fail_max=1, slow_call_seconds=0.5, clock=clock)
+    assert breaker.allow(clock())
+    breaker.record_success(clock())
+    assert (breaker.state, breaker.stats.successes, breaker.stats.slow_calls) == (CLOSED, 1, 0)
+
+
+def test_defaults(clock: FakeClock) -> None:
+    """fail_max 5, reset_timeout 30 s, one half-open trial, rate window 100 / 10 calls."""
+    breaker = CircuitBreaker(clock=clock)
+    fail(breaker, clock(), times=4)
+    assert breaker.state is CLOSED
+    fail(breaker, clock())
+    assert breaker.state is OPEN
+    assert breaker.retry_after(clock()) == 30.0
+    clock.advance(30)
+    assert breaker.allow(clock())
+    assert not breaker.allow(clock())
+    assert repr(breaker) == "CircuitBreaker(name='', state='half_open')"
+    rated = CircuitBreaker(fail_max=None, failure_rate_threshold=0.5, clock=clock)
+    for _ in range(9):
+        fail(rated, clock())
+    assert rated.state is CLOSED  # 9 calls: under minimum_calls
+    fail(rated, clock())
+    assert rated.state is OPEN
+    windowed = CircuitBreaker(fail_max=None, failure_rate_threshold=0.5, clock=clock)
+    for _ in range(100):
+        succeed(windowed, clock())
+    for _ in range(49):
+        fail(windowed, clock())
+    assert windowed.state is CLOSED  # 49 of the last 100
+    fail(windowed, clock())
+    assert windowed.state is OPEN  # 50 of the last 100 (of the last 101: 50, under half)

@@ -41,6 +41,7 @@ from asgi_armor.contrib import quart as armor_quart
 from asgi_armor.contrib import starlette as armor_starlette
 from asgi_armor.errors import HTTPError, InternalError, MethodNotAllowed, NotFound
 from asgi_armor.signing import Stripe, verify
+from tests.envelope import assert_envelope
 
 SECRET_TEXT = "password=hunter2 at /srv/app/db.py"
 
@@ -212,12 +213,7 @@ def client_for(app: Any) -> httpx.AsyncClient:
 
 
 def envelope(response: httpx.Response) -> dict[str, Any]:
-    assert response.headers["content-type"] == "application/json"
-    data = msgspec.json.decode(response.content)
-    assert isinstance(data, dict)
-    assert set(data) == {"error", "message", "details", "request_id"}
-    assert response.headers["x-request-id"] == data["request_id"]
-    return data
+    return assert_envelope(response, response.status_code)
 
 
 @pytest.fixture(params=PARAMS)

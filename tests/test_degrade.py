@@ -159,17 +159,25 @@ async def test_every_kind_of_failure_together() -> None:
 
 
 async def test_components_run_concurrently() -> None:
-    async def sleeper(seconds: float) -> float:
-        await anyio.sleep(seconds)
-        return seconds
+    """Each component waits until all five have started: run one after another, the first
+    would wait out its timeout and fall back. No wall clock involved."""
+    started = 0
+    all_started = anyio.Event()
 
-    start = time.monotonic()
-    result = await gather_partial(
-        {f"c{i}": (lambda: sleeper(0.1), None) for i in range(5)}, timeout=1.0
-    )
-    elapsed = time.monotonic() - start
-    assert elapsed < 0.3  # about the slowest (0.1 s), not the sum (0.5 s)
-    assert result.data == {f"c{i}": 0.1 for i in range(5)}
+    async def waits_for_the_others(index: int) -> int:
+        nonlocal started
+        started += 1
+        if started == 5:
+            all_started.set()
+        await all_started.wait()
+        return index
+
+    def component(index: int) -> Any:
+        return (lambda: waits_for_the_others(index), None)
+
+    with anyio.fail_after(10):
+        result = await gather_partial({f"c{i}": component(i) for i in range(5)}, timeout=5.0)
+    assert result.data == {f"c{i}": i for i in range(5)}
     assert not result.partial
 
 

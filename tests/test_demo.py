@@ -1,4 +1,4 @@
-"""The demo API end to end, in-process: the HTTP contract of DESIGN section 6."""
+"""The demo API end to end, in-process: the HTTP contract of docs/demo.md."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from asgi_armor.demo import create_demo
 from asgi_armor.demo.app import BUNDLED_CONFIG
+from tests.envelope import assert_envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -28,15 +29,6 @@ async def demo(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClie
     app, _ = create_demo()
     async with make_client(app) as client:
         yield client
-
-
-def assert_envelope(response: httpx.Response, status: int, error: str) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    body: dict[str, object] = response.json()
-    assert set(body) == {"error", "message", "details", "request_id"}
-    assert body["error"] == error
-    assert body["request_id"] == response.headers["x-request-id"]
-    return body
 
 
 async def test_healthz(demo: httpx.AsyncClient) -> None:

@@ -37,6 +37,7 @@ from asgi_armor.errors import (
     ValidationFailed,
     render,
 )
+from tests.envelope import assert_envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -83,15 +84,7 @@ def client(app, **kwargs):  # type: ignore[no-untyped-def]
 async def test_every_error_renders_the_envelope(exc: ArmorError, status: int, error: str) -> None:
     async with client(ErrorMiddleware(raising(exc))) as http:
         response = await http.get("/x")
-    assert response.status_code == status
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "message", "details", "request_id"}
-    assert body["error"] == error
-    assert body["message"]
-    assert body["request_id"] == response.headers["x-request-id"]
-    for detail in body["details"]:
-        assert set(detail) == {"code", "message", "field"}
+    assert_envelope(response, status, error)
 
 
 async def test_seed_envelope_shape_exactly() -> None:

@@ -25,6 +25,7 @@ from asgi_armor.idempotency import (
 from asgi_armor.stores.base import StoreError
 from asgi_armor.stores.memory import MemoryStore
 from tests.conftest import FakeClock
+from tests.envelope import assert_envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -154,16 +155,7 @@ def client_for(app: Any) -> httpx.AsyncClient:
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    data: dict[str, Any] = response.json()
-    assert set(data) == {"error", "message", "details", "request_id"}
-    assert data["error"] == code
-    assert data["message"]
-    assert isinstance(data["details"], list)
-    assert response.headers["x-request-id"] == data["request_id"]
-    assert data["request_id"]
-    return data
+    return assert_envelope(response, status, code)
 
 
 def key(value: str) -> dict[str, str]:
@@ -1407,3 +1399,477 @@ async def test_a_resent_lease_acquire_that_finds_our_own_lease_runs_the_app() ->
     assert first.status_code == 201, first.text
     assert again.headers["idempotent-replayed"] == "true"
     assert backend.calls["/api/payments"] == 1
+
+
+# -- release and trailers (tests helper, issue 23) ---------------------------------------
+
+
+class FailingRelease(MemoryStore):
+    """A store that takes and keeps leases but fails every release, as Redis going away
+    between the handler's start and its end would."""
+
+    releases = 0
+
+    async def lease_release(self, key: str, lease: bytes) -> bool:
+        self.releases += 1
+        raise StoreError("redis went away")
+
+
+async def test_store_failure_while_releasing_still_delivers_the_answer(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 5xx is delivered whole even when the key cannot be freed; the key then stays
+    leased (retries are told 409 in use, the app is not run again) until lock_ttl."""
+    store = FailingRelease(clock=clock)
+    app, backend = build(store=store, clock=clock, lock_ttl=30)
+    async with client_for(app) as client:
+        with caplog.at_level(logging.WARNING, logger="asgi_armor.idempotency"):
+            first = await client.post("/api/status/503", headers=key("k"), json={})
+        assert first.status_code == 503
+        assert first.json()["run"] == 1
+        assert store.releases == 1
+        warnings = [r.getMessage() for r in caplog.records]
+        assert any(
+            "failed to release" in m and first.headers["x-request-id"] in m for m in warnings
+        )
+        assert_error(
+            await client.post("/api/status/503", headers=key("k"), json={}),
+            409,
+            "idempotency_key_in_use",
+        )
+        assert backend.calls["/api/status/503"] == 1
+        clock.advance(30.5)
+        again = await client.post("/api/status/503", headers=key("k"), json={})
+    assert again.status_code == 503
+    assert backend.calls["/api/status/503"] == 2
+
+
+async def test_store_failure_while_releasing_after_an_exception_is_still_the_envelope(
+    clock: FakeClock,
+) -> None:
+    app, backend = build(store=FailingRelease(clock=clock), clock=clock)
+    async with client_for(app) as client:
+        data = assert_error(
+            await client.post("/api/boom", headers=key("k"), json={}), 500, "internal_error"
+        )
+    assert "secret" not in json.dumps(data)
+    assert backend.calls["/api/boom"] == 1
+
+
+async def test_a_response_with_trailers_is_never_stored() -> None:
+    """Trailers come after the body: a replay could not reproduce them, so the response
+    is passed through unstored and a retry runs the handler again."""
+    runs = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal runs
+        runs += 1
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"trailer", b"x-checksum")],
+                "trailers": True,
+            }
+        )
+        await send({"type": "http.response.body", "body": b"part 1, ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"part 2", "more_body": False})
+        await send(
+            {
+                "type": "http.response.trailers",
+                "headers": [(b"x-checksum", b"%d" % runs)],
+                "more_trailers": False,
+            }
+        )
+
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"])
+    headers = [(b"idempotency-key", b"k")]
+    first = await call_raw(armored, "/pay", headers=headers)
+    again = await call_raw(armored, "/pay", headers=headers)
+    assert runs == 2
+    for run, sent in enumerate((first, again), start=1):
+        assert [m["type"] for m in sent] == [
+            "http.response.start",
+            "http.response.body",
+            "http.response.body",
+            "http.response.trailers",
+        ]
+        assert (b"idempotent-replayed", b"true") not in sent[0]["headers"]
+        assert sent[3]["headers"] == [(b"x-checksum", b"%d" % run)]
+
+
+# -- make mutate survivors (docs/mutation.md): behaviour that stays ------------------------
+
+
+def _raw_scope(path: str = "/pay", **extra: Any) -> dict[str, Any]:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "query_string": b"",
+        "headers": [(b"idempotency-key", b"k")],
+        "client": ("1.2.3.4", 1),
+    }
+    scope.update(extra)
+    return scope
+
+
+async def _drive(app: Any, scope: dict[str, Any], body: bytes = b"") -> list[Message]:
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+class Scripted:
+    """An app that sends the messages it is given (then raises, if told to), counting runs."""
+
+    def __init__(self, *messages: Message, then_raise: bool = False) -> None:
+        self.messages = messages
+        self.then_raise = then_raise
+        self.runs = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.runs += 1
+        for message in self.messages:
+            await send(message)
+        if self.then_raise:
+            raise RuntimeError("the stream broke")
+
+
+START = {"type": "http.response.start", "status": 201, "headers": []}
+
+
+async def test_a_stream_cut_short_is_released_not_stored() -> None:
+    app = Scripted(
+        START, {"type": "http.response.body", "body": b"half", "more_body": True}, then_raise=True
+    )
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"])
+    for runs in (1, 2):
+        with pytest.raises(RuntimeError):
+            await _drive(armored, _raw_scope())
+        assert app.runs == runs
+
+
+async def test_the_apps_own_500_is_released() -> None:
+    app = Scripted({**START, "status": 500}, {"type": "http.response.body", "body": b"oops"})
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"])
+    for runs in (1, 2):
+        sent = await _drive(armored, _raw_scope())
+        assert (sent[0]["status"], app.runs) == (500, runs)
+
+
+async def test_messages_without_optional_keys_are_stored_and_replayed_the_same() -> None:
+    app = Scripted({"type": "http.response.start", "status": 201}, {"type": "http.response.body"})
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"])
+    await _drive(armored, _raw_scope())
+    replay = await _drive(armored, _raw_scope())
+    assert app.runs == 1
+    assert replay[0]["headers"] == [(b"idempotent-replayed", b"true")]
+    assert [m.get("body") for m in replay[1:]] == [b""]
+
+
+@pytest.mark.parametrize(("size", "stored"), [(10, True), (11, False)])
+async def test_a_response_of_exactly_the_cap_is_stored(size: int, stored: bool) -> None:
+    chunks = [b"x" * (size - 4), b"yyyy"]
+    app = Scripted(
+        START,
+        {"type": "http.response.body", "body": chunks[0], "more_body": True},
+        {"type": "http.response.body", "body": chunks[1]},
+    )
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"], max_response_bytes=10)
+    await _drive(armored, _raw_scope())
+    again = await _drive(armored, _raw_scope())
+    assert app.runs == (1 if stored else 2)
+    assert b"".join(m.get("body", b"") for m in again[1:]) == b"".join(chunks)
+
+
+class _YieldingStore(MemoryStore):
+    """A MemoryStore whose release yields to the event loop, as a network store does."""
+
+    async def lease_release(self, key: str, lease: bytes) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return await super().lease_release(key, lease)
+
+
+async def test_a_cancelled_request_releases_through_a_store_that_yields() -> None:
+    started = anyio.Event()
+    runs = 0
+
+    async def hangs_first(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            started.set()
+            await anyio.sleep_forever()
+        await send(START)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    store = _YieldingStore()
+    armored = IdempotencyMiddleware(hangs_first, routes=["POST /pay"], store=store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_drive, armored, _raw_scope())
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert len(store) == 0, "the cancelled request left its lease behind"
+    assert (await _drive(armored, _raw_scope()))[0]["status"] == 201
+
+
+class _FailingKeepAndRelease(MemoryStore):
+    """Fails the first write of a record (then the held record lands) and every release."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_keeps = 0
+
+    async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
+        if not self.failed_keeps:
+            self.failed_keeps += 1
+            raise StoreError("redis went away")
+        return await super().lease_complete(key, lease, value, ttl)
+
+    async def lease_release(self, key: str, lease: bytes) -> bool:
+        raise StoreError("redis went away")
+
+
+@pytest.mark.parametrize("path", ["/api/payments", "/api/big"])
+async def test_store_failures_after_the_answer_are_warnings_with_the_request_id(
+    caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """Keeping (a normal answer, held and written again) or releasing (one too big to
+    store) fails: the client has its answer, the log says why with the request id, and
+    nothing is an error."""
+    store = _FailingKeepAndRelease()
+    app, backend = build(store=store, max_response_bytes=100)
+    async with client_for(app) as client:
+        with caplog.at_level(logging.WARNING):
+            response = await client.post(path, headers=key("k"), json={})
+            again = await client.post(path, headers=key("k"), json={})
+    assert response.status_code in (200, 201)
+    if path == "/api/payments":
+        # The held record landed on the second write: the retry is its replay.
+        assert again.headers["idempotent-replayed"] == "true"
+        assert backend.calls[path] == 1
+    request_id = response.headers["x-request-id"]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any(
+        request_id in r.getMessage() for r in caplog.records if "store failed" in r.getMessage()
+    )
+
+
+async def test_a_handler_outliving_its_lease_is_a_warning_not_an_error(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore(clock=clock)
+    taken = False
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        clock.advance(31)  # past lock_ttl: another request may take the key
+        if taken:
+            # Another request (another process) takes the lapsed key meanwhile.
+            (record_key,) = list(store._held)
+            assert await store.lease_acquire(record_key, b"another request", 30) is None
+        await send(START)
+        await send({"type": "http.response.body", "body": b"late"})
+
+    armored = IdempotencyMiddleware(
+        slow, routes=["POST /pay"], store=store, lock_ttl=30, clock=clock
+    )
+    with caplog.at_level(logging.WARNING, logger="asgi_armor.idempotency"):
+        # Nobody took the lapsed key: it is taken back and the response kept, silently.
+        sent = await _drive(armored, _raw_scope())
+        replay = await _drive(armored, _raw_scope())
+        assert caplog.records == []
+        taken = True
+        lost = await _drive(armored, _raw_scope(headers=[(b"idempotency-key", b"other")]))
+    assert sent[1]["body"] == replay[1]["body"] == lost[1]["body"] == b"late"
+    assert (b"idempotent-replayed", b"true") in replay[0]["headers"]
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(messages) == 1
+    assert messages[0][0] == logging.WARNING
+    assert messages[0][1].startswith("idempotency lease lost after 31.0s (lock_ttl=30s)")
+
+
+async def test_a_normal_run_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    app, _ = build()
+    async with client_for(app) as client:
+        with caplog.at_level(logging.DEBUG, logger="asgi_armor.idempotency"):
+            await client.post("/api/payments", headers=key("k"), json={})
+            await client.post("/api/payments", headers=key("k"), json={})
+    assert [r for r in caplog.records if r.name.startswith("asgi_armor")] == []
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: IdempotencyMiddleware(Backend(), routes="POST /pay"),  # type: ignore[arg-type]
+            "idempotency routes: expected a list of routes, not one string",
+        ),
+        (
+            lambda: IdempotencyMiddleware(Backend(), routes=[]),
+            "idempotency routes: at least one route is required",
+        ),
+        (
+            lambda: IdempotencyMiddleware(Backend(), routes=["POST /pay"], ttl=0),
+            "idempotency ttl: 0 must be a positive number of seconds",
+        ),
+        (
+            lambda: IdempotencyMiddleware(Backend(), routes=[("POST /pay", {}, 1)]),  # type: ignore[list-item]
+            "idempotency route ('POST /pay', {}, 1): expected (pattern, options)",
+        ),
+        (
+            lambda: IdempotencyMiddleware(Backend(), routes=[("POST /pay", {"lock_ttl": 0})]),
+            "idempotency route 'POST /pay' lock_ttl: 0.0 must be a positive number of seconds",
+        ),
+    ],
+)
+def test_config_errors_say_exactly_what_is_wrong(make: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        make()
+    assert str(excinfo.value) == message
+
+
+def test_the_smallest_settings_are_accepted() -> None:
+    IdempotencyMiddleware(
+        Backend(),
+        routes=["POST /pay"],
+        ttl=0.5,
+        lock_ttl=0.5,
+        max_body_bytes=0,
+        max_response_bytes=0,
+    )
+
+
+async def test_defaults(clock: FakeClock) -> None:
+    """Header Idempotency-Key, replays for 24 h, leases for 60 s, 1 MiB caps both ways."""
+    app = Scripted(START, {"type": "http.response.body", "body": b"x" * 1_048_576})
+    armored = IdempotencyMiddleware(
+        app, routes=["POST /pay"], store=MemoryStore(clock=clock), clock=clock
+    )
+    assert armored.header == "Idempotency-Key"
+    assert (
+        repr(armored)
+        == "IdempotencyMiddleware(routes=['POST /pay'], store=MemoryStore(max_keys=100000))"
+    )
+    await _drive(armored, _raw_scope(), body=b"b" * 1_048_576)
+    clock.advance(86_399)
+    await _drive(armored, _raw_scope(), body=b"b" * 1_048_576)
+    assert app.runs == 1  # replayed: a 1 MiB body and a 1 MiB response are within the caps
+    clock.advance(1.5)  # 24 h and half a second after: expired
+    await _drive(armored, _raw_scope(), body=b"b" * 1_048_576)
+    assert app.runs == 2
+    for headers in ([], [(b"content-length", b"1048577")]):  # read, or refused unread
+        scope = _raw_scope(headers=[(b"idempotency-key", b"k"), *headers])
+        too_big = await _drive(armored, scope, body=b"b" * 1_048_577)
+        assert too_big[0]["status"] == 413
+        assert json.loads(too_big[1]["body"])["message"] == "Request body exceeds 1048576 bytes"
+    bigger = Scripted(START, {"type": "http.response.body", "body": b"x" * 1_048_577})
+    not_stored = IdempotencyMiddleware(bigger, routes=["POST /pay"])
+    for _ in range(2):
+        await _drive(not_stored, _raw_scope())
+    assert bigger.runs == 2  # a response over 1 MiB is passed through, not stored
+
+
+async def test_the_default_lease_lasts_sixty_seconds(clock: FakeClock) -> None:
+    started, gate = anyio.Event(), anyio.Event()
+
+    async def waits(scope: Scope, receive: Receive, send: Send) -> None:
+        started.set()
+        await gate.wait()
+        await send(START)
+        await send({"type": "http.response.body", "body": b""})
+
+    armored = IdempotencyMiddleware(
+        waits, routes=["POST /pay"], store=MemoryStore(clock=clock), clock=clock
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_drive, armored, _raw_scope())
+        await started.wait()
+        clock.advance(59.5)
+        assert (await _drive(armored, _raw_scope()))[0]["status"] == 409
+        clock.advance(1)
+        started = anyio.Event()
+        tg.start_soon(_drive, armored, _raw_scope())
+        await started.wait()  # the lease lapsed: a second run started
+        gate.set()
+
+
+async def test_non_http_scopes_and_the_disconnect_after_the_body_reach_the_app() -> None:
+    heard: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while True:
+            heard.append(await receive())
+            if heard[-1]["type"] in ("http.disconnect", "lifespan.startup"):
+                break
+        await send({"type": "lifespan.startup.complete"} if scope["type"] == "lifespan" else START)
+        if scope["type"] == "http":
+            await send({"type": "http.response.body", "body": b""})
+
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"])
+    sent: list[Message] = []
+
+    async def lifespan_receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def capture(message: Message) -> None:
+        sent.append(message)
+
+    await armored({"type": "lifespan"}, lifespan_receive, capture)
+    assert sent == [{"type": "lifespan.startup.complete"}]
+    await _drive(armored, _raw_scope(), body=b"pay")
+    assert [m["type"] for m in heard] == ["lifespan.startup", "http.request", "http.disconnect"]
+
+
+def test_keys_are_taken_as_sent_apart_from_spaces_and_tabs() -> None:
+    assert parse_idempotency_key(b" \tXkeyX\t ") == "XkeyX"
+    assert parse_idempotency_key(b"X") == "X"
+    assert parse_idempotency_key(b"\x0bkey") is None
+
+
+async def test_headers_named_by_connection_without_spaces_are_not_replayed() -> None:
+    app = Scripted(
+        {
+            **START,
+            "headers": [(b"connection", b"close,x-hop"), (b"x-hop", b"1"), (b"x-kept", b"1")],
+        },
+        {"type": "http.response.body", "body": b""},
+    )
+    armored = IdempotencyMiddleware(app, routes=["POST /pay"])
+    await _drive(armored, _raw_scope())
+    replay = await _drive(armored, _raw_scope())
+    assert replay[0]["headers"] == [(b"x-kept", b"1"), (b"idempotent-replayed", b"true")]
+
+
+async def test_records_are_idem_keys_of_a_40_character_digest() -> None:
+    store = MemoryStore()
+    armored = IdempotencyMiddleware(
+        Scripted(START, {"type": "http.response.body"}), routes=["POST /pay"], store=store
+    )
+    await _drive(armored, _raw_scope())
+    (stored,) = list(store._entries)
+    prefix, digest = stored.split(":")
+    assert (prefix, len(digest)) == ("idem", 40)
+
+
+async def test_odd_scopes_are_fingerprinted_not_fatal() -> None:
+    """A path with an undecodable byte (surrogate-escaped by the server) and a scope
+    without ``query_string``: both run once and replay."""
+    app = Scripted(START, {"type": "http.response.body", "body": b"ok"})
+    armored = IdempotencyMiddleware(app, routes=["POST /*"])
+    odd_path = _raw_scope(path="/pay/\udcff")
+    no_query = _raw_scope(headers=[(b"idempotency-key", b"other")])
+    del no_query["query_string"]
+    for scope in (odd_path, no_query):
+        await _drive(armored, dict(scope))
+        replay = await _drive(armored, dict(scope))
+        assert (b"idempotent-replayed", b"true") in replay[0]["headers"]
+    assert app.runs == 2

@@ -35,6 +35,7 @@ from asgi_armor.signing import (
 from asgi_armor.stores.base import StoreError
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.stores.redis import RedisStore
+from tests.envelope import assert_envelope
 
 NOW = 1_700_000_000
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -257,28 +258,78 @@ def _sw(**changes: str | None) -> dict[str, str]:
         (HexHmac(), {"X-Signature": "sha1=" + HEX_OK}, "malformed_signature", "X-Signature"),
         (HexHmac(), {"X-Signature": HEX_OK[:-1] + "é"}, "malformed_signature", "X-Signature"),
         (HexHmac(), {"X-Signature": "a" * 100_000}, "malformed_signature", "X-Signature"),
-        (HexHmac(), [(b"x-signature", HEX_OK.encode() + b"\xff")], "malformed_signature", None),
-        (HexHmac(), [(b"x-signature", HEX_OK.encode())] * 2, "malformed_signature", None),
-        (HexHmac(), {"X-Signature": HEX_OK, "x-signature": HEX_OK}, "malformed_signature", None),
-        (GitHub(), {"X-Hub-Signature-256": HEX_OK}, "malformed_signature", None),
-        (GitHub(), {"X-Hub-Signature": "sha1=" + "a" * 40}, "missing_signature", None),
-        (GitHub(), {"X-Hub-Signature-256": "sha256="}, "malformed_signature", None),
+        (
+            HexHmac(),
+            [(b"x-signature", HEX_OK.encode() + b"\xff")],
+            "malformed_signature",
+            "X-Signature",
+        ),
+        (HexHmac(), [(b"x-signature", HEX_OK.encode())] * 2, "malformed_signature", "X-Signature"),
+        (
+            HexHmac(),
+            {"X-Signature": HEX_OK, "x-signature": HEX_OK},
+            "malformed_signature",
+            "X-Signature",
+        ),
+        (GitHub(), {"X-Hub-Signature-256": HEX_OK}, "malformed_signature", "X-Hub-Signature-256"),
+        (
+            GitHub(),
+            {"X-Hub-Signature": "sha1=" + "a" * 40},
+            "missing_signature",
+            "X-Hub-Signature-256",
+        ),
+        (
+            GitHub(),
+            {"X-Hub-Signature-256": "sha256="},
+            "malformed_signature",
+            "X-Hub-Signature-256",
+        ),
         (Stripe(), {}, "missing_signature", "Stripe-Signature"),
         (Stripe(), {"Stripe-Signature": "garbage"}, "malformed_signature", "Stripe-Signature"),
-        (Stripe(), {"Stripe-Signature": f"v1={HEX_OK}"}, "malformed_signature", None),
-        (Stripe(), {"Stripe-Signature": f"t={NOW}"}, "malformed_signature", None),
-        (Stripe(), {"Stripe-Signature": f"t={NOW},v0={HEX_OK}"}, "malformed_signature", None),
-        (Stripe(), {"Stripe-Signature": f"t=1{'0' * 40},v1={HEX_OK}"}, "malformed_signature", None),
-        (Stripe(), {"Stripe-Signature": f"t=-5,v1={HEX_OK}"}, "malformed_signature", None),
+        (Stripe(), {"Stripe-Signature": f"v1={HEX_OK}"}, "malformed_signature", "Stripe-Signature"),
+        (Stripe(), {"Stripe-Signature": f"t={NOW}"}, "malformed_signature", "Stripe-Signature"),
+        (
+            Stripe(),
+            {"Stripe-Signature": f"t={NOW},v0={HEX_OK}"},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
+        (
+            Stripe(),
+            {"Stripe-Signature": f"t=1{'0' * 40},v1={HEX_OK}"},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
+        (
+            Stripe(),
+            {"Stripe-Signature": f"t=-5,v1={HEX_OK}"},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
         (
             Stripe(),
             {"Stripe-Signature": f"t={NOW},t={NOW},{STRIPE_OK}"},
             "malformed_signature",
-            None,
+            "Stripe-Signature",
         ),
-        (Stripe(), {"Stripe-Signature": f"t={NOW},v1=zz"}, "malformed_signature", None),
-        (Stripe(), {"Stripe-Signature": STRIPE_OK + ",v1"}, "malformed_signature", None),
-        (Stripe(), {"Stripe-Signature": STRIPE_OK + ",x=1" * 50}, "malformed_signature", None),
+        (
+            Stripe(),
+            {"Stripe-Signature": f"t={NOW},v1=zz"},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
+        (
+            Stripe(),
+            {"Stripe-Signature": STRIPE_OK + ",v1"},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
+        (
+            Stripe(),
+            {"Stripe-Signature": STRIPE_OK + ",x=1" * 50},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
         (StandardWebhooks(), _sw(id=None), "missing_signature", "webhook-id"),
         (StandardWebhooks(), _sw(timestamp=None), "missing_signature", "webhook-timestamp"),
         (StandardWebhooks(), _sw(signature=None), "missing_signature", "webhook-signature"),
@@ -290,21 +341,41 @@ def _sw(**changes: str | None) -> dict[str, str]:
         (StandardWebhooks(), _sw(signature="v1,"), "malformed_signature", "webhook-signature"),
         (StandardWebhooks(), _sw(signature="v1,!!!"), "malformed_signature", "webhook-signature"),
         (StandardWebhooks(), _sw(signature="v1,YWJj"), "malformed_signature", "webhook-signature"),
+        (StandardWebhooks(), _sw(signature="v1,YWJ"), "malformed_signature", "webhook-signature"),
+        (
+            Stripe(),
+            {"Stripe-Signature": STRIPE_OK + ",zz"},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
+        (
+            Stripe(),
+            {"Stripe-Signature": STRIPE_OK + ",=x"},
+            "malformed_signature",
+            "Stripe-Signature",
+        ),
         (StandardWebhooks(), _sw(signature="v1a,YWJj"), "malformed_signature", "webhook-signature"),
-        (StandardWebhooks(), _sw(signature="v1,YWJj" * 100), "malformed_signature", None),
-        (StandardWebhooks(), _sw(signature="v2,YWJj " * 20), "malformed_signature", None),
+        (
+            StandardWebhooks(),
+            _sw(signature="v1,YWJj" * 100),
+            "malformed_signature",
+            "webhook-signature",
+        ),
+        (
+            StandardWebhooks(),
+            _sw(signature="v2,YWJj " * 20),
+            "malformed_signature",
+            "webhook-signature",
+        ),
     ],
 )
-def test_missing_and_malformed_headers(
-    scheme: Scheme, headers: Any, code: str, field: str | None
-) -> None:
+def test_missing_and_malformed_headers(scheme: Scheme, headers: Any, code: str, field: str) -> None:
     with pytest.raises(InvalidSignature) as excinfo:
         verify(
             headers, BODY, WHSEC if isinstance(scheme, StandardWebhooks) else "s", scheme, now=NOW
         )
     assert code_of(excinfo) == code
-    if field is not None:
-        assert excinfo.value.details[0].field == field
+    assert excinfo.value.details[0].field == field
 
 
 def test_verify_caps_the_body() -> None:
@@ -433,13 +504,8 @@ def make(recorder: Recorder, **options: Any) -> SignatureMiddleware:
 
 
 def assert_signature_error(response: httpx.Response, code: str) -> None:
-    assert response.status_code == 401, response.text
-    payload = response.json()
-    assert payload["error"] == "invalid_signature"
+    payload = assert_envelope(response, 401, "invalid_signature")
     assert [d["code"] for d in payload["details"]] == [code]
-    assert set(payload["details"][0]) == {"code", "message", "field"}
-    assert payload["request_id"] == response.headers["x-request-id"]
-    assert payload["request_id"]
 
 
 @pytest.mark.anyio
@@ -772,16 +838,547 @@ def test_list_shaped_asgi_headers_are_read() -> None:
     verify([[name.lower().encode(), value.encode()]], body, "s", scheme=HexHmac())  # type: ignore[list-item]
 
 
-def test_replay_protection_is_per_route() -> None:
-    middleware = SignatureMiddleware(
-        lambda s, r, x: None,  # type: ignore[arg-type, return-value]
-        routes={
-            "POST /a": SignedRoute(HexHmac(), "s"),
-            "POST /b": SignedRoute(HexHmac(), "s", replay_protection=False),
-        },
+# -- tests helper (issue 23) ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_replay_protection_is_per_route() -> None:
+    """The same signed delivery twice: refused as a replay on the protected route, let
+    through on the route that turned protection off, and a middleware default applies to
+    routes that say nothing."""
+    recorder = Recorder()
+    routes = {
+        "POST /a": SignedRoute(HexHmac(), "s"),
+        "POST /b": SignedRoute(HexHmac(), "s", replay_protection=False),
+        "POST /c": SignedRoute(HexHmac(), "s", replay_protection=True),
+    }
+    headers = sign(BODY, "s", scheme=HexHmac())
+    async with client_for(make(recorder, routes=routes)) as client:
+        assert (await client.post("/a", content=BODY, headers=headers)).status_code == 200
+        assert_signature_error(await client.post("/a", content=BODY, headers=headers), "replayed")
+        for _ in range(3):
+            assert (await client.post("/b", content=BODY, headers=headers)).status_code == 200
+    assert len(recorder.bodies) == 4
+    off_by_default = make(Recorder(), routes=routes, replay_protection=False)
+    async with client_for(off_by_default) as client:
+        for _ in range(2):
+            assert (await client.post("/a", content=BODY, headers=headers)).status_code == 200
+        assert (await client.post("/c", content=BODY, headers=headers)).status_code == 200
+        assert_signature_error(await client.post("/c", content=BODY, headers=headers), "replayed")
+
+
+class _ComparisonLog:
+    """``hmac`` for the signing module, recording every ``compare_digest`` it is asked."""
+
+    def __init__(self) -> None:
+        self.new = hmac.new
+        self.pairs: list[tuple[bytes, bytes]] = []
+
+    def compare_digest(self, a: bytes, b: bytes) -> bool:
+        self.pairs.append((a, b))
+        return hmac.compare_digest(a, b)
+
+
+def _stripe_entry(secret: str) -> str:
+    header = sign(BODY, secret, Stripe(), timestamp=NOW)["Stripe-Signature"]
+    return header.split(",v1=", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("signed_with", "expected_index"),
+    [
+        (["a"], 0),  # the first secret, the first entry: an early exit would stop here
+        (["zz", "c"], 2),  # the last secret, the last entry
+        (["b", "a"], 0),  # both match: the first secret wins, the rest still compared
+        (["zz"], None),  # nothing matches
+    ],
+)
+def test_every_secret_is_compared_with_every_signature_entry(
+    monkeypatch: pytest.MonkeyPatch, signed_with: list[str], expected_index: int | None
+) -> None:
+    """No early exit (the time taken must not say which secret or entry matched): each of
+    the secrets against each of the entries, exactly once."""
+    import asgi_armor.signing as signing
+
+    log = _ComparisonLog()
+    monkeypatch.setattr(signing, "hmac", log)
+    secrets = ["a", "b", "c"]
+    entries = [_stripe_entry(secret) for secret in signed_with] + ["0" * 64]
+    header = f"t={NOW}," + ",".join(f"v1={entry}" for entry in entries)
+    if expected_index is None:
+        with pytest.raises(InvalidSignature) as excinfo:
+            verify({"Stripe-Signature": header}, BODY, secrets, Stripe(), now=NOW)
+        assert code_of(excinfo) == "signature_mismatch"
+    else:
+        message = verify({"Stripe-Signature": header}, BODY, secrets, Stripe(), now=NOW)
+        assert message.secret_index == expected_index
+    digests = {bytes.fromhex(_stripe_entry(secret)): secret for secret in secrets}
+    compared = [(digests[a], b) for a, b in log.pairs]
+    assert sorted(compared) == sorted(
+        (secret, bytes.fromhex(entry)) for secret in secrets for entry in entries
     )
-    flags = {route.pattern: route.replay_protection for _, route in middleware.routes.entries}
-    assert flags == {"POST /a": True, "POST /b": False}
+
+
+@pytest.mark.anyio
+async def test_the_middleware_compares_every_secret_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asgi_armor.signing as signing
+
+    log = _ComparisonLog()
+    monkeypatch.setattr(signing, "hmac", log)
+    routes = {"POST /hook": (Stripe(), ["new", "old", "older"])}
+    headers = {"Stripe-Signature": f"t={NOW},v1={_stripe_entry('new')},v1={'0' * 64}"}
+    recorder = Recorder()
+    async with client_for(make(recorder, routes=routes)) as client:
+        assert (await client.post("/hook", content=BODY, headers=headers)).status_code == 200
+    assert len(log.pairs) == 3 * 2
+    assert recorder.messages[0] is not None
+    assert recorder.messages[0].secret_index == 0
+
+
+# -- make mutate survivors (docs/mutation.md) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_error", "message"),
+    [
+        (lambda: verify({}, BODY, ""), "verify: secret #0: the secret is empty"),
+        (lambda: verify({}, BODY, ["s", 5]), "verify: secret #1 is not str or bytes"),
+        (lambda: verify({}, BODY, []), "verify: no secret configured"),
+        (
+            lambda: verify({}, BODY, "s", tolerance=0),
+            "verify: tolerance must be a positive number of seconds",
+        ),
+        (
+            lambda: verify({}, BODY, "whsec_YWJj!", StandardWebhooks()),
+            "verify: secret #0: a whsec_ secret must be base64 after the prefix",
+        ),
+        (
+            lambda: verify({}, BODY, "whsec_", StandardWebhooks()),
+            "verify: secret #0: the secret is empty",
+        ),
+        (
+            lambda: HexHmac(header="bad header"),
+            "HexHmac.header: 'bad header' is not a valid header name",
+        ),
+        (
+            lambda: HexHmac(timestamp_header="x y"),
+            "HexHmac.timestamp_header: 'x y' is not a valid header name",
+        ),
+        (lambda: Stripe(header="a b"), "Stripe.header: 'a b' is not a valid header name"),
+        (lambda: GitHub(header=" "), "GitHub.header: ' ' is not a valid header name"),
+        (
+            lambda: SignatureMiddleware(Recorder(), routes=ROUTES, tolerance=0),
+            "signature tolerance: tolerance must be a positive number of seconds",
+        ),
+        (
+            lambda: SignatureMiddleware(Recorder(), routes=ROUTES, max_body_bytes=0),
+            "signature max_body_bytes: must be at least 1",
+        ),
+        (
+            lambda: SignatureMiddleware(Recorder(), routes={}),
+            "signature routes: at least one route is required",
+        ),
+    ],
+)
+def test_config_errors_say_exactly_what_is_wrong(
+    make_error: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        make_error()
+    assert str(excinfo.value) == message
+
+
+def test_the_smallest_settings_are_accepted() -> None:
+    headers = sign(BODY, "s", HexHmac(timestamp_header="X-Timestamp"), timestamp=NOW)
+    verify(headers, BODY, "s", HexHmac(timestamp_header="X-Timestamp"), tolerance=0.5, now=NOW)
+    middleware = SignatureMiddleware(Recorder(), routes=ROUTES, max_body_bytes=1)
+    assert (middleware.max_body_bytes, middleware.replay_protection) == (1, True)
+    with pytest.raises(ValueError, match=r"^msg_id must be 1\.\.256 printable ASCII characters"):
+        sign(BODY, WHSEC, StandardWebhooks(), msg_id="a b")
+
+
+def test_standard_webhooks_message_ids_up_to_256_characters() -> None:
+    longest = "m" * 256
+    headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW, msg_id=longest)
+    assert set(headers) == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW).msg_id == longest
+    with pytest.raises(ValueError, match="msg_id"):
+        sign(BODY, WHSEC, StandardWebhooks(), msg_id=longest + "m")
+
+
+def test_signing_without_a_timestamp_uses_now() -> None:
+    scheme = HexHmac(timestamp_header="X-Timestamp")
+    headers = sign(BODY, "s", scheme)
+    assert abs(int(headers["X-Timestamp"]) - time.time()) < 60
+    verify(headers, BODY, "s", scheme)
+
+
+def test_the_payload_too_large_error_names_the_cap() -> None:
+    with pytest.raises(PayloadTooLarge) as excinfo:
+        verify(sign(BODY, "s"), BODY, "s", max_body_bytes=len(BODY) - 1)
+    assert str(excinfo.value) == f"Request body exceeds {len(BODY) - 1} bytes"
+
+
+@pytest.mark.parametrize(
+    ("scheme", "headers", "field"),
+    [
+        (HexHmac(), sign(BODY, "other"), "X-Signature"),
+        (GitHub(), sign(BODY, "other", GitHub()), "X-Hub-Signature-256"),
+        (Stripe(), sign(BODY, "other", Stripe(), timestamp=NOW), "Stripe-Signature"),
+        (
+            StandardWebhooks(),
+            sign(BODY, "whsec_b3RoZXI=", StandardWebhooks(), timestamp=NOW),
+            "webhook-signature",
+        ),
+    ],
+)
+def test_a_mismatch_names_the_signature_header(
+    scheme: Scheme, headers: dict[str, str], field: str
+) -> None:
+    secret = WHSEC if isinstance(scheme, StandardWebhooks) else "s"
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, secret, scheme, now=NOW)
+    assert (code_of(excinfo), excinfo.value.details[0].field) == ("signature_mismatch", field)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "secret", "field"),
+    [
+        (Stripe(), "s", "Stripe-Signature"),
+        (StandardWebhooks(), WHSEC, "webhook-timestamp"),
+        (HexHmac(timestamp_header="X-Timestamp"), "s", "X-Timestamp"),
+    ],
+)
+def test_a_stale_timestamp_names_the_timestamp_header(
+    scheme: Scheme, secret: str, field: str
+) -> None:
+    headers = sign(BODY, secret, scheme, timestamp=NOW - 1000)
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, secret, scheme, now=NOW)
+    assert code_of(excinfo) == "timestamp_out_of_tolerance"
+    assert excinfo.value.details[0].field == field
+
+
+def test_stripe_header_item_count_bound() -> None:
+    """Up to 16 signatures plus the timestamp and one more item; past that, malformed."""
+    entries = [_stripe_entry("s")] + ["0" * 64] * 15
+    header = f"t={NOW}," + ",".join(f"v1={entry}" for entry in entries)
+    verify({"Stripe-Signature": header + ",v0=x"}, BODY, "s", Stripe(), now=NOW)
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify({"Stripe-Signature": header + ",v0=x,v0=y"}, BODY, "s", Stripe(), now=NOW)
+    assert code_of(excinfo) == "malformed_signature"
+
+
+class _CustomHeaderScheme(HexHmac):
+    """A user's scheme reading its headers through the Mapping interface."""
+
+    def extract(self, headers: Any) -> ParsedSignature:
+        assert "x-custom" in headers
+        assert "X-CUSTOM" in headers
+        assert "x-custom" in [name.lower() for name in headers]
+        with pytest.raises(KeyError, match="x-absent"):
+            headers["x-absent"]
+        return ParsedSignature((bytes.fromhex(headers["X-Custom"]),), field="X-Custom")
+
+
+def test_custom_schemes_read_headers_as_a_mapping() -> None:
+    value = sign(BODY, "s")["X-Signature"]
+    for headers in ({"X-Custom": value}, [(b"x-custom", value.encode())]):
+        assert verify(headers, BODY, "s", _CustomHeaderScheme()).scheme == "hex-hmac"
+
+
+def test_the_default_body_cap_is_one_mebibyte() -> None:
+    assert SignatureMiddleware(Recorder(), routes=ROUTES).max_body_bytes == 1_048_576
+
+
+@pytest.mark.anyio
+async def test_non_http_scopes_pass_through_with_their_channels() -> None:
+    seen: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(await receive())
+        await send({"type": "lifespan.startup.complete"})
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        seen.append(message)
+
+    await SignatureMiddleware(app, routes=ROUTES)({"type": "lifespan"}, receive, send)
+    assert seen == [{"type": "lifespan.startup"}, {"type": "lifespan.startup.complete"}]
+
+
+def _signed_scope(path: str, headers: dict[str, str]) -> Scope:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("replay_protection", [True, False])
+async def test_the_app_hears_the_disconnect_after_the_replayed_body(
+    replay_protection: bool,
+) -> None:
+    heard: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            heard.append(message)
+            if message["type"] == "http.disconnect":
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    pending = [{"type": "http.request", "body": BODY, "more_body": False}]
+
+    async def receive() -> Message:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    middleware = SignatureMiddleware(
+        app, routes=ROUTES, wall_clock=lambda: float(NOW), replay_protection=replay_protection
+    )
+    await middleware(_signed_scope("/webhooks/hex", sign(BODY, "hex-secret")), receive, send)
+    assert [m["type"] for m in heard][-1] == "http.disconnect"
+    assert b"".join(m.get("body", b"") for m in heard) == BODY
+    assert sent[0]["status"] == 200
+
+
+@pytest.mark.anyio
+async def test_an_app_that_fails_before_answering_lets_the_retry_through() -> None:
+    calls = 0
+
+    async def fails_then_works(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("crashed before any response")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = ErrorMiddleware(
+        SignatureMiddleware(fails_then_works, routes={"POST /hook": (HexHmac(), "s")})
+    )
+    headers = sign(BODY, "s")
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.post("/hook", content=BODY, headers=headers)).status_code == 500
+        assert (await client.post("/hook", content=BODY, headers=headers)).status_code == 200
+        assert_signature_error(
+            await client.post("/hook", content=BODY, headers=headers), "replayed"
+        )
+
+
+class _CheckpointingStore(MemoryStore):
+    """A MemoryStore that yields to the event loop in ``forget``, as a network store does:
+    in a cancelled task, an unshielded ``forget`` would be cancelled right there."""
+
+    async def forget(self, key: str) -> None:
+        import anyio.lowlevel
+
+        await anyio.lowlevel.checkpoint()
+        await super().forget(key)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_delivery_is_forgotten_so_the_retry_gets_through() -> None:
+    """The client went away (or a timeout cancelled the handler): the message was not
+    handled, so the shielded clean-up forgets it even though the request is cancelled."""
+    import anyio
+
+    started = anyio.Event()
+    calls = 0
+
+    async def hangs_first(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            started.set()
+            await anyio.sleep_forever()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    store = _CheckpointingStore()
+    middleware = SignatureMiddleware(
+        hangs_first, routes={"POST /hook": (HexHmac(), "s")}, store=store
+    )
+    headers = sign(BODY, "s")
+
+    async def deliver() -> list[Message]:
+        pending = [{"type": "http.request", "body": BODY, "more_body": False}]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            if pending:
+                return pending.pop(0)
+            await anyio.sleep_forever()
+            raise AssertionError  # pragma: no cover
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await middleware(_signed_scope("/hook", headers), receive, send)
+        return sent
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(deliver)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert len(store) == 0, "the cancelled delivery is still remembered"
+    assert (await deliver())[0]["status"] == 200
+
+
+class _ForgetFails(MemoryStore):
+    """Fails the first forget; the id, held meanwhile, is forgotten on the next try."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    async def forget(self, key: str) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise StoreError("redis went away")
+        await super().forget(key)
+
+
+@pytest.mark.anyio
+async def test_a_failing_forget_is_logged_and_the_answer_stands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b"down"})
+
+    app = ErrorMiddleware(
+        SignatureMiddleware(fails, routes={"POST /hook": (HexHmac(), "s")}, store=_ForgetFails())
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        with caplog.at_level("WARNING", logger="asgi_armor.signing"):
+            response = await c.post("/hook", content=BODY, headers=sign(BODY, "s"))
+    assert (response.status_code, response.content) == (503, b"down")
+    (record,) = [r for r in caplog.records if "could not forget" in r.getMessage()]
+    assert response.headers["x-request-id"] in record.getMessage()
+
+
+@pytest.mark.anyio
+async def test_a_failing_replay_cache_is_503_with_retry_after_one_second() -> None:
+    app = ErrorMiddleware(
+        SignatureMiddleware(
+            Recorder(), routes={"POST /hook": (HexHmac(), "s")}, store=FailingStore()
+        )
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/hook", content=BODY, headers=sign(BODY, "s"))
+    assert_envelope(response, 503, "service_unavailable")
+    assert response.headers["retry-after"] == "1"
+
+
+@pytest.mark.anyio
+async def test_a_declared_oversized_body_is_413_naming_the_cap() -> None:
+    app = ErrorMiddleware(
+        SignatureMiddleware(Recorder(), routes={"POST /hook": (HexHmac(), "s")}, max_body_bytes=10)
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/hook", content=b"x" * 11, headers=sign(b"x" * 11, "s"))
+    data = assert_envelope(response, 413, "payload_too_large")
+    assert data["message"] == "Request body exceeds 10 bytes"
+
+
+def test_a_malformed_timestamp_names_its_header() -> None:
+    scheme = HexHmac(timestamp_header="X-Timestamp")
+    headers = {**sign(BODY, "s", scheme, timestamp=NOW), "X-Timestamp": "soon"}
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, "s", scheme, now=NOW)
+    assert (code_of(excinfo), excinfo.value.details[0].field) == (
+        "malformed_signature",
+        "X-Timestamp",
+    )
+    mismatched = sign(BODY, "other", scheme, timestamp=NOW)
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(mismatched, BODY, "s", scheme, now=NOW)
+    assert excinfo.value.details[0].field == "X-Signature"
+
+
+def test_header_values_are_kept_as_sent_apart_from_spaces_and_tabs() -> None:
+    for msg_id in ("msg_X", "X", "msg_XX"):
+        headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW, msg_id=msg_id)
+        headers["webhook-id"] = f" \t{msg_id}\t "
+        assert verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW).msg_id == msg_id
+    vertical_tab = {"X-Signature": sign(BODY, "s")["X-Signature"] + "\x0b"}
+    with pytest.raises(InvalidSignature):
+        verify(vertical_tab, BODY, "s")
+
+
+def test_odd_raw_header_items_are_skipped_not_fatal() -> None:
+    ((name, value),) = sign(BODY, "s").items()
+    good = (name.lower().encode(), value.encode())
+    for junk in ((b"a", b"b", b"c"), (b"only",), (5, b"x"), "ab"):
+        assert verify([junk, good], BODY, "s").secret_index == 0  # type: ignore[list-item]
+
+
+def test_a_value_at_the_length_cap_is_read() -> None:
+    from asgi_armor.signing import MAX_HEADER_CHARS
+
+    at_cap = "a" * MAX_HEADER_CHARS
+    for headers in ({"X-Signature": at_cap}, [(b"x-signature", at_cap.encode())]):
+        with pytest.raises(InvalidSignature) as excinfo:
+            verify(headers, BODY, "s")  # type: ignore[arg-type]
+        # Read, then refused as a wrong-length hex signature: same code, same field.
+        assert (code_of(excinfo), excinfo.value.details[0].field) == (
+            "malformed_signature",
+            "X-Signature",
+        )
+
+
+def test_standard_webhooks_takes_sixteen_signatures_and_no_more() -> None:
+    headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW)
+    others = " ".join(["v1," + base64.b64encode(b"x" * 32).decode()] * 15)
+    headers["webhook-signature"] = headers["webhook-signature"] + " " + others
+    verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW)
+    headers["webhook-signature"] += " v1," + base64.b64encode(b"y" * 32).decode()
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW)
+    assert code_of(excinfo) == "malformed_signature"
+
+
+@pytest.mark.parametrize("entry", [",YWJj", "v1,", "v1"])
+def test_standard_webhooks_entries_need_a_version_and_a_value(entry: str) -> None:
+    headers = sign(BODY, WHSEC, StandardWebhooks(), timestamp=NOW)
+    headers["webhook-signature"] = entry + " " + headers["webhook-signature"]
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, WHSEC, StandardWebhooks(), now=NOW)
+    assert code_of(excinfo) == "malformed_signature"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Signature": 5},
+        [(b"x-signature", b"a" * 100_000)],
+        [(b"x-signature", b"\xff" * 64)],
+        [(b"x-signature", b"a" * 64), (b"X-Signature", b"b" * 64)],
+    ],
+    ids=["not-text", "oversized-bytes", "not-ascii-bytes", "repeated"],
+)
+def test_unreadable_header_values_name_the_header(headers: Any) -> None:
+    with pytest.raises(InvalidSignature) as excinfo:
+        verify(headers, BODY, "s")
+    assert (code_of(excinfo), excinfo.value.details[0].field) == (
+        "malformed_signature",
+        "X-Signature",
+    )
 
 
 # -- WWW-Authenticate (RFC 9110 section 15.5.2: a 401 carries a challenge) ------------

@@ -382,3 +382,40 @@ async def test_non_http_scopes_pass_straight_through() -> None:
 def test_bad_config_fails_at_start_up(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         TimeoutMiddleware(timed_app([]), **kwargs)
+
+
+@pytest.mark.parametrize(("outer_budget", "inner_budget"), [(3, 10), (10, 3), (3, 3)])
+async def test_nested_budgets_tell_the_app_the_tightest(
+    clock: FakeClock, outer_budget: float, inner_budget: float
+) -> None:
+    """Whichever layer is tighter, outer or inner, is the budget the app sees."""
+    seen: list[tuple[float, float | None]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((scope["state"]["deadline"], remaining(scope)))
+        await ok(send)
+
+    inner = TimeoutMiddleware(app, default=inner_budget, clock=clock)
+    outer = TimeoutMiddleware(inner, default=outer_budget, clock=clock)
+    await outer(http_scope(), empty_receive, Recorder())
+    tightest = min(outer_budget, inner_budget)
+    assert seen == [(1000.0 + tightest, tightest)]
+
+
+async def test_nested_budgets_cut_at_the_inner_deadline_when_it_is_tighter() -> None:
+    """The inner, tighter layer answers the 504, naming its own budget, and the app's
+    cancel scope built from the stored deadline fires with it."""
+    events: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        left = remaining(scope)
+        assert left is not None
+        events.append("short" if left <= SHORT else "long")
+        await anyio.sleep(LONG)
+
+    stack = ErrorMiddleware(TimeoutMiddleware(TimeoutMiddleware(app, default=SHORT), default=LONG))
+    async with client(stack) as c:
+        response = await c.get("/")
+    assert response.status_code == 504
+    assert response.json()["message"] == f"Request timed out after {SHORT:g}s"
+    assert events == ["short"]

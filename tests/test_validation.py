@@ -37,6 +37,7 @@ from asgi_armor.validation import (
     normalize_email,
     normalize_name,
 )
+from tests.envelope import assert_envelope
 
 
 class CreateUserRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -82,17 +83,6 @@ def client_for(app: Any) -> httpx.AsyncClient:
 def armored(app: Any, **limits: Any) -> Any:
     limits.setdefault("max_body_bytes", CAP)
     return ErrorMiddleware(InputLimits(app, **limits))
-
-
-def assert_envelope(response: httpx.Response, status: int, error: str) -> dict[str, Any]:
-    assert response.status_code == status
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "message", "details", "request_id"}
-    assert body["error"] == error
-    assert body["request_id"].startswith("req_")
-    assert response.headers["x-request-id"] == body["request_id"]
-    return body  # type: ignore[no-any-return]
 
 
 @pytest.mark.anyio

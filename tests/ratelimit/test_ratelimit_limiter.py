@@ -241,3 +241,80 @@ async def test_concurrency_exact_on_memory(limiter: RateLimiter) -> None:
         for _ in range(200):
             tg.start_soon(one)
     assert allowed == 50
+
+
+@pytest.mark.parametrize("rate", ["10/minute", Rate.parse("10/minute"), "10/minute burst 20"])
+@pytest.mark.parametrize(
+    ("cost", "message"),
+    [
+        (-1, "cost must be a whole number >= 0"),
+        (-20, "cost must be a whole number >= 0"),
+        (True, "cost must be a whole number >= 0"),
+        (1.5, "cost must be a whole number >= 0"),
+        (21, "exceeds the burst"),
+    ],
+)
+async def test_impossible_costs_are_refused_on_every_call_and_take_nothing(
+    limiter: RateLimiter, rate: Rate | str, cost: int, message: str
+) -> None:
+    """Not only on a rate's first use: a negative cost on a warmed-up rate would refund
+    tokens and let a client past its limit."""
+    for _ in range(3):
+        await limiter.hit("k", rate)
+    before = await limiter.hit("k", rate, cost=0)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=message):
+            await limiter.hit("k", rate, cost=cost)
+        with pytest.raises(ValueError, match=message):
+            await limiter.hit_many([("k", rate)], cost=cost)
+    assert await limiter.hit("k", rate, cost=0) == before
+
+
+# -- make mutate survivors (docs/mutation.md) ----------------------------------------------
+
+
+async def test_error_messages_say_what_is_wrong(limiter: RateLimiter) -> None:
+    with pytest.raises(ValueError, match=r"\(10\): such a request could never be allowed$"):
+        await limiter.hit("k", "10/minute", cost=11)
+    with pytest.raises(ValueError, match=r"^hit_many needs at least one \(key, rate\) item$"):
+        await limiter.hit_many([])
+    with pytest.raises(ValueError, match=r"^hit_many got the same bucket twice$"):
+        await limiter.hit_many([("a", "1/s"), ("a", "1/s")])
+    for _ in range(2):  # cold, then with the rate's policy cached
+        with pytest.raises(ConfigError, match=r"^\['1/s'\] is not a rate"):
+            await limiter.hit("k", ["1/s"])  # type: ignore[arg-type]
+
+
+async def test_store_failures_are_logged_with_the_cause_once_a_minute_by_default(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = RateLimiter(FailingStore(), clock=clock)
+    caplog.set_level(logging.WARNING, logger="asgi_armor.ratelimit")
+    await limiter.hit("k", "1/minute")  # cold: through hit_many
+    clock.advance(59.5)
+    await limiter.hit("k", "1/minute")  # warm: the one-bucket fast path
+    assert len(caplog.records) == 1
+    clock.advance(0.5)
+    await limiter.hit("k", "1/minute")
+    assert [r.getMessage().endswith(": connection refused") for r in caplog.records] == [
+        True,
+        True,
+    ]
+
+
+async def test_enforce_honours_cost_and_policy_from_the_first_call(clock: FakeClock) -> None:
+    store = MemoryStore(clock=clock)
+    first, second = RateLimiter(store), RateLimiter(store)
+    assert (await first.enforce("k", "5/minute", cost=4, policy="p")).remaining == 1
+    # A new limiter on the same store: its first call (cold) must enforce too.
+    with pytest.raises(RateLimited):
+        await second.enforce("k", "5/minute", cost=2, policy="p")
+    assert (await second.hit("k", "5/minute", policy="p", cost=0)).remaining == 1
+    assert (await second.hit("k", "5/minute", cost=0)).remaining == 5  # another policy
+
+
+async def test_a_named_policy_never_answers_for_the_unnamed_one(limiter: RateLimiter) -> None:
+    for _ in range(3):
+        await limiter.hit_many([("k", "5/minute", "named")])
+    assert (await limiter.hit("k", "5/minute")).remaining == 4
+    assert (await limiter.hit("k", "5/minute", policy="named")).remaining == 1

@@ -12,7 +12,7 @@ import pytest
 
 from asgi_armor._asgi import Receive, Scope, Send, get_header
 from asgi_armor.errors import ErrorMiddleware
-from asgi_armor.ratelimit import Rate, RateLimiter, RateLimitMiddleware, Rule
+from asgi_armor.ratelimit import Rate, RateLimiter, RateLimitMiddleware, Rule, bucket
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.stores.redis import RedisStore
 from tests.conftest import RedisServer
@@ -179,3 +179,83 @@ async def test_redis_restart_fails_open_then_limits_again(
         assert limiter.store_errors == 1
     finally:
         await store.aclose()
+
+
+# -- real elapsed time on Redis's own clock (issue 23) ------------------------------------
+# Redis decides on its own clock (TIME), and hit_buckets reports that clock's reading, so
+# these tests compare the script with bucket.decide at the very instants Redis used:
+# exact, however slowly a loaded machine runs the test.
+
+
+# Rates whose whole burst is not a multiple of the float grid around Redis's clock reading
+# (seconds since 2023, ~1e8): at every magnitude from 2^24 to 2^30 s, some of these round
+# up by ~1e-8 when the script computes ``now + cost * interval - now``.
+BURST_RATES = [
+    "10/second burst 3",
+    "7/second burst 2",
+    "3/second",
+    "7/second",
+    "7/minute burst 3",
+    "9/second burst 5",
+    "11/minute burst 4",
+    "13/second burst 6",
+    "6/second burst 5",
+]
+
+
+async def test_a_fresh_bucket_gives_its_whole_burst_at_once(redis_store: RedisStore) -> None:
+    """A request costing the whole burst fits a full bucket, even where float rounding
+    makes ``now + burst - now`` a hair larger than the burst (the script's epsilon)."""
+    limiter = RateLimiter(redis_store)
+    rounding_cases = 0
+    for text in BURST_RATES:
+        rate = Rate.parse(text)
+        interval, tolerance = rate.spec
+        for n in range(3):
+            allowed, now, _ = await redis_store.hit_buckets(["rl:clock"], [rate.spec], 0)
+            assert allowed
+            rounding_cases += (now + rate.capacity * interval) - now > tolerance
+            decision = await limiter.hit(f"fresh-{n}", rate, cost=rate.capacity)
+            assert (decision.allowed, decision.remaining) == (True, 0), (text, decision)
+            assert not (await limiter.hit(f"fresh-{n}", rate)).allowed
+    assert rounding_cases > 0, "no rate exercised the rounding slack"
+
+
+async def test_one_interval_refills_exactly_one_token(redis_store: RedisStore) -> None:
+    interval, tolerance = Rate.parse("2/second").spec  # 0.5 s per token, 2 deep
+    specs = [(interval, tolerance)]
+    allowed, start, (tat,) = await redis_store.hit_buckets(["rl:refill"], specs, 2)
+    assert allowed
+    assert tat == pytest.approx(start + 2 * interval, abs=1e-6)
+    allowed, now, tats = await redis_store.hit_buckets(["rl:refill"], specs, 1)
+    assert (allowed, tats) == bucket.decide([tat], now, specs, 1)
+    if now - start < interval:  # how it goes unless this process stalled for 0.5 s
+        assert not allowed
+    await anyio.sleep(interval + 0.05)
+    allowed, now, tats = await redis_store.hit_buckets(["rl:refill"], specs, 1)
+    assert now - start >= interval
+    assert allowed, "one interval later, one token is back"
+    assert (allowed, tats) == bucket.decide([tat], now, specs, 1)
+    assert tats[0] == tat + interval  # taken from the refilled bucket, not a fresh one
+    tat = tats[0]
+    allowed, now, tats = await redis_store.hit_buckets(["rl:refill"], specs, 1)
+    assert (allowed, tats) == bucket.decide([tat], now, specs, 1)
+    if now - start < 2 * interval:
+        assert not allowed, "only one token came back"
+
+
+@pytest.mark.parametrize(("text", "cost"), [("10/hour", 1), ("2/second", 2), ("3/minute", 2)])
+async def test_key_ttl_matches_reset_after(redis_store: RedisStore, text: str, cost: int) -> None:
+    """The key lives until the bucket is full again: dropped earlier, the next request
+    would see a full bucket too soon; kept longer, memory is wasted."""
+    limiter = RateLimiter(redis_store)
+    rate = Rate.parse(text)
+    specs = [rate.spec]
+    allowed, now, (tat,) = await redis_store.hit_buckets(["rl:ttl"], specs, cost)
+    assert allowed
+    reset_ms = bucket.reset_after(tat, now) * 1000
+    pttl = await redis_store.client.pttl(redis_store.prefix + "rl:ttl")
+    # PTTL is read a moment after the script ran; 250 ms covers a loaded machine.
+    assert reset_ms - 250 <= pttl <= reset_ms + 2, (pttl, reset_ms)
+    decision = await limiter.hit("ttl", rate, cost=cost)
+    assert decision.reset_after == pytest.approx(cost * rate.spec[0], abs=0.25)

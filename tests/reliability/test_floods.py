@@ -28,7 +28,6 @@ import httpx
 import msgspec
 import pytest
 from reliability_helpers import (
-    assert_envelope,
     demo_stack,
     parse_response,
     running_server,
@@ -42,6 +41,7 @@ from asgi_armor.ratelimit import RateLimitMiddleware, Rule
 from asgi_armor.signing import HexHmac, SignatureMiddleware, SignedRoute, sign
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.validation import InputLimits
+from tests.envelope import assert_envelope
 
 MAX_KEYS = 10_000
 
@@ -172,10 +172,8 @@ async def test_slow_body_is_cut_in_process(anyio_backend: str) -> None:
         await armored(scope, trickle, send)
     elapsed = anyio.current_time() - start
     assert 0.3 <= elapsed < 1.0
-    assert messages[0]["status"] == 504
     headers = {k.decode(): v.decode() for k, v in messages[0]["headers"]}
-    data = assert_envelope(504, headers, messages[1]["body"])
-    assert data["error"] == "timeout"
+    assert_envelope((messages[0]["status"], headers, messages[1]["body"]), 504, "timeout")
     assert ran == []
 
 
@@ -249,8 +247,7 @@ def test_slowloris_is_cut_under_uvicorn_while_others_are_served() -> None:
                 sock.close()
             answers.append((parse_response(data), time.monotonic() - opened))
         for (status, headers, payload), _ in answers:
-            assert status == 504, payload
-            assert assert_envelope(status, headers, payload)["error"] == "timeout"
+            assert_envelope((status, headers, payload), 504, "timeout")
         cut_after = max(elapsed for _, elapsed in answers)
         assert cut_after < budget + 2.0
         assert max(fast) < 0.5
@@ -271,12 +268,15 @@ def test_slowloris_is_cut_under_uvicorn_while_others_are_served() -> None:
 async def test_tenfold_burst_is_shed_without_errors_elsewhere(
     anyio_backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The queue wait (5 s) is ten times a search (0.5 s): the 8 queued requests always get
+    # the slots the first 8 free, however loaded the machine, so exactly 16 are served.
+    delay = 0.5
     shedding = SheddingConfig(
-        max_concurrent=8, max_queue=8, queue_timeout=Duration(0.3), retry_after=Duration(1.0)
+        max_concurrent=8, max_queue=8, queue_timeout=Duration(5.0), retry_after=Duration(1.0)
     )
     stack = demo_stack(shedding=shedding)
     stack.demo.board.faults["search"] = msgspec.convert(
-        {"mode": "slow", "delay": 0.2}, type(stack.demo.board.faults["search"])
+        {"mode": "slow", "delay": delay}, type(stack.demo.board.faults["search"])
     )
     transport = httpx.ASGITransport(app=stack.app, client=("10.9.9.9", 1))
     results: list[httpx.Response] = []
@@ -309,16 +309,16 @@ async def test_tenfold_burst_is_shed_without_errors_elsewhere(
     ok = [r for r in results if r.status_code == 200]
     shed = [r for r in results if r.status_code == 503]
     assert len(ok) + len(shed) == burst, sorted({r.status_code for r in results})
-    assert len(ok) >= 8
-    assert len(shed) >= burst // 2
+    assert len(ok) == 8 + 8  # docs/security.md: 16 served, 144 shed
+    assert len(shed) == burst - 16
     for response in shed:
-        data = assert_envelope(503, dict(response.headers), response.content)
-        assert data["error"] == "overloaded"
+        assert_envelope(response, 503, "overloaded")
         assert response.headers["retry-after"] == "1"
     assert all(status == 200 for status, _ in health)
-    assert max(elapsed for _, elapsed in health) < 0.2
+    # Exempt, so never queued: a queued health check would wait a whole search (0.5 s).
+    assert max(elapsed for _, elapsed in health) < delay * 0.8
     assert after.status_code == 200
-    assert shedder.max_seen <= 8
+    assert shedder.max_seen == 8
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     print(
         f"\n[overload {anyio_backend}] burst of {burst} on 8 slots + 8 queued: {len(ok)} served, "

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import pytest
 from reliability_helpers import (
-    assert_envelope,
     demo_stack,
     pause,
     percentile,
@@ -35,6 +34,7 @@ from asgi_armor.config import Duration, IdempotencyEntry
 from asgi_armor.demo import create_demo
 from asgi_armor.signing import HexHmac, sign
 from asgi_armor.stores.redis import CONCERNS
+from tests.envelope import assert_envelope
 
 pytestmark = [pytest.mark.anyio]
 
@@ -100,9 +100,7 @@ def _states(store: Any) -> dict[str, str]:
 
 
 def _check_503(response: httpx.Response) -> None:
-    assert response.status_code == 503, response.text
-    data = assert_envelope(503, dict(response.headers), response.content)
-    assert data["error"] == "service_unavailable"
+    assert_envelope(response, 503, "service_unavailable")
     assert response.headers["retry-after"] == "1"
 
 

@@ -1,0 +1,45 @@
+"""The GCRA core (asgi_armor/ratelimit/bucket.py) at its edges: lengths, the epsilon
+boundary, past and over-full states. The everyday behaviour is pinned by the limiter tests
+and the property models; these are the cases they cannot reach."""
+
+from __future__ import annotations
+
+import pytest
+
+from asgi_armor.ratelimit.bucket import EPSILON, decide, remaining, reset_after, retry_after
+
+
+@pytest.mark.parametrize(("tats", "specs"), [(1, 2), (2, 1), (3, 2), (0, 1)])
+def test_one_spec_per_tat_or_a_clear_error(tats: int, specs: int) -> None:
+    with pytest.raises(ValueError, match=f"^decide: {tats} tats for {specs} specs$"):
+        decide([None] * tats, 10.0, [(1.0, 1.0)] * specs, 1)
+
+
+@pytest.mark.parametrize("buckets", [1, 2])
+def test_a_request_landing_exactly_on_the_slack_is_allowed(buckets: int) -> None:
+    """``tolerance + EPSILON`` is still inside the bucket, one hair past it is not: the
+    slack that lets ten 6-second tokens fit a 60-second tolerance despite rounding."""
+    at_the_edge = [(0.5, 1.0 - EPSILON)] * buckets
+    allowed, tats = decide([None] * buckets, 10.0, at_the_edge, 2)
+    assert (allowed, tats) == (True, [11.0] * buckets)
+    past_it = [(0.5, 1.0 - EPSILON - 1e-9)] * buckets
+    assert decide([None] * buckets, 10.0, past_it, 2) == (False, [10.0] * buckets)
+
+
+@pytest.mark.parametrize("buckets", [1, 2])
+def test_a_past_or_missing_tat_is_a_full_bucket(buckets: int) -> None:
+    specs = [(1.0, 3.0)] * buckets
+    for tat in (None, 4.0, 10.0):
+        assert decide([tat] * buckets, 10.0, specs, 3) == (True, [13.0] * buckets)
+    assert remaining(4.0, 10.0, 1.0, 3.0) == 3
+    assert reset_after(4.0, 10.0) == 0.0
+    assert retry_after(4.0, 10.0, 1.0, 3.0) == 0.0
+
+
+def test_remaining_is_never_negative_in_the_slack() -> None:
+    """After a request allowed by the epsilon, the bucket may hold a hair less than
+    nothing: that is 0 tokens left, not -1."""
+    now, interval, tolerance = 10.0, 0.01, 0.05
+    assert remaining(now + tolerance + EPSILON / 2, now, interval, tolerance) == 0
+    assert remaining(now + tolerance, now, interval, tolerance) == 0
+    assert remaining(now + tolerance - interval, now, interval, tolerance) == 1
