@@ -28,9 +28,11 @@ A store call is judged by the store's answer, not by this process's load:
   ``["idempotency"]``, ``["replay"]``). A call is admitted by its concern's breaker when
   its batch is formed, and its outcome is recorded there only: an error reply fails that
   call alone, and a batch that fails as a whole (connection lost, no answer in time) is a
-  failure of each call it carried, each counted by its own concern. A concern that had no
-  call in the batch counts nothing. A dead Redis still costs microseconds per call once a
-  concern's breaker is open, not a connect timeout.
+  failure of each call it carried that had no answer yet, each counted by its own
+  concern, as if each had made its own round trip. A concern that had no call in the
+  batch counts nothing. A command over 64 KiB travels alone, so one request's oversized
+  write cannot fail the calls of others. A dead Redis still costs microseconds per call
+  once a concern's breaker is open, not a connect timeout.
 """
 
 from __future__ import annotations
@@ -285,8 +287,8 @@ class _Batcher:
     takes up to ``max_batch`` of them, round robin across concerns (FIFO within one), and
     sends them at once as one pipeline of commands on one connection. A command larger
     than ``_ALONE`` bytes (a big stored response) travels in a batch of its own, so its
-    transfer never delays, or fails, the calls of other requests. A store spread over
-    several nodes (Redis Cluster) would keep one batcher per node.
+    transfer never delays, or fails, the calls of other requests. A store over several
+    nodes keeps one ``RedisStore``, so one batcher, per node.
 
     Each batch is sent by a task of its own, so a caller that goes away (a client that
     disconnects) never cuts short the round trip of the calls it shared.
@@ -375,7 +377,7 @@ class _Batcher:
                 popped = True
                 if len(call.command) > _ALONE and batch:
                     # A big command goes in the next batch, alone.
-                    queues[not call.admits].appendleft(call)
+                    queues[call.admits].appendleft(call)
                     self.waiting += 1
                     return batch
                 try:

@@ -7,7 +7,8 @@ redis-server, under the faults a batch must survive:
   ``proto-max-bulk-len``): the calls of other requests sent at the same time answer;
 - a frozen Redis: the batch fails as a whole, each call counted by its own concern's
   breaker, and a concern with no call in it counts nothing;
-- a caller that goes away while its batch is in flight: the others get their answers.
+- a caller that goes away while its batch is in flight: the others get their answers;
+- a big record write waiting for a batch of its own is never shed.
 
 Round trips are counted with ``INFO stats`` (``total_reads_processed``: each read of a
 client's socket by Redis) and commands with ``INFO commandstats``.
@@ -24,6 +25,7 @@ import pytest
 import redis
 from reliability_helpers import pause, resume
 
+from asgi_armor.errors import Overloaded
 from asgi_armor.ratelimit.bucket import spec
 from asgi_armor.stores.base import StoreError
 from asgi_armor.stores.redis import CONCERNS, RedisStore
@@ -186,5 +188,37 @@ async def test_a_caller_that_goes_away_does_not_cut_its_batch(
         assert (await store.hit_buckets(["shared"], [ten], 2))[0]
         assert not (await store.hit_buckets(["shared"], [ten], 1))[0]
         assert _failures(store) == dict.fromkeys(CONCERNS, 0)
+    finally:
+        await store.aclose()
+
+
+async def test_finishing_work_is_never_shed_while_a_big_command_waits_its_turn(
+    private_redis: Any, asyncio_only: None
+) -> None:
+    """A big record write (over 64 KiB) put back to wait for a batch of its own is still
+    work being finished: however long it waits, it is never shed as ``Overloaded``."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=1, timeout=0.3, queue_timeout=0.1)
+    value = b"r" * 100_000
+    try:
+        assert await store.lease_acquire("pay", b"lease", 60) is None
+        assert await store.lease_acquire("other", b"o", 60) is None
+        pause(private_redis)
+        try:
+            held = asyncio.ensure_future(store.hit_buckets(["a"], [spec(1, 1)], 1))
+            await asyncio.sleep(0.01)  # sent: the frozen Redis holds the one batch slot
+            release = asyncio.ensure_future(store.lease_release("other", b"o"))
+            complete = asyncio.ensure_future(store.lease_complete("pay", b"lease", value, 60))
+            with pytest.raises(StoreError):
+                await held  # timed out; the release goes next, the big write waits
+            await asyncio.sleep(0.02)
+            late = asyncio.ensure_future(store.remember("n", 10))  # new work: shed
+            await asyncio.sleep(0.2)
+        finally:
+            resume(private_redis)
+        assert await release
+        assert await complete
+        with pytest.raises(Overloaded):
+            await late
+        assert await store.lease_acquire("pay", b"again", 60) == value
     finally:
         await store.aclose()
