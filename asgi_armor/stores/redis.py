@@ -586,7 +586,7 @@ class RedisStore:
                 f"store: unknown breaker concern(s) {sorted(unknown)}; "
                 f"expected {', '.join(CONCERNS)}"
             )
-        connections = getattr(pool, "max_connections", _MAX_IN_FLIGHT)
+        connections = getattr(pool, "max_connections", _MAX_CONNECTIONS)
         if max_in_flight is None:
             max_in_flight = min(connections, _MAX_IN_FLIGHT)
         if not 1 <= max_in_flight <= connections:
