@@ -8,6 +8,7 @@ redis-server, under the faults a batch must survive:
 - a frozen Redis: the batch fails as a whole, each call counted by its own concern's
   breaker, and a concern with no call in it counts nothing;
 - a caller that goes away while its batch is in flight: the others get their answers;
+  one that goes away before its call is sent: the call is dropped, nothing consumed;
 - a big record write waiting for a batch of its own is never shed.
 
 Round trips are counted with ``INFO stats`` (``total_reads_processed``: each read of a
@@ -220,5 +221,34 @@ async def test_finishing_work_is_never_shed_while_a_big_command_waits_its_turn(
         with pytest.raises(Overloaded):
             await late
         assert await store.lease_acquire("pay", b"again", 60) == value
+    finally:
+        await store.aclose()
+
+
+async def test_a_caller_that_goes_away_before_its_call_is_sent_consumes_nothing(
+    private_redis: Any, asyncio_only: None
+) -> None:
+    """A waiting call whose caller is cancelled is dropped from the queue, never sent."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=1)
+    ten = spec(10, 60)
+    try:
+        assert await store.remember("warm", 10)
+        pause(private_redis)
+        try:
+            held = asyncio.ensure_future(store.hit_buckets(["q"], [ten], 1))
+            await asyncio.sleep(0.05)  # sent: the one batch slot is taken
+            waiting = [asyncio.ensure_future(store.hit_buckets(["q"], [ten], 1)) for _ in range(5)]
+            await asyncio.sleep(0.01)
+            waiting[1].cancel()
+            waiting[3].cancel()
+        finally:
+            resume(private_redis)
+        assert (await held)[0]
+        sent = [await waiting[i] for i in (0, 2, 4)]
+        assert all(allowed for allowed, _, _ in sent)
+        # 1 + 3 tokens taken: 6 left.
+        assert (await store.hit_buckets(["q"], [ten], 6))[0]
+        assert not (await store.hit_buckets(["q"], [ten], 1))[0]
+        assert store.breakers["rate_limit"].stats.calls == 6
     finally:
         await store.aclose()
