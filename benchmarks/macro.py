@@ -8,9 +8,10 @@ throughput ratio to the bare app of the same framework is taken within each roun
 median over the rounds is reported.
 
 Redis runs use a private ``redis-server`` on a free port (started and stopped here): its
-``INFO commandstats`` gives the commands executed per request, and a short second pass
-under ``MONITOR`` separates the commands the app sent (round trips) from the ones a Lua
-script ran inside Redis.
+``INFO commandstats`` gives the commands executed per request, its ``INFO stats``
+(``total_reads_processed``) the round trips per request under load, and a short second
+pass under ``MONITOR`` separates the commands the app sent from the ones a Lua script ran
+inside Redis.
 """
 
 from __future__ import annotations
@@ -165,6 +166,12 @@ def _commandstats(port: int) -> dict[str, int]:
         for name, value in stats.items()
         if not name.startswith(("cmdstat_info", "cmdstat_config"))
     }
+
+
+def _reads(port: int) -> int:
+    """Reads of client sockets by Redis so far: one per round trip (a pipeline is read
+    at once), so this counts round trips under load, where MONITOR cannot tell them."""
+    return int(_redis(port).info("stats")["total_reads_processed"])
 
 
 def _cleanup(port: int, prefix: str) -> None:
@@ -432,15 +439,20 @@ def run_all(
                 )
                 with serve(variant, store, prefix) as url:
                     load(url, warmup, connections)
+                    reads = 0
                     if variant.store == "redis":
                         assert redis_info is not None
                         _redis(redis_info.port).config_resetstat()
+                        reads = _reads(redis_info.port)
                     result = load(url, duration, connections)
                     if variant.store == "redis":
                         assert redis_info is not None
+                        # Less the INFO of _reads itself.
+                        reads = _reads(redis_info.port) - reads - 1
                         stats = _commandstats(redis_info.port)
                         executed = sum(stats.values()) / max(result.get("requests", 1.0), 1.0)
                         result["redis_commands"] = executed
+                        result["round_trips"] = reads / max(result.get("requests", 1.0), 1.0)
                         variant.redis.setdefault("commandstats", []).append(
                             {k: v / max(result.get("requests", 1.0), 1.0) for k, v in stats.items()}
                         )
@@ -492,6 +504,8 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
         if variant.redis:
             executed = [run["redis_commands"] for run in variant.runs if "redis_commands" in run]
             row["redis_commands"] = statistics.median(executed) if executed else None
+            trips = [run["round_trips"] for run in variant.runs if "round_trips" in run]
+            row["round_trips"] = statistics.median(trips) if trips else None
             row["commandstats"] = variant.redis.get("commandstats", [{}])[0]
             row["monitor"] = variant.redis.get("monitor", {})
         rows.append(row)

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from importlib.resources import files
 from itertools import cycle, islice
 from typing import Any
 
@@ -723,6 +724,121 @@ def idempotency_latency(n: int) -> list[Row]:
     return rows
 
 
+#: Concurrent callers of the Redis group.
+CONCURRENCY = (1, 8, 32, 256)
+
+
+def redis_concurrency(rounds: int, decisions: int) -> list[Row]:
+    """On a private Redis: cost per decision with 1, 8, 32 and 256 concurrent callers.
+
+    Each caller awaits ``hit_buckets`` for the served request's four layers (four keys),
+    one decision after another, with 1000 clients in rotation. ``ns`` is wall time per
+    decision (what a caller sees, divided by the calls in flight: the inverse of the
+    throughput), ``cpu_ns`` this process's CPU time per decision (what a busy server pays).
+    Next to the batching store: the same store with batches of one (each call its own
+    round trip, as before batching), a bare redis-py ``EVALSHA`` per call (the transport
+    the store used before batching), and the batching store with redis-py's pure-Python
+    reply parser instead of hiredis. Rounds alternate the cases; medians over the rounds.
+    """
+    import macro
+    import redis.asyncio as aioredis
+    from redis._parsers import _AsyncHiredisParser, _AsyncRESP3Parser
+    from redis.utils import HIREDIS_AVAILABLE
+
+    from asgi_armor.ratelimit.bucket import spec
+    from asgi_armor.stores.redis import RedisStore
+
+    rows: list[Row] = []
+    specs = [spec(LIMIT, 60.0)] * 4
+    keys = [[f"rl:{layer}:{client}" for layer in "abcd"] for client in KEYS]
+    with macro.redis_server() as info:
+        if info is None:
+            print("  micro: no Redis, the Redis concurrency group skipped", flush=True)
+            return rows
+
+        async def main() -> dict[tuple[str, int], list[tuple[float, float]]]:
+            prefix = f"bench:{time.time_ns()}:"
+            fast = _AsyncHiredisParser if HIREDIS_AVAILABLE else _AsyncRESP3Parser
+            stores: dict[str, Any] = {
+                "RedisStore (batched)": RedisStore.from_url(
+                    info.url, prefix=prefix, parser_class=fast
+                ),
+                "RedisStore, max_batch=1 (a round trip per call)": RedisStore.from_url(
+                    info.url, prefix=prefix, parser_class=fast, max_batch=1, max_in_flight=64
+                ),
+                "RedisStore (batched), pure-Python parser": RedisStore.from_url(
+                    info.url, prefix=prefix, parser_class=_AsyncRESP3Parser
+                ),
+            }
+            if not HIREDIS_AVAILABLE:
+                del stores["RedisStore (batched), pure-Python parser"]
+            pool = aioredis.BlockingConnectionPool.from_url(
+                info.url, max_connections=64, timeout=None, socket_timeout=None
+            )
+            bare = aioredis.Redis.from_pool(pool)
+            script = bare.register_script(
+                (files("asgi_armor.stores") / "lua" / "hit_buckets.lua").read_text()
+            )
+            argv = [repr(number) for number in (1, *(x for pair in specs for x in pair))]
+
+            async def bare_hit(names: list[str], _specs: Any, _cost: int) -> Any:
+                return await script(keys=[prefix + name for name in names], args=argv)
+
+            hits: dict[str, Any] = {name: store.hit_buckets for name, store in stores.items()}
+            hits["bare redis-py EVALSHA per call (the transport before batching)"] = bare_hit
+
+            async def measure(hit: Any, callers: int) -> tuple[float, float]:
+                each = max(1, decisions // callers)
+
+                async def caller(index: int) -> None:
+                    for step in range(each):
+                        await hit(keys[(index * each + step) % len(keys)], specs, 1)
+
+                start, cpu = time.perf_counter_ns(), time.process_time_ns()
+                await asyncio.gather(*(caller(index) for index in range(callers)))
+                done = each * callers
+                return (time.perf_counter_ns() - start) / done, (
+                    time.process_time_ns() - cpu
+                ) / done
+
+            samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            try:
+                for hit in hits.values():  # connections, scripts, first allocations
+                    await measure(hit, 32)
+                for round_index in range(rounds):
+                    order = list(hits.items())
+                    if round_index % 2:
+                        order.reverse()
+                    for callers in CONCURRENCY:
+                        for name, hit in order:
+                            samples.setdefault((name, callers), []).append(
+                                await measure(hit, callers)
+                            )
+            finally:
+                for store in stores.values():
+                    await store.aclose()
+                await bare.aclose()
+            return samples
+
+        samples = asyncio.run(main())
+    for (name, callers), values in samples.items():
+        walls = sorted(wall for wall, _ in values)
+        median = statistics.median(walls)
+        rows.append(
+            Row(
+                group="redis_concurrency",
+                case=f"{name}, {callers} concurrent",
+                impl="asgi_armor" if name.startswith("RedisStore") else "baseline",
+                ns=median,
+                cpu_ns=statistics.median(cpu for _, cpu in values),
+                spread=(walls[-1] - walls[0]) / median,
+                variant=name,
+                callers=callers,
+            )
+        )
+    return rows
+
+
 def middleware(repeats: int, n: int) -> list[Row]:
     """Idempotency (first request and replay) and signature verification per request."""
     from asgi_armor import HexHmac, MemoryStore, SignatureMiddleware, StandardWebhooks, sign
@@ -887,15 +1003,25 @@ def run_all(*, quick: bool = False) -> list[Row]:
     rows += idempotency_latency(300 if quick else 2000)
     print("  micro: the served stack's layers, in-process ...", flush=True)
     rows += layers(repeats, 500 if quick else 4000)
+    print("  micro: Redis decisions by concurrent callers ...", flush=True)
+    rows += redis_concurrency(3 if quick else 5, 1000 if quick else 4000)
     return rows
 
 
 def _main() -> None:
-    """``python benchmarks/micro.py idempotency [--quick]``: that one group alone."""
+    """``python benchmarks/micro.py idempotency|redis [--quick]``: that one group alone."""
     parser = argparse.ArgumentParser(description=_main.__doc__)
-    parser.add_argument("group", choices=["idempotency"])
+    parser.add_argument("group", choices=["idempotency", "redis"])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    if args.group == "redis":
+        rows = redis_concurrency(3 if args.quick else 5, 1000 if args.quick else 4000)
+        for row in rows:
+            print(
+                f"{row['case']:<84} {row['ns'] / 1000:8.1f} us wall"
+                f" {row['cpu_ns'] / 1000:7.1f} us CPU  ±{row['spread'] * 50:.0f}%"
+            )
+        return
     repeats, n = (3, 500) if args.quick else (9, 4000)
     cases = _idempotency_cases(n, n * (repeats + 1) + 1)
     results = run_async_group(cases, repeats=repeats, target=0.0)

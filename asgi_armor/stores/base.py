@@ -1,9 +1,10 @@
 """The small protocols each concern needs from a store, and the shared key rules.
 
 One backend object (``MemoryStore``, ``RedisStore``) serves every concern. A new backend
-implements exactly these methods; each is one atomic operation (one round trip on a
-networked store). A backend that cannot answer raises ``StoreError``; what happens then is
-the concern's ``on_store_error`` policy, never the store's.
+implements exactly these methods; each is one atomic operation (one command on a
+networked store, which may send concurrent operations in one round trip). A backend that
+cannot answer raises ``StoreError``; what happens then is the concern's
+``on_store_error`` policy, never the store's.
 """
 
 from __future__ import annotations

@@ -1,33 +1,45 @@
-"""The Redis store: state shared by every app process, one round trip per operation.
+"""The Redis store: state shared by every app process, concurrent calls in one round trip.
 
 Each operation is one ``EVALSHA`` of a Lua script shipped with the package (or one plain
-command), so a decision over several rate-limit layers is atomic and costs one round trip.
-Scripts are registered once; redis-py reloads them on ``NOSCRIPT`` (after a Redis restart
-or ``SCRIPT FLUSH``). Failures surface as ``StoreError``; each concern applies its own
-``on_store_error`` policy. Runs on asyncio (redis.asyncio).
+command), so a decision over several rate-limit layers is atomic. Concurrent operations
+of one process share round trips: the calls issued while a batch is in flight (or in
+the same event-loop tick) go out together as one pipeline of commands, each keeping its
+own reply, its own error and its own concern's failure accounting. A lone call goes out
+at once. After ``NOSCRIPT`` (a Redis restart or ``SCRIPT FLUSH``) a batch loads the
+scripts and resends the calls that got it, once. Failures surface as ``StoreError``; each
+concern applies its own ``on_store_error`` policy. Runs on asyncio (redis.asyncio).
 
 A store call is judged by the store's answer, not by this process's load:
 
-- At most ``max_in_flight`` calls are sent at once (no more than the pool's connections).
-  A call waiting for its turn has not been sent, so its wait is not store time. Waiting
-  calls take turns across concerns, so a burst of rate-limit calls does not queue an
-  idempotency lease or a replay check behind it. A call that admits new work
-  (``hit_buckets``, ``lease_acquire``, ``remember``) and waits longer than
-  ``queue_timeout`` raises ``Overloaded`` (503 ``overloaded``): local overload, never the
-  store-failure policy, never counted by a breaker. Calls that finish work already done
-  (``lease_complete``, ``lease_release``, ``forget``) always wait their turn.
-- A sent call fails after ``timeout`` seconds of *store time*: time the event loop was free
-  to read the answer. Seconds the loop spent late on its timers (a burst of requests keeps
-  it busy) are not counted, so a backlog here never reads as a slow Redis.
+- At most ``max_in_flight`` batches are in flight at once (each on its own connection, no
+  more than the pool has), of at most ``max_batch`` calls. A call waiting for a batch has
+  not been sent, so its wait is not store time. Waiting calls are taken round robin across
+  concerns, so a burst of rate-limit calls does not queue an idempotency lease or a replay
+  check behind it. A call that admits new work (``hit_buckets``, ``lease_acquire``,
+  ``remember``) and waits longer than ``queue_timeout`` raises ``Overloaded`` (503
+  ``overloaded``): local overload, never the store-failure policy, never counted by a
+  breaker. Calls that finish work already done (``lease_complete``, ``lease_release``,
+  ``lease_extend``, ``forget``) always wait, and go first within their concern.
+- A batch fails after ``timeout`` seconds of *store time* from when it was sent: time the
+  event loop was free to read the answer. Seconds the loop spent late on its timers (a
+  burst of requests keeps it busy) are not counted, so a backlog here never reads as a
+  slow Redis. A slow batch fails its own calls only.
 - Each concern has its own circuit breaker (``breakers["rate_limit"]``,
-  ``["idempotency"]``, ``["replay"]``): a failing rate-limit call does not cut off
-  idempotency or the webhook replay cache. A dead Redis still costs microseconds per call
+  ``["idempotency"]``, ``["replay"]``). A call is admitted by its concern's breaker when
+  its batch is formed, and its outcome is recorded there only: an error reply fails that
+  call alone, and a batch that fails as a whole (connection lost, no answer in time) is a
+  failure of each call it carried that had no answer yet, each counted by its own
+  concern, as if each had made its own round trip. A concern that had no call in the
+  batch counts nothing. A command over 64 KiB travels alone, so one request's oversized
+  write cannot fail the calls of others. A dead Redis still costs microseconds per call
   once a concern's breaker is open, not a connect timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import math
 from collections import deque
@@ -50,7 +62,10 @@ logger = logging.getLogger("asgi_armor")
 _LUA = files("asgi_armor.stores") / "lua"
 _ARGS_CACHE = 256  # distinct (cost, rule set) argument lists kept encoded
 _TICK = 0.02  # seconds between two looks at the event loop's lag while calls are sent
-_MAX_IN_FLIGHT = 64
+_MAX_CONNECTIONS = 64  # the pool's connections (from_url)
+_MAX_IN_FLIGHT = 4  # batches in flight by default
+_MAX_BATCH = 128  # calls per batch by default
+_ALONE = 65536  # bytes: a command this big is sent in a batch of its own
 _SCHEMES = ("redis", "rediss", "unix")
 _DECODES = (
     "the Redis client decodes responses (decode_responses=True); "
@@ -62,11 +77,19 @@ Concern = Literal["rate_limit", "idempotency", "replay"]
 CONCERNS: tuple[Concern, ...] = ("rate_limit", "idempotency", "replay")
 
 try:
+    from redis.exceptions import NoScriptError as _NoScriptError
     from redis.exceptions import RedisError as _RedisError
+    from redis.exceptions import ResponseError as _ResponseError
 except ImportError:  # pragma: no cover - the redis extra is missing; from_url says so
 
     class _RedisError(Exception):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.RedisError when redis is not installed."""
+
+    class _ResponseError(_RedisError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.ResponseError when redis is not installed."""
+
+    class _NoScriptError(_ResponseError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.NoScriptError when redis is not installed."""
 
 
 def _script(name: str) -> str:
@@ -198,68 +221,348 @@ class _Deadline:
         self._lag.exit()
 
 
-class _Turns:
-    """At most ``size`` calls sent at once; waiting calls take turns across concerns.
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
-    FIFO within a concern, round robin between concerns that have calls waiting. A slot
-    freed while calls wait is handed to the next one directly, so ``free > 0`` means no
-    call is waiting.
+
+def _command(*args: bytes) -> bytes:
+    """One command in the Redis protocol (RESP), ready to be written."""
+    return b"*%d\r\n%s" % (len(args), b"".join(map(_bulk, args)))
+
+
+def _key(key: str) -> bytes:
+    # Never an exception for a key: a part a client controls may not be valid UTF-8.
+    return key.encode("utf-8", "surrogateescape")
+
+
+class _Script:
+    """A Lua script shipped with the package, called by ``EVALSHA`` inside a batch."""
+
+    __slots__ = ("load", "sha")
+
+    def __init__(self, name: str) -> None:
+        source = _script(name).encode("utf-8")
+        self.sha = hashlib.sha1(source, usedforsecurity=False).hexdigest().encode("ascii")
+        self.load = _command(b"SCRIPT", b"LOAD", source)
+
+    def call(self, keys: Sequence[bytes], argv: bytes, count: int) -> bytes:
+        """``EVALSHA`` with ``keys`` and ``count`` arguments already encoded in ``argv``."""
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
+            3 + len(keys) + count,
+            self.sha,
+            _bulk(b"%d" % len(keys)),
+        )
+        return head + b"".join(map(_bulk, keys)) + argv
+
+
+class _Call:
+    """One store operation waiting in a batch: its command, its concern, its caller."""
+
+    __slots__ = ("admits", "command", "concern", "epoch", "future", "queued", "script", "start")
+
+    def __init__(
+        self,
+        concern: Concern,
+        admits: bool,
+        command: bytes,
+        script: _Script | None,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.concern = concern
+        self.admits = admits
+        self.command = command
+        self.script = script
+        self.future = future
+        self.queued = 0.0
+        self.epoch = 0
+        self.start = 0.0
+
+
+class _Batcher:
+    """Sends the store calls of one event loop to one Redis, many per round trip.
+
+    A call that finds a batch slot free goes out on the loop's next iteration, with every
+    call issued before then (the same tick): nothing waits to fill a batch. While
+    ``max_in_flight`` batches are in flight, new calls wait; the first batch to come back
+    takes up to ``max_batch`` of them, round robin across concerns (FIFO within one), and
+    sends them at once as one pipeline of commands on one connection. A command larger
+    than ``_ALONE`` bytes (a big stored response) travels in a batch of its own, so its
+    transfer never delays, or fails, the calls of other requests. A store over several
+    nodes keeps one ``RedisStore``, so one batcher, per node.
+
+    Each batch is sent by a task of its own, so a caller that goes away (a client that
+    disconnects) never cuts short the round trip of the calls it shared.
     """
 
-    __slots__ = ("_next", "_queues", "free")
+    __slots__ = (
+        "_expiry",
+        "_next",
+        "_queues",
+        "_scheduled",
+        "_tasks",
+        "lag",
+        "loop",
+        "running",
+        "store",
+        "waiting",
+    )
 
-    def __init__(self, size: int) -> None:
-        self.free = size
-        self._queues: dict[str, deque[asyncio.Future[None]]] = {c: deque() for c in CONCERNS}
+    def __init__(self, store: RedisStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.lag = _LoopLag(loop)
+        # Per concern: work being finished (never shed, sent first), then new work.
+        self._queues: dict[str, tuple[deque[_Call], deque[_Call]]] = {
+            concern: (deque(), deque()) for concern in CONCERNS
+        }
         self._next = 0
+        self.waiting = 0  # calls in the queues (some may be done: cancelled or shed)
+        self.running = 0  # batch tasks alive: sending, or about to take calls
+        self._scheduled = 0  # of which not started yet (they take what waits by then)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._expiry: asyncio.TimerHandle | None = None
 
-    async def acquire(self, concern: str) -> None:
-        if self.free > 0:
-            self.free -= 1
-            return
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queues[concern].append(turn)
-        try:
-            await turn
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self.release()  # handed a slot just as we were cancelled: pass it on
-            # A cancelled turn stays queued until release() skips it: no O(n) removal.
-            raise
+    def submit(self, call: _Call) -> None:
+        """Queue ``call``; start a batch task when one is free and none would take it."""
+        self._queues[call.concern][call.admits].append(call)
+        self.waiting += 1
+        store = self.store
+        if self.running < store.max_in_flight and self.waiting > self._scheduled * store.max_batch:
+            self.running += 1
+            self._scheduled += 1
+            task = self.loop.create_task(self._batches())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if call.admits:
+            # One timer for every waiting call, armed at most once per queue_timeout.
+            call.queued = now = self.loop.time()
+            if self._expiry is None:
+                self._expiry = self.loop.call_at(now + store.queue_timeout, self._expire)
 
-    def release(self) -> None:
-        for step in range(len(CONCERNS)):
-            index = (self._next + step) % len(CONCERNS)
-            queue = self._queues[CONCERNS[index]]
+    def _expire(self) -> None:
+        """Shed the new work that has waited ``queue_timeout`` for a batch (``Overloaded``)."""
+        self._expiry = None
+        now = self.loop.time()
+        timeout = self.store.queue_timeout
+        first = math.inf
+        for _, admitting in self._queues.values():
+            while admitting:
+                call = admitting[0]
+                if not call.future.done() and call.queued + timeout > now:
+                    first = min(first, call.queued + timeout)
+                    break
+                admitting.popleft()
+                self.waiting -= 1
+                if not call.future.done():
+                    call.future.set_exception(Overloaded(retry_after=1.0))
+        if first < math.inf:
+            self._expiry = self.loop.call_at(first, self._expire)
+
+    def _take(self) -> list[_Call]:
+        """Up to ``max_batch`` waiting calls, round robin across concerns, each admitted
+        by its concern's breaker (a call its breaker refuses fails at once)."""
+        batch: list[_Call] = []
+        limit = self.store.max_batch
+        breakers = self.store.breakers
+        count = len(CONCERNS)
+        while self.waiting:
+            popped = False
+            for _ in range(count):
+                concern = CONCERNS[self._next]
+                self._next = (self._next + 1) % count
+                queues = self._queues[concern]
+                call = self._pop(queues)
+                if call is None:
+                    continue
+                popped = True
+                if len(call.command) > _ALONE and batch:
+                    # A big command goes in the next batch, alone.
+                    queues[call.admits].appendleft(call)
+                    self.waiting += 1
+                    return batch
+                try:
+                    call.epoch, call.start = breakers[concern]._enter()
+                except CircuitOpenError as exc:
+                    error = StoreError(f"redis store unavailable for {concern} (breaker open)")
+                    error.__cause__ = exc
+                    call.future.set_exception(error)
+                    continue
+                batch.append(call)
+                if len(batch) >= limit or len(call.command) > _ALONE:
+                    return batch
+            if not popped:
+                break
+        return batch
+
+    def _pop(self, queues: tuple[deque[_Call], deque[_Call]]) -> _Call | None:
+        for queue in queues:
             while queue:
-                turn = queue.popleft()
-                if not turn.done():
-                    turn.set_result(None)
-                    self._next = index + 1
+                call = queue.popleft()
+                self.waiting -= 1
+                if not call.future.done():
+                    return call
+        return None
+
+    async def _batches(self) -> None:
+        """Send batches while calls wait, one round trip at a time, then end."""
+        self._scheduled -= 1
+        try:
+            while True:
+                batch = self._take()
+                if not batch:
                     return
-        self.free += 1
+                await self._send(batch)
+        finally:
+            self.running -= 1
+
+    async def _send(self, batch: list[_Call]) -> None:
+        """One round trip for ``batch`` (two when Redis lost its scripts), under the store
+        deadline; then every call gets its own reply, or the batch's failure if its reply
+        never came."""
+        store = self.store
+        pool: Any = store.client.connection_pool
+        connection: Any = None
+        replies: list[Any] = []
+        failure: BaseException | None = None
+        try:
+            try:
+                async with asyncio.timeout(None) as scope:
+                    deadline = _Deadline(self.lag, scope, store.timeout)
+                    try:
+                        connection = await pool.get_connection()
+                        if await _exchange(connection, batch, replies):
+                            # Redis may close a connection after an error (a protocol
+                            # error does): never hand it to the next batch.
+                            await connection.disconnect()
+                    finally:
+                        deadline.close()
+            finally:
+                # Outside the deadline: a release cut short would lose the connection.
+                # A call cut short has already dropped it (a reply may still be coming).
+                if connection is not None:
+                    await pool.release(connection)
+        except (_RedisError, OSError, TimeoutError) as exc:
+            failure = exc
+        except BaseException as exc:
+            # Cancelled (the loop is shutting down): this says nothing about the store, so
+            # no breaker counts the calls left unanswered; their callers are told anyway.
+            self._settle(batch, replies, exc)
+            raise
+        self._settle(batch, replies, failure)
+
+    def _settle(
+        self, batch: list[_Call], replies: list[Any], failure: BaseException | None
+    ) -> None:
+        """Each call's outcome, recorded by its own concern's breaker only: its reply, its
+        own error reply, or (no reply) the batch's failure."""
+        breakers = self.store.breakers
+        answered = len(replies)
+        for index, call in enumerate(batch):
+            breaker = breakers[call.concern]
+            reply = replies[index] if index < answered else _PENDING
+            if reply is _PENDING:
+                if isinstance(failure, Exception):
+                    breaker._finish(failure, call.epoch, call.start)
+                    reason = type(failure).__name__
+                else:
+                    breaker.release(epoch=call.epoch)
+                    reason = "cancelled"
+                error = StoreError(f"redis store call failed: {reason}")
+                error.__cause__ = failure
+            elif isinstance(reply, _RedisError):
+                breaker._finish(reply, call.epoch, call.start)
+                error = StoreError(f"redis store call failed: {type(reply).__name__}")
+                error.__cause__ = reply
+            else:
+                breaker._finish(None, call.epoch, call.start)
+                if not call.future.done():
+                    call.future.set_result(reply)
+                continue
+            if not call.future.done():
+                call.future.set_exception(error)
+
+
+#: Stands for a reply not read (yet) in ``_exchange``'s list of replies.
+_PENDING: Any = object()
+
+
+async def _exchange(connection: Any, batch: list[_Call], replies: list[Any]) -> bool:
+    """Write every command of ``batch`` at once and read the replies into ``replies``
+    (an error reply in its place), so the calls answered before a failure keep their
+    answers. After ``NOSCRIPT`` (Redis restarted, or ``SCRIPT FLUSH``), load the scripts
+    and resend those calls once, in one more round trip: a ``NOSCRIPT`` reply means the
+    script did not run, so a resend never runs a call twice.
+
+    Returns whether any other error reply came back.
+    """
+    await connection.send_packed_command(b"".join(call.command for call in batch))
+    read = connection.read_response
+    append = replies.append
+    errors = False
+    for _ in batch:
+        try:
+            append(await read())
+        except _ResponseError as exc:
+            append(exc)
+            errors = True
+    lost = [index for index, reply in enumerate(replies) if isinstance(reply, _NoScriptError)]
+    if not lost:
+        return errors
+    loads: list[bytes] = []
+    for index in lost:
+        script = batch[index].script
+        if script is not None and script.load not in loads:
+            loads.append(script.load)
+        replies[index] = _PENDING
+    await connection.send_packed_command(
+        b"".join(loads) + b"".join(batch[index].command for index in lost)
+    )
+    # A load that failed shows in its calls' replies (NOSCRIPT again: an error each).
+    for _ in loads:
+        with contextlib.suppress(_ResponseError):
+            await read()
+    for index in lost:
+        try:
+            replies[index] = await read()
+        except _ResponseError as exc:
+            replies[index] = exc
+    return any(
+        isinstance(reply, _ResponseError) and not isinstance(reply, _NoScriptError)
+        for reply in replies
+    )
+
+
+_HIT_BUCKETS = _Script("hit_buckets")
+_LEASE_ACQUIRE = _Script("lease_acquire")
+_LEASE_COMPLETE = _Script("lease_complete")
+_LEASE_RELEASE = _Script("lease_release")
+_LEASE_EXTEND = _Script("lease_extend")
 
 
 class RedisStore:
     """Store backed by Redis, for several processes or hosts.
 
+    Concurrent calls share round trips: see the module docstring and docs/stores.md.
+
     Args:
         client: a ``redis.asyncio.Redis`` that returns bytes (``decode_responses=False``).
         prefix: put before every key (default ``"armor:"``).
-        timeout: seconds of store time one call may take before it counts as failed
-            (time this process was too busy to read the answer is not counted).
+        timeout: seconds of store time one batch may take from when it is sent before
+            its calls count as failed (time this process was too busy to read the
+            answer is not counted).
         breakers: a breaker per concern (``"rate_limit"``, ``"idempotency"``,
             ``"replay"``); missing ones open after 3 consecutive failures and try again
             after 1 s, so a returning Redis is used within about a second.
-        max_in_flight: most calls sent at once (default: the pool's connections, at
-            most 64).
-        queue_timeout: seconds a call admitting new work may wait for its turn before
+        max_in_flight: most batches (round trips) in flight at once, each on its own
+            connection (default: 4, at most the pool's connections).
+        max_batch: most calls sent in one batch (default 128).
+        queue_timeout: seconds a call admitting new work may wait for a batch before
             ``Overloaded`` is raised.
 
     Raises:
         ConfigError: naming ``store``: the client decodes responses, an unknown concern
-            in ``breakers``, a timeout that is not positive, or ``max_in_flight`` outside
-            1..the pool's ``max_connections``.
+            in ``breakers``, a timeout that is not positive, ``max_in_flight`` outside
+            1..the pool's ``max_connections``, or ``max_batch`` below 1.
     """
 
     def __init__(
@@ -270,6 +573,7 @@ class RedisStore:
         timeout: float = 0.5,
         breakers: Mapping[str, CircuitBreaker] | None = None,
         max_in_flight: int | None = None,
+        max_batch: int = _MAX_BATCH,
         queue_timeout: float = 2.0,
     ) -> None:
         pool = client.connection_pool
@@ -282,15 +586,17 @@ class RedisStore:
                 f"store: unknown breaker concern(s) {sorted(unknown)}; "
                 f"expected {', '.join(CONCERNS)}"
             )
-        connections = getattr(pool, "max_connections", _MAX_IN_FLIGHT)
+        connections = getattr(pool, "max_connections", _MAX_CONNECTIONS)
         if max_in_flight is None:
             max_in_flight = min(connections, _MAX_IN_FLIGHT)
         if not 1 <= max_in_flight <= connections:
-            # More calls than connections would wait for a connection inside the store
+            # More batches than connections would wait for a connection inside the store
             # deadline: this process's queue would read as a slow Redis.
             raise ConfigError(
                 f"store: max_in_flight must be 1..{connections} (the pool's max_connections)"
             )
+        if max_batch < 1:
+            raise ConfigError("store: max_batch must be at least 1")
         if not timeout > 0 or not queue_timeout > 0:
             raise ConfigError("store: timeout and queue_timeout must be more than 0 seconds")
         self.client = client
@@ -298,20 +604,16 @@ class RedisStore:
         self.timeout = timeout
         self.queue_timeout = queue_timeout
         self.max_in_flight = max_in_flight
+        self.max_batch = max_batch
         self.breakers: dict[str, CircuitBreaker] = {
             concern: (breakers or {}).get(concern)
             or CircuitBreaker(fail_max=3, reset_timeout=1.0, name=f"redis-store:{concern}")
             for concern in CONCERNS
         }
-        self._turns = _Turns(max_in_flight)
-        self._lag: _LoopLag | None = None
+        self._batcher: _Batcher | None = None
         self._wrong_loop_logged = False
-        self._hit_buckets = client.register_script(_script("hit_buckets"))
-        self._args: dict[tuple[int, tuple[BucketSpec, ...]], list[str]] = {}
-        self._lease_acquire = client.register_script(_script("lease_acquire"))
-        self._lease_complete = client.register_script(_script("lease_complete"))
-        self._lease_release = client.register_script(_script("lease_release"))
-        self._lease_extend = client.register_script(_script("lease_extend"))
+        self._prefix = _key(prefix)
+        self._argv: dict[tuple[int, tuple[BucketSpec, ...]], bytes] = {}
 
     @classmethod
     def from_url(
@@ -322,6 +624,7 @@ class RedisStore:
         timeout: float = 0.5,
         breakers: Mapping[str, CircuitBreaker] | None = None,
         max_in_flight: int | None = None,
+        max_batch: int = _MAX_BATCH,
         queue_timeout: float = 2.0,
         **client_options: Any,
     ) -> RedisStore:
@@ -338,11 +641,11 @@ class RedisStore:
 
         check_url(url)
         # No socket timeouts of redis-py's own: they would count this process's backlog
-        # as Redis time. The store's deadline (store time only) cuts every call.
+        # as Redis time. The store's deadline (store time only) cuts every batch.
         client_options.setdefault("socket_timeout", None)
         client_options.setdefault("socket_connect_timeout", None)
-        # Never more calls in flight than connections, so a call never waits for one.
-        max_connections = client_options.pop("max_connections", _MAX_IN_FLIGHT)
+        # Never more batches in flight than connections, so one never waits for one.
+        max_connections = client_options.pop("max_connections", _MAX_CONNECTIONS)
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=None, **client_options
         )
@@ -353,6 +656,7 @@ class RedisStore:
             timeout=timeout,
             breakers=breakers,
             max_in_flight=max_in_flight,
+            max_batch=max_batch,
             queue_timeout=queue_timeout,
         )
 
@@ -381,17 +685,17 @@ class RedisStore:
             )
         return StoreError("redis store unavailable: not running on asyncio")
 
-    async def _run(
+    async def _call(
         self,
-        call: Any,
-        *args: Any,
+        command: bytes,
+        script: _Script | None = None,
+        *,
         concern: Concern = "idempotency",
         admits: bool = False,
-        **kwargs: Any,
     ) -> Any:
-        """Send ``call`` in its turn, under ``concern``'s breaker and the store deadline.
+        """Send ``command`` in the next batch and wait for its own reply.
 
-        ``admits``: the call admits new work, so its wait for a turn is bounded
+        ``admits``: the call admits new work, so its wait for a batch is bounded
         (``Overloaded``). The defaults (a lease operation on work already admitted, which
         waits its turn) are the safe ones for an operation that does not say.
         """
@@ -399,32 +703,12 @@ class RedisStore:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise self._not_on_asyncio() from None
-        turns = self._turns
-        if admits and not turns.free:
-            try:
-                async with asyncio.timeout(self.queue_timeout):
-                    await turns.acquire(concern)
-            except TimeoutError:
-                raise Overloaded(retry_after=1.0) from None
-        else:
-            await turns.acquire(concern)
-        try:
-            lag = self._lag
-            if lag is None or lag.loop is not loop:
-                lag = self._lag = _LoopLag(loop)
-            async with self.breakers[concern]:
-                async with asyncio.timeout(None) as scope:
-                    deadline = _Deadline(lag, scope, self.timeout)
-                    try:
-                        return await call(*args, **kwargs)
-                    finally:
-                        deadline.close()
-        except CircuitOpenError as exc:
-            raise StoreError(f"redis store unavailable for {concern} (breaker open)") from exc
-        except (_RedisError, OSError, TimeoutError) as exc:
-            raise StoreError(f"redis store call failed: {type(exc).__name__}") from exc
-        finally:
-            turns.release()
+        batcher = self._batcher
+        if batcher is None or batcher.loop is not loop:
+            batcher = self._batcher = _Batcher(self, loop)
+        future: asyncio.Future[Any] = loop.create_future()
+        batcher.submit(_Call(concern, admits, command, script, future))
+        return await future
 
     async def hit_buckets(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
@@ -432,66 +716,56 @@ class RedisStore:
         """See ``RateLimitStore.hit_buckets``: one EVALSHA for every layer."""
         # The script's arguments depend only on the rules and the cost: encode them once.
         cache_key = (cost, specs if type(specs) is tuple else tuple(specs))
-        args = self._args.get(cache_key)
-        if args is None:
+        argv = self._argv.get(cache_key)
+        if argv is None:
             numbers: list[float | int] = [cost]
             for interval, tolerance in specs:
                 numbers.append(interval)
                 numbers.append(tolerance)
-            args = [repr(number) for number in numbers]
-            if len(self._args) >= _ARGS_CACHE:
-                self._args.clear()
-            self._args[cache_key] = args
-        prefix = self.prefix
-        reply = await self._run(
-            self._hit_buckets,
-            keys=[prefix + key for key in keys],
-            args=args,
-            concern="rate_limit",
-            admits=True,
-        )
+            argv = b"".join(_bulk(repr(number).encode("ascii")) for number in numbers)
+            if len(self._argv) >= _ARGS_CACHE:
+                self._argv.clear()
+            self._argv[cache_key] = argv
+        prefix = self._prefix
+        command = _HIT_BUCKETS.call([prefix + _key(key) for key in keys], argv, 1 + 2 * len(specs))
+        reply = await self._call(command, _HIT_BUCKETS, concern="rate_limit", admits=True)
         return reply[0] == 1, float(reply[1]), [float(tat) for tat in reply[2:]]
 
     async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
         """See ``IdempotencyStore.lease_acquire``."""
-        current: bytes | None = await self._run(
-            self._lease_acquire, keys=[self.prefix + key], args=[lease, _ms(ttl)], admits=True
+        command = _LEASE_ACQUIRE.call(
+            [self._prefix + _key(key)], _bulk(lease) + _bulk(b"%d" % _ms(ttl)), 2
         )
+        current: bytes | None = await self._call(command, _LEASE_ACQUIRE, admits=True)
         return current
 
     async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
         """See ``IdempotencyStore.lease_complete``."""
-        done = await self._run(
-            self._lease_complete, keys=[self.prefix + key], args=[lease, value, _ms(ttl)]
+        command = _LEASE_COMPLETE.call(
+            [self._prefix + _key(key)], _bulk(lease) + _bulk(value) + _bulk(b"%d" % _ms(ttl)), 3
         )
-        return bool(done)
+        return bool(await self._call(command, _LEASE_COMPLETE))
 
     async def lease_release(self, key: str, lease: bytes) -> bool:
         """See ``IdempotencyStore.lease_release``."""
-        done = await self._run(self._lease_release, keys=[self.prefix + key], args=[lease])
-        return bool(done)
+        command = _LEASE_RELEASE.call([self._prefix + _key(key)], _bulk(lease), 1)
+        return bool(await self._call(command, _LEASE_RELEASE))
 
     async def lease_extend(self, key: str, lease: bytes, ttl: float) -> bool:
         """See ``IdempotencyStore.lease_extend``."""
-        done = await self._run(self._lease_extend, keys=[self.prefix + key], args=[lease, _ms(ttl)])
-        return bool(done)
+        command = _LEASE_EXTEND.call(
+            [self._prefix + _key(key)], _bulk(lease) + _bulk(b"%d" % _ms(ttl)), 2
+        )
+        return bool(await self._call(command, _LEASE_EXTEND))
 
     async def remember(self, key: str, ttl: float) -> bool:
         """See ``NonceStore.remember``: one ``SET NX PX``."""
-        created = await self._run(
-            self.client.set,
-            self.prefix + key,
-            b"1",
-            nx=True,
-            px=_ms(ttl),
-            concern="replay",
-            admits=True,
-        )
-        return bool(created)
+        command = _command(b"SET", self._prefix + _key(key), b"1", b"NX", b"PX", b"%d" % _ms(ttl))
+        return bool(await self._call(command, concern="replay", admits=True))
 
     async def forget(self, key: str) -> None:
         """See ``NonceStore.forget``: one ``DEL``."""
-        await self._run(self.client.delete, self.prefix + key, concern="replay")
+        await self._call(_command(b"DEL", self._prefix + _key(key)), concern="replay")
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -3,6 +3,7 @@ concurrency, all-or-nothing layers, agreement with MemoryStore, and fail-open on
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 
@@ -259,3 +260,94 @@ async def test_key_ttl_matches_reset_after(redis_store: RedisStore, text: str, c
     assert reset_ms - 250 <= pttl <= reset_ms + 2, (pttl, reset_ms)
     decision = await limiter.hit("ttl", rate, cost=cost)
     assert decision.reset_after == pytest.approx(cost * rate.spec[0], abs=0.25)
+
+
+def _reads(server: RedisServer) -> int:
+    """Reads of client sockets by the private Redis: one per round trip."""
+    import redis
+
+    probe = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
+    try:
+        return int(probe.info("stats")["total_reads_processed"])
+    finally:
+        probe.close()
+
+
+def _evalsha(server: RedisServer) -> int:
+    import redis
+
+    probe = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
+    try:
+        return int(probe.info("commandstats").get("cmdstat_evalsha", {"calls": 0})["calls"])
+    finally:
+        probe.close()
+
+
+async def test_200_concurrent_requests_share_round_trips_and_admit_exactly_10(
+    private_redis: RedisServer, asyncio_only: None
+) -> None:
+    """The middleware on the batching store: 200 concurrent requests against a global
+    10/minute rule are decided one script call each, in far fewer round trips, and
+    exactly 10 get through (each with its own honest headers)."""
+    store = RedisStore.from_url(private_redis.url)
+    asgi = ErrorMiddleware(
+        RateLimitMiddleware(app, rules=[Rule("GET /burst", "10/minute", "global")], store=store)
+    )
+    transport = httpx.ASGITransport(app=asgi, client=("1.2.3.4", 123))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", limits=httpx.Limits(max_connections=None)
+        ) as client:
+            assert (await client.get("/warm")).status_code == 200  # no rule: no store call
+            await store.hit_buckets(["warm"], [(1.0, 1.0)], 0)  # connected, script loaded
+            reads, calls = _reads(private_redis), _evalsha(private_redis)
+            responses = await asyncio.gather(*(client.get("/burst") for _ in range(200)))
+            reads = _reads(private_redis) - reads - 1  # the INFO of _reads itself
+            calls = _evalsha(private_redis) - calls
+    finally:
+        await store.aclose()
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] * 10 + [429] * 190
+    remaining = sorted(int(r.headers["x-ratelimit-remaining"]) for r in responses)
+    assert remaining == [0] * 191 + list(range(1, 10))
+    assert {r.headers["retry-after"] for r in responses if r.status_code == 429} <= {"6", "5"}
+    assert calls == 200
+    assert reads <= 20, reads  # 200 requests, a handful of round trips
+    assert store.breakers["rate_limit"].stats.failures == 0
+
+
+async def test_32_concurrent_clients_cost_well_under_a_round_trip_each(
+    private_redis: RedisServer, asyncio_only: None
+) -> None:
+    """32 clients, each sending its requests one after another (a server under a load
+    generator of 32 connections): the seed's four rules, one EVALSHA per request, and
+    far less than one round trip per request."""
+    store = RedisStore.from_url(private_redis.url)
+    asgi = ErrorMiddleware(
+        RateLimitMiddleware(app, rules=seed_rules(), store=store, identify=identify)
+    )
+    transport = httpx.ASGITransport(app=asgi, client=("1.2.3.4", 123))
+    per_client = 20  # the builds rule allows 20 an hour per project
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", limits=httpx.Limits(max_connections=None)
+        ) as client:
+            assert (await client.get("/api/warm")).status_code == 200
+            reads, calls = _reads(private_redis), _evalsha(private_redis)
+
+            async def one_client(index: int) -> list[int]:
+                return [
+                    (await client.post(f"/api/projects/p{index}/builds")).status_code
+                    for _ in range(per_client)
+                ]
+
+            statuses = await asyncio.gather(*(one_client(i) for i in range(32)))
+            reads = _reads(private_redis) - reads - 1
+            calls = _evalsha(private_redis) - calls
+    finally:
+        await store.aclose()
+    requests = 32 * per_client
+    assert [s for client_statuses in statuses for s in client_statuses] == [200] * requests
+    assert calls == requests
+    print(f"\n[32 clients] {reads / requests:.3f} round trips per request")
+    assert reads / requests < 0.5
