@@ -7,6 +7,7 @@ Every process runs on free loopback ports from a temporary directory, and is kil
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -15,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.servers import free_port
 
 START_TIMEOUT = 30.0
 
@@ -28,12 +27,25 @@ def _binary(name: str) -> str:
     return path
 
 
+# Below Linux's ephemeral range (32768-60999), where free_port() and outgoing connections
+# take theirs: a port handed out here is never also handed to another server by the kernel.
+_PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def _free_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        ports.append(port)
     return ports
 
 
