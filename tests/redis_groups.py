@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -94,6 +95,9 @@ class _Processes:
             )
         finally:
             log.close()
+
+    def signal(self, port: int, signum: int) -> None:
+        self.processes[port].send_signal(signum)
 
     def kill(self, port: int) -> None:
         """SIGKILL the server on ``port`` (no shutdown, no save: a crash)."""
@@ -232,6 +236,14 @@ class RedisClusterServers:
     def kill(self, port: int) -> None:
         """Crash the node on ``port`` (SIGKILL)."""
         self._procs.kill(port)
+
+    def pause(self, port: int) -> None:
+        """Freeze the node on ``port`` (SIGSTOP): keep it shorter than the node timeout,
+        or the cluster fails it over."""
+        self._procs.signal(port, signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self._procs.signal(port, signal.SIGCONT)
 
     def restart(self, port: int) -> None:
         """Start the node on ``port`` again: it rejoins (a killed primary as a replica)."""

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from asgi_armor.config import ArmorConfig
-from asgi_armor.errors import ConfigError
+from asgi_armor.errors import ConfigError, Overloaded
 from asgi_armor.ratelimit.bucket import spec
 from asgi_armor.stack import build_store
-from asgi_armor.stores.base import BucketSpec
+from asgi_armor.stores.base import BucketSpec, StoreError
 from asgi_armor.stores.cluster import RedisClusterStore, cluster_key, key_slot
 from asgi_armor.stores.redis import RedisStore
 from asgi_armor.stores.sentinel import RedisSentinelStore
@@ -324,3 +324,86 @@ async def test_moved_is_followed_to_the_slots_new_owner(
         assert await probe.get(prefix + cluster_key(key)) == b"lease"
     finally:
         await probe.aclose()
+
+
+async def test_a_cluster_that_cannot_be_reached_fails_fast(asyncio_only: None) -> None:
+    """No node answers: every call is a StoreError (the concern's policy), quickly, and the
+    slot map is asked for at most every refresh_interval, not once per call."""
+    store = RedisClusterStore.from_url("redis+cluster://127.0.0.1:1,127.0.0.1:2", timeout=0.2)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(100):
+            with pytest.raises(StoreError):
+                await store.hit_buckets(["rl:ip:1.2.3.4", "rl:g:*"], [spec(1, 1)] * 2, 1)
+            with pytest.raises(StoreError):
+                await store.lease_acquire("idem:x", b"lease", 1)
+            with pytest.raises(StoreError):
+                await store.remember("nonce:x", 1)
+        assert loop.time() - started < 2.0
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_cluster_store_on_trio_fails_start_up_and_each_call(anyio_backend: str) -> None:
+    store = RedisClusterStore.from_url("redis+cluster://127.0.0.1:7000")
+    with pytest.raises(ConfigError, match=r"^store: RedisStore runs on asyncio only"):
+        store.check_runtime()
+    with pytest.raises(StoreError, match="not running on asyncio"):
+        await store.hit_buckets(["rl:ip:1.2.3.4"], [spec(1, 1)], 1)
+    with pytest.raises(StoreError, match="not running on asyncio"):
+        await store.lease_acquire("idem:x", b"lease", 1)
+
+
+async def test_values_a_client_controls_braces_and_all_are_decided_all_or_nothing(
+    cluster_store: RedisClusterStore,
+) -> None:
+    """Header and path values holding braces (an empty hash tag hashes the whole key) still
+    give all-or-nothing decisions and distinct buckets."""
+    values = ["}", "{", "", "a}b{c", "{}", "}{"]
+    keys = [f"rl:layer{i}:h:{value}" for i, value in enumerate(values)]
+    keys += [f"rl:path{i}:{value}" for i, value in enumerate(values)]
+    assert len({cluster_key(key) for key in keys}) == len(keys)
+    assert len({_slot(cluster_store.prefix, key) for key in keys}) > 2
+    day = 86_400
+    specs = [spec(100, day)] * (len(keys) - 1) + [spec(1, day)]
+    assert (await cluster_store.hit_buckets(keys, specs, 1))[0]
+    assert not (await cluster_store.hit_buckets(keys, specs, 1))[0]
+    assert await _remaining(cluster_store, keys, specs) == [99] * (len(keys) - 1) + [0]
+
+
+async def test_a_frozen_node_sheds_new_work_and_gives_the_other_slots_tokens_back(
+    redis_cluster: RedisClusterServers, asyncio_only: None
+) -> None:
+    """One node frozen (its calls pending): new work queued behind them for that node is
+    shed with Overloaded, also inside a decision over several slots, whose other slots get
+    their tokens back; the frozen calls themselves fail as a store failure."""
+    prefix = f"armortest:{uuid.uuid4().hex[:12]}:"
+    store = RedisClusterStore.from_url(
+        redis_cluster.url, prefix=prefix, timeout=0.5, max_in_flight=1, queue_timeout=0.1
+    )
+    day = 86_400
+    frozen_key, other_key = "rl:a:frozen0", ""
+    frozen = redis_cluster.owner(_slot(prefix, frozen_key))
+    for index in range(1000):
+        other_key = f"rl:b:free{index}"
+        if redis_cluster.owner(_slot(prefix, other_key)) != frozen:
+            break
+    specs = [spec(100, day), spec(100, day)]
+    try:
+        assert (await store.hit_buckets([frozen_key, other_key], specs, 1))[0]  # connected
+        redis_cluster.pause(frozen)
+        try:
+            held = asyncio.ensure_future(store.hit_buckets([frozen_key], specs[:1], 1))
+            await asyncio.sleep(0.05)
+            with pytest.raises(Overloaded):
+                await store.hit_buckets([frozen_key, other_key], specs, 1)
+            with pytest.raises(StoreError, match="call failed"):
+                await held
+        finally:
+            redis_cluster.resume(frozen)
+        # The other slot's token was given back: one taken in all, by the first call.
+        assert await _remaining(store, [frozen_key, other_key], specs) == [98, 99]
+    finally:
+        await store.aclose()

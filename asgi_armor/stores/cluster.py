@@ -6,17 +6,18 @@ the primary that owns its hash slot, read from ``CLUSTER SLOTS``. A ``MOVED`` re
 (the slot has a new owner: a failover, a resharding) is followed at once, and any failure
 has the slot map read again (at most every ``refresh_interval`` seconds), so the store
 finds a promoted replica by itself. While the cluster converges, calls on the slots of a
-lost primary fail with ``StoreError`` and each concern's ``on_store_error`` answers;
-calls on the other slots carry on.
+lost primary fail with ``StoreError`` and each concern's ``on_store_error`` answers; the
+other primaries' breakers count none of it.
 
 Keys are laid out by hash tag so that the layers of one decision share a slot where
 they can: a rate-limit bucket ``rl:<rule>:<value>`` is kept as ``rl:{<value>}:<rule>``,
 so every layer keyed on the same value (the same address, user, tenant) is decided in one
 script call. A decision over several values is one call per slot, sent concurrently: each
 slot takes its tokens or none, and when any slot denies, the tokens taken in the others
-are given back, so a denied request keeps nothing and none is ever admitted past a limit
-(docs/stores.md says what a racing request may see). Idempotency leases and replay
-nonces are single keys, one call each.
+are given back, so a denied request keeps nothing and none is admitted past a limit
+(docs/stores.md, Redis Cluster: what a racing request may see, and the one corner where a
+give-back is not exact to the microsecond). Idempotency leases and replay nonces are
+single keys, one call each.
 """
 
 from __future__ import annotations
@@ -283,22 +284,29 @@ class RedisClusterStore:
         with contextlib.suppress(RuntimeError):  # not on asyncio: nothing can be read here
             self._refresh()
 
-    async def _node_for(self, slot: int) -> RedisStore:
+    async def _node_for(self, slot: int) -> tuple[Address, RedisStore]:
         address = self._slots[slot]
         if address is None:
             try:
-                asyncio.get_running_loop()
+                loop = asyncio.get_running_loop()
             except RuntimeError:
                 raise StoreError("redis store unavailable: not running on asyncio") from None
-            await asyncio.shield(self._refresh())
+            refreshing = self._refreshing
+            if refreshing is None or refreshing.done():
+                if loop.time() < self._refreshed_at + self.refresh_interval:
+                    # The map was just read (or failed to be): fail now rather than wait
+                    # for the next read, which a call will start after the interval.
+                    raise StoreError(f"redis cluster: no node known to serve slot {slot}")
+                refreshing = self._refresh()
+            await asyncio.shield(refreshing)
             address = self._slots[slot]
             if address is None:
                 raise StoreError(f"redis cluster: no node serves slot {slot}")
-        return self._store(address)
+        return address, self._store(address)
 
     async def _on(self, slot: int, call: Callable[[RedisStore], Awaitable[T]]) -> T:
         """``call`` on the node owning ``slot``; after ``MOVED``, once more on the new owner."""
-        node = await self._node_for(slot)
+        address, node = await self._node_for(slot)
         try:
             return await call(node)
         except StoreError as exc:
@@ -307,7 +315,8 @@ class RedisClusterStore:
             # MOVED: the command did not run, so sending it to the new owner runs it once.
             if not isinstance(cause, _MovedError):
                 raise
-            moved: Address = (str(cause.host), int(cause.port))
+            # No host in the reply means "the host you asked".
+            moved: Address = (str(cause.host) or address[0], int(cause.port))
             self._slots[slot] = moved
             return await call(self._store(moved))
 
@@ -320,9 +329,8 @@ class RedisClusterStore:
         groups: dict[int, list[int]] = {}
         for index, key in enumerate(mapped):
             groups.setdefault(key_slot(prefix + key), []).append(index)
-        if len(groups) == 1:
-            (slot,) = groups
-            return await self._on(slot, _hit(mapped, list(specs), cost))
+        if len(groups) <= 1:
+            return await self._on(next(iter(groups), 0), _hit(mapped, list(specs), cost))
         parts = [
             (slot, [mapped[i] for i in indexes], [specs[i] for i in indexes], indexes)
             for slot, indexes in groups.items()
