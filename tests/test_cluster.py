@@ -407,3 +407,30 @@ async def test_a_frozen_node_sheds_new_work_and_gives_the_other_slots_tokens_bac
         assert await _remaining(store, [frozen_key, other_key], specs) == [98, 99]
     finally:
         await store.aclose()
+
+
+async def test_a_give_back_keeps_the_refill_of_a_bucket_that_was_full(
+    redis_url: str, redis_prefix: str, asyncio_only: None
+) -> None:
+    """The give-back mode of hit_buckets.lua (any RedisStore runs it for the cluster store).
+
+    A full bucket: a reservation at t0 (denied in another slot), another request taking a
+    token 0.3 s later, then the give-back. Without the reservation the second request
+    would have found the bucket full at t0 + 0.3: giving the whole token back (full at
+    t0 + 1) would admit 0.3 s early. The refill since t0 is kept: full at t0 + 1.3.
+    """
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    one_per_second = spec(10, 10)
+    interval = one_per_second[0]
+    try:
+        _allowed, start, (reserved,) = await store.hit_buckets(["k"], [one_per_second], 1)
+        assert reserved == pytest.approx(start + interval)
+        await asyncio.sleep(0.3)
+        allowed, taken_at, _ = await store.hit_buckets(["k"], [one_per_second], 1)
+        assert allowed
+        base = reserved - interval  # the bucket's full-at time before the reservation
+        _, given_at, (tat,) = await store.hit_buckets(["k"], [(interval, base)], -1)
+    finally:
+        await store.aclose()
+    assert taken_at + interval - 1e-6 <= tat <= given_at + interval + 1e-6
+    assert tat - start > interval + 0.25  # never the whole token: not full at t0 + 1
