@@ -63,8 +63,10 @@ from asgi_armor.signing import (
 )
 from asgi_armor.stack import Armored, armor
 from asgi_armor.stores.base import StoreError
+from asgi_armor.stores.cluster import RedisClusterStore
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.stores.redis import RedisStore
+from asgi_armor.stores.sentinel import RedisSentinelStore
 from asgi_armor.timeout import TimeoutMiddleware, remaining, with_timeout
 from asgi_armor.validation import (
     Email,
@@ -129,6 +131,8 @@ __all__ = [
     "RateLimitMiddleware",
     "RateLimited",
     "RateLimiter",
+    "RedisClusterStore",
+    "RedisSentinelStore",
     "RedisStore",
     "RequestTimeout",
     "Route",

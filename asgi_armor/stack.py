@@ -40,6 +40,24 @@ __all__ = ["Armored", "armor", "build_store", "describe", "import_callable"]
 logger = logging.getLogger("asgi_armor")
 
 
+# The store URL forms (docs/config.md): one Redis (or Valkey), a Cluster, a Sentinel group.
+_REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "valkey://",
+    "valkeys://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "valkey+cluster://",
+    "valkeys+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "valkey+sentinel://",
+    "valkeys+sentinel://",
+)
+
+
 @contextmanager
 def _entry(path: str) -> Iterator[None]:
     """Prefix a ConfigError raised while building ``path`` with that path."""
@@ -60,10 +78,13 @@ def _check_store(config: ArmorConfig) -> None:
     """
     if config.store == "memory":
         return
-    if not config.store.startswith(("redis://", "rediss://", "unix://")):
+    if not config.store.startswith(_REDIS_SCHEMES):
         from asgi_armor.stores.redis import redacted
 
-        raise ConfigError(f"store: {redacted(config.store)!r} is not 'memory' or a redis:// URL")
+        raise ConfigError(
+            f"store: {redacted(config.store)!r} is not 'memory' or a redis:// URL "
+            "(or redis+cluster://, redis+sentinel://)"
+        )
     if not config.store_timeout > 0:
         raise ConfigError("store_timeout: must be more than 0 seconds")
     if not config.store_prefix:
@@ -77,7 +98,8 @@ def _check_store(config: ArmorConfig) -> None:
 
 
 def build_store(config: ArmorConfig) -> Store:
-    """The store ``config.store`` names: ``"memory"`` or a ``redis://`` URL.
+    """The store ``config.store`` names: ``"memory"``, a ``redis://`` URL, a Redis Cluster
+    (``redis+cluster://``) or a Sentinel service (``redis+sentinel://``).
 
     The URL is checked here (scheme, port, database number), before any connection.
 
@@ -88,6 +110,19 @@ def build_store(config: ArmorConfig) -> Store:
     _check_store(config)
     if config.store == "memory":
         return MemoryStore()
+    kind = config.store.partition("://")[0].partition("+")[2]
+    if kind == "cluster":
+        from asgi_armor.stores.cluster import RedisClusterStore
+
+        return RedisClusterStore.from_url(
+            config.store, prefix=config.store_prefix, timeout=config.store_timeout
+        )
+    if kind == "sentinel":
+        from asgi_armor.stores.sentinel import RedisSentinelStore
+
+        return RedisSentinelStore.from_url(
+            config.store, prefix=config.store_prefix, timeout=config.store_timeout
+        )
     from asgi_armor.stores.redis import RedisStore
 
     return RedisStore.from_url(

@@ -1,4 +1,5 @@
-"""Shared fixtures: anyio backends, a fake clock, and the shared Redis."""
+"""Shared fixtures: anyio backends, a fake clock, the shared Redis, private Redis servers,
+a private Redis Cluster and a private Sentinel group."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.redis_groups import RedisClusterServers, SentinelGroup
 
 REDIS_URL = os.environ.get("ARMOR_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -173,3 +177,51 @@ def _hypothesis_profiles() -> None:
 
 
 _hypothesis_profiles()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A private 6-node Redis Cluster (3 primaries, 3 replicas) for the whole test run.
+
+    Tests share it and keep apart by key prefix; a test that kills nodes uses
+    ``private_redis_cluster`` instead.
+    """
+    servers = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A private Sentinel group (1 primary, 1 replica, 3 sentinels) for the whole test run."""
+    group = SentinelGroup(tmp_path_factory.mktemp("sentinel"))
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster for this test only (it may kill nodes), stopped afterwards."""
+    servers = RedisClusterServers(tmp_path)
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def private_sentinel(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A Sentinel group for this test only (it may kill the master), stopped afterwards."""
+    group = SentinelGroup(tmp_path)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()

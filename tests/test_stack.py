@@ -224,7 +224,7 @@ async def test_requests_go_to_the_given_store(anyio_backend: str) -> None:
         ("redis://localhost:6379/0?decode_responses=true", "decode_responses"),
         ("unix://", "socket's path"),
         ("mongodb://localhost/0", "is not 'memory' or a redis:// URL"),
-        ("valkey://localhost/0", "is not 'memory' or a redis:// URL"),
+        ("valkey://localhost/notadb", "database number, not 'notadb'"),
     ],
 )
 def test_malformed_store_urls_fail_at_start_up(url: str, why: str) -> None:
@@ -252,6 +252,8 @@ def test_a_store_url_error_never_shows_the_password() -> None:
         "rediss://cache.internal:6380/2",
         "redis://localhost:6379?db=3",
         "unix:///var/run/redis.sock?db=1",
+        "valkey://127.0.0.1:6379/15",
+        "valkeys://cache.internal:6380/2",
     ],
 )
 def test_well_formed_store_urls_are_accepted(url: str) -> None:

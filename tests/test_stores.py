@@ -1,4 +1,5 @@
-"""One conformance suite for every store: MemoryStore and RedisStore behave the same."""
+"""One conformance suite for every store: MemoryStore, RedisStore, RedisClusterStore and
+RedisSentinelStore behave the same."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import signal
 import statistics
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,20 +18,42 @@ from asgi_armor.breaker import CircuitBreaker
 from asgi_armor.errors import ConfigError, Overloaded
 from asgi_armor.ratelimit.bucket import spec
 from asgi_armor.stores.base import Store, StoreError, make_key
+from asgi_armor.stores.cluster import RedisClusterStore
 from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.stores.redis import RedisStore
+from asgi_armor.stores.sentinel import RedisSentinelStore
 from tests.conftest import FakeClock, RedisServer
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.asyncio_only)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.asyncio_only),
+        pytest.param("cluster", marks=pytest.mark.asyncio_only),
+        pytest.param("sentinel", marks=pytest.mark.asyncio_only),
+    ]
+)
 async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    prefix = request.getfixturevalue("redis_prefix")
-    redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix)
+    redis_store: RedisStore | RedisClusterStore
+    if request.param == "redis":
+        prefix = request.getfixturevalue("redis_prefix")
+        redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix)
+    else:
+        # Private servers (session-wide): a fresh prefix keeps each test's keys apart.
+        prefix = f"armortest:{uuid.uuid4().hex[:12]}:"
+        if request.param == "cluster":
+            redis_store = RedisClusterStore.from_url(
+                request.getfixturevalue("redis_cluster").url, prefix=prefix
+            )
+        else:
+            redis_store = RedisSentinelStore.from_url(
+                request.getfixturevalue("redis_sentinel").url, prefix=prefix
+            )
     yield redis_store
     await redis_store.aclose()
 

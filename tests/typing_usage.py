@@ -22,6 +22,8 @@ from asgi_armor import (
     Rate,
     RateLimitEntry,
     RateLimiter,
+    RedisClusterStore,
+    RedisSentinelStore,
     armor,
     decode,
     gather_partial,
@@ -30,6 +32,7 @@ from asgi_armor import (
     with_timeout,
 )
 from asgi_armor._asgi import Receive, Scope, Send
+from asgi_armor.stores.base import Store
 
 
 class Signup(msgspec.Struct):
@@ -105,3 +108,15 @@ async def use_client() -> None:
     with httpx.Client(transport=SyncArmorTransport(retries=2, budget=None)) as sync_client:
         del sync_client
     del breaker
+
+
+async def beyond_one_redis() -> None:
+    stores: list[Store] = [
+        RedisClusterStore.from_url("redis+cluster://10.0.0.1:6379,10.0.0.2:6379", timeout=0.2),
+        RedisSentinelStore.from_url("redis+sentinel://10.0.0.5:26379/armor/0", max_in_flight=8),
+    ]
+    limiter = RateLimiter(stores[0], on_store_error="deny")
+    decision: Decision = await limiter.hit("u:alice", "10/minute")
+    assert decision.limit == 10
+    for store in stores:
+        await store.aclose()

@@ -66,7 +66,7 @@ _MAX_CONNECTIONS = 64  # the pool's connections (from_url)
 _MAX_IN_FLIGHT = 4  # batches in flight by default
 _MAX_BATCH = 128  # calls per batch by default
 _ALONE = 65536  # bytes: a command this big is sent in a batch of its own
-_SCHEMES = ("redis", "rediss", "unix")
+_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
 _DECODES = (
     "the Redis client decodes responses (decode_responses=True); "
     "RedisStore needs one that returns bytes"
@@ -124,9 +124,18 @@ def check_url(url: str) -> None:
     """
     shown = redacted(url)
     try:
+        if "+" in url.partition("://")[0]:
+            from asgi_armor.stores._urls import parse_hosts_url, single_node_url
+
+            # redis+cluster:// or redis+sentinel://: the form here, the options as below.
+            hosts = parse_hosts_url(url)
+            url = single_node_url(hosts, *hosts.hosts[0])
         parts = urlsplit(url)
         if parts.scheme not in _SCHEMES:
-            raise ValueError("the scheme must be redis://, rediss:// or unix://")
+            raise ValueError(
+                "the scheme must be redis://, rediss://, unix:// (valkey://, valkeys://), "
+                "redis+cluster:// or redis+sentinel://"
+            )
         if parts.scheme != "unix":
             port = parts.port  # ValueError for a port that is not a number in 0..65535
             if port == 0:
@@ -138,8 +147,10 @@ def check_url(url: str) -> None:
             raise ValueError("a unix:// URL needs the socket's path")
         from redis.asyncio.connection import parse_url
 
+        from asgi_armor.stores._urls import canonical
+
         # The query arguments redis-py understands (socket_timeout=...), checked too.
-        if parse_url(url).get("decode_responses"):
+        if parse_url(canonical(url)).get("decode_responses"):
             raise ValueError(_DECODES)
     except ValueError as exc:
         raise ConfigError(f"store: {shown!r} is not a usable Redis URL: {exc}") from None
@@ -637,6 +648,9 @@ class RedisStore:
                 connection), or see ``RedisStore``.
             ImportError: the ``redis`` extra is not installed.
         """
+        from asgi_armor.stores._urls import canonical
+
+        url = canonical(url)  # valkey:// and valkeys:// are redis:// and rediss://
         import redis.asyncio as aioredis
 
         check_url(url)

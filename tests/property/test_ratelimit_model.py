@@ -1,5 +1,6 @@
 """The limiter on a MemoryStore with a fake clock against a reference model that counts
-tokens exactly (``fractions.Fraction``), refilling continuously up to the bucket depth.
+tokens exactly (``fractions.Fraction``), refilling continuously up to the bucket depth;
+then the same model on a Redis, a Sentinel service and a Redis Cluster.
 
 ``LimiterModel``: rates, clock steps and the start time are exact binary fractions, so the
 float GCRA state holds the model's values exactly and both sides agree to the bit.
@@ -11,19 +12,32 @@ Decisions and token counts must still agree exactly; the times to the second.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+import uuid
 from collections.abc import Coroutine
 from fractions import Fraction
 from typing import Any, ClassVar, TypeVar
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from asgi_armor.errors import RateLimited
 from asgi_armor.ratelimit import Decision, Rate, RateLimiter
+from asgi_armor.stores.base import Store
+from asgi_armor.stores.cluster import RedisClusterStore
 from asgi_armor.stores.memory import MemoryStore
+from asgi_armor.stores.redis import RedisStore
+from asgi_armor.stores.sentinel import RedisSentinelStore
 from tests.conftest import FakeClock
 
 T = TypeVar("T")
@@ -173,3 +187,139 @@ TestNonBinaryLimiterModel = NonBinaryLimiterModel.TestCase
 TestNonBinaryLimiterModel.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
+
+
+# The same model against the networked stores. Their clock is Redis's own and cannot be
+# moved by hand, so the rates are slow (an interval of 2**16 s and more): the seconds a
+# run takes refill a negligible fraction of a token, whole-token counts stay exact, and
+# only the times (reset, retry) are compared within the seconds elapsed. Each layer may
+# key on its own value, so on a cluster a decision spans several hash slots.
+SLOW_RATES = [
+    Rate(4, 2**22),  # interval 2**20 s
+    Rate(8, 2**19, burst=12),  # interval 2**16 s, deeper than its limit
+    Rate(2, 2**22, burst=1),  # interval 2**21 s, shallower than its limit
+    Rate(16, 2**23),  # interval 2**19 s, deep
+]
+
+
+class StoreLimiterModel(RuleBasedStateMachine):
+    """``LimiterModel`` on a store given by the test (set ``store`` and ``loop``)."""
+
+    store: Store
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limiter = RateLimiter(self.store)
+        self.run_id = uuid.uuid4().hex[:8]  # fresh buckets for every example
+        self.started = time.monotonic()
+        self.buckets: dict[tuple[int, str], Bucket] = {}
+
+    def bucket(self, index: int, key: str) -> Bucket:
+        found = self.buckets.get((index, key))
+        if found is None:
+            found = self.buckets[index, key] = Bucket(SLOW_RATES[index], Fraction(0))
+        return found
+
+    def slack(self) -> float:
+        return time.monotonic() - self.started + 0.01
+
+    def same(self, got: Decision, expected: Decision) -> None:
+        slack = self.slack()
+        assert (got.allowed, got.limit, got.remaining, got.policy, got.rate) == (
+            expected.allowed,
+            expected.limit,
+            expected.remaining,
+            expected.policy,
+            expected.rate,
+        )
+        assert expected.reset_after - slack <= got.reset_after <= expected.reset_after + 1e-6
+        assert expected.retry_after - slack <= got.retry_after <= expected.retry_after + 1e-6
+
+    @rule(
+        chosen=st.lists(
+            st.integers(0, len(SLOW_RATES) - 1), min_size=1, max_size=len(SLOW_RATES), unique=True
+        ),
+        keys=st.lists(st.sampled_from(KEYS), min_size=len(SLOW_RATES), max_size=len(SLOW_RATES)),
+        cost=st.integers(0, 3),
+        enforce=st.booleans(),
+    )
+    def hit(self, chosen: list[int], keys: list[str], cost: int, enforce: bool) -> None:
+        items = [(self.run_id + keys[i], SLOW_RATES[i], f"p{i}") for i in chosen]
+        if cost > min(SLOW_RATES[i].capacity for i in chosen):
+            with pytest.raises(ValueError, match="exceeds the burst"):
+                self.loop.run_until_complete(self.limiter.hit_many(items, cost))
+            return
+        buckets = [self.bucket(i, keys[i]) for i in chosen]
+        allowed = all(b.tokens >= cost for b in buckets)
+        if allowed:
+            for b in buckets:
+                b.tokens -= cost
+        expected = [
+            Decision(
+                allowed,
+                b.rate.capacity,
+                math.floor(b.tokens),
+                float(b.seconds_for(b.rate.capacity - b.tokens)),
+                0.0 if allowed else float(max(Fraction(0), b.seconds_for(cost - b.tokens))),
+                f"p{i}",
+                b.rate,
+            )
+            for i, b in zip(chosen, buckets, strict=True)
+        ]
+        if enforce and not allowed:
+            with pytest.raises(RateLimited) as info:
+                self.loop.run_until_complete(self.limiter.hit_many(items, cost, enforce=True))
+            longest = math.ceil(max(d.retry_after for d in expected))
+            assert longest - math.ceil(self.slack()) <= info.value.retry_after <= longest
+            return
+        got = self.loop.run_until_complete(self.limiter.hit_many(items, cost, enforce=enforce))
+        for decision, want in zip(got, expected, strict=True):
+            self.same(decision, want)
+
+    @precondition(lambda self: bool(self.buckets))
+    @rule(data=st.data())
+    def peek(self, data: st.DataObject) -> None:
+        index, key = data.draw(st.sampled_from(sorted(self.buckets)))
+        b = self.bucket(index, key)
+        decision = self.loop.run_until_complete(
+            self.limiter.hit(self.run_id + key, SLOW_RATES[index], 0, policy=f"p{index}")
+        )
+        assert (decision.allowed, decision.remaining) == (True, math.floor(b.tokens))
+
+
+@pytest.mark.parametrize("backend", ["redis", "sentinel", "cluster"])
+def test_limiter_model_on_networked_stores(backend: str, request: pytest.FixtureRequest) -> None:
+    """The state machine on one (private) Redis, on the Sentinel service's master and on
+    the Redis Cluster: the same exact decisions as the reference model."""
+    group = request.getfixturevalue("redis_sentinel")
+    prefix = f"armortest:{uuid.uuid4().hex[:12]}:"
+    store: Store
+    if backend == "redis":
+        store = RedisStore.from_url(f"redis://127.0.0.1:{group.master_port()}/0", prefix=prefix)
+    elif backend == "sentinel":
+        store = RedisSentinelStore.from_url(group.url, prefix=prefix)
+    else:
+        store = RedisClusterStore.from_url(
+            request.getfixturevalue("redis_cluster").url, prefix=prefix
+        )
+    loop = asyncio.new_event_loop()
+
+    class Model(StoreLimiterModel):
+        pass
+
+    Model.store = store
+    Model.loop = loop
+    try:
+        run_state_machine_as_test(
+            Model,
+            settings=settings(
+                max_examples=25,
+                stateful_step_count=30,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
+    finally:
+        loop.run_until_complete(store.aclose())
+        loop.close()

@@ -3,11 +3,39 @@
 -- The exact formula of asgi_armor/ratelimit/bucket.py `decide`; time is Redis's own
 -- clock, so every app process agrees. Seconds are counted from 2023-11-14 (1.7e9) to keep
 -- sub-microsecond precision in a double.
+--
+-- A negative ARGV[1] gives back what an earlier call took (the cluster store, when a
+-- decision spans several hash slots and another slot denied): ARGV[2i] is the seconds
+-- that call added to bucket i, ARGV[2i+1] the bucket's full-at time before it (both in
+-- this server's clock). Never more than that call took; and the part time has refilled
+-- since is kept, because had that call never happened the bucket would have been full
+-- for that long, and a full bucket gains nothing (docs/stores.md, Redis Cluster).
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1700000000) + tonumber(t[2]) / 1000000
 local cost = tonumber(ARGV[1])
 local epsilon = 1e-6
 local tats = {}
+if cost < 0 then
+  local out = {1, string.format('%.17g', now)}
+  for i = 1, #KEYS do
+    local tat = tonumber(redis.call('GET', KEYS[i]))
+    if tat == nil or tat < now then
+      tat = now
+    else
+      local back = tonumber(ARGV[2 * i]) - math.max(0, now - tonumber(ARGV[2 * i + 1]))
+      if back > 0 then
+        tat = math.max(now, tat - back)
+        if tat > now then
+          redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', math.ceil((tat - now) * 1000) + 1)
+        else
+          redis.call('DEL', KEYS[i])
+        end
+      end
+    end
+    out[i + 2] = string.format('%.17g', tat)
+  end
+  return out
+end
 local allowed = 1
 for i = 1, #KEYS do
   local tat = tonumber(redis.call('GET', KEYS[i]))
