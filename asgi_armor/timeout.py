@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
+from asgi_armor import _checks
 from asgi_armor._asgi import scope_state
 from asgi_armor.errors import ConfigError, RequestTimeout, ensure_request_id, send_error
 from asgi_armor.routes import RouteMap, target
@@ -43,14 +44,6 @@ _anyio_time = anyio.current_time
 DEADLINE_KEY = "deadline"
 #: ``scope["state"]`` key holding the clock the deadline is expressed on.
 DEADLINE_CLOCK_KEY = "armor_deadline_clock"
-
-
-def _check_seconds(seconds: object, entry: str) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise ConfigError(f"{entry}: {seconds!r} is not a number of seconds")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{entry}: {seconds!r} must be a finite number of seconds > 0")
-    return float(seconds)
 
 
 async def with_timeout(
@@ -148,10 +141,10 @@ class TimeoutMiddleware:
             except (TypeError, ValueError):
                 msg = f"timeout routes: {entry!r} is not a (route, seconds) pair"
                 raise ConfigError(msg) from None
-            checked.append((pattern, _check_seconds(seconds, f"timeout {pattern!r}")))
+            checked.append((pattern, _checks.seconds(seconds, f"timeout {pattern!r}")))
         self.app = app
         self.routes: RouteMap[float] = RouteMap(checked)
-        self.default = None if default is None else _check_seconds(default, "timeout default")
+        self.default = None if default is None else _checks.seconds(default, "timeout default")
         self.clock = clock
 
     def budget_for(self, method: str, path: str) -> float | None:

@@ -47,6 +47,8 @@ from urllib.parse import parse_qsl
 import anyio
 import msgspec
 
+from asgi_armor import _checks
+from asgi_armor._asgi import INVALID_LENGTH, content_length
 from asgi_armor.errors import (
     ArmorError,
     ConfigError,
@@ -1405,15 +1407,6 @@ def _is_json_media_type(content_type: bytes | None) -> bool:
     )
 
 
-def _positive(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"InputLimits: {name}={value!r} must be a positive integer")
-    return value
-
-
-_MALFORMED: Final = -1
-
-
 class InputLimits:
     """Refuse oversized, overlong or mistyped requests before the app runs.
 
@@ -1457,28 +1450,18 @@ class InputLimits:
         body_timeout: float | None = None,
     ) -> None:
         self.app = app
-        self.max_body_bytes = _positive("max_body_bytes", max_body_bytes)
-        self.max_url_bytes = _positive("max_url_bytes", max_url_bytes)
-        self.max_headers = _positive("max_headers", max_headers)
-        self.max_header_bytes = _positive("max_header_bytes", max_header_bytes)
+        self.max_body_bytes = _checks.count(max_body_bytes, "InputLimits: max_body_bytes")
+        self.max_url_bytes = _checks.count(max_url_bytes, "InputLimits: max_url_bytes")
+        self.max_headers = _checks.count(max_headers, "InputLimits: max_headers")
+        self.max_header_bytes = _checks.count(max_header_bytes, "InputLimits: max_header_bytes")
         if isinstance(json_routes, str | bytes):
             raise ConfigError(
                 "InputLimits: json_routes must be a list of route patterns, not one string"
             )
         self.json_routes: RouteMap[bool] = RouteMap((route, True) for route in json_routes)
-        seconds: object = body_timeout
-        if seconds is not None and (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not 0 < seconds < float("inf")
-        ):
-            raise ConfigError(
-                f"body_timeout: {body_timeout!r} must be a positive number of seconds or None"
-            )
-        self.body_timeout = None if body_timeout is None else float(body_timeout)
-        # Longer than this, a Content-Length is over the cap whatever its digits say, and
-        # int() of it would cost time (or trip the 4300-digit guard).
-        self._max_length_digits = len(str(self.max_body_bytes))
+        self.body_timeout = (
+            None if body_timeout is None else _checks.seconds(body_timeout, "body_timeout")
+        )
 
     def _check(self, scope: Scope) -> tuple[ArmorError | None, int | None, bool, bytes | None]:
         """Return (rejection, content length, has transfer-encoding, content-type)."""
@@ -1520,8 +1503,8 @@ class InputLimits:
             )
         length: int | None = None
         if lengths:
-            length = self._content_length(lengths)
-            if length == _MALFORMED:
+            length = content_length(lengths)
+            if length == INVALID_LENGTH:
                 # RFC 9110 8.6 wants 400 here, but the envelope's vocabulary has no generic
                 # bad_request: a length we cannot read cannot be shown to be within the cap.
                 return (
@@ -1533,18 +1516,6 @@ class InputLimits:
             if length > self.max_body_bytes:
                 return PayloadTooLarge(max_bytes=self.max_body_bytes), None, False, None
         return None, length, chunked, content_type
-
-    def _content_length(self, values: list[bytes]) -> int:
-        first = values[0].strip()
-        # Repeated Content-Length is tolerable only when every copy agrees (RFC 9110 8.6).
-        # (Checked only when repeated: the generator costs more than the rest of the check.)
-        if len(values) > 1 and any(v.strip() != first for v in values[1:]):
-            return _MALFORMED
-        if not first.isdigit():  # ASCII digits only: no sign, no space, no "1_000"
-            return _MALFORMED
-        if len(first.lstrip(b"0")) > self._max_length_digits:
-            return self.max_body_bytes + 1
-        return int(first)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
