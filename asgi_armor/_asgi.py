@@ -1,10 +1,15 @@
-"""ASGI plumbing shared by every layer: types, header lookup, body reading, sending."""
+"""ASGI plumbing shared by every layer: types, header lookup, body reading, sending.
+
+Below every layer: it imports only the type aliases (``_types``) and the error hierarchy
+(``errors``), which import nothing back (docs/architecture.md, "Module map").
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
+from asgi_armor._types import ASGIApp, Headers, Message, Receive, Scope, Send
 from asgi_armor.errors import PayloadTooLarge
 
 __all__ = [
@@ -24,13 +29,6 @@ __all__ = [
     "scope_state",
     "send_json",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
 
 #: What ``content_length`` answers for a ``Content-Length`` that is not a valid length.
 INVALID_LENGTH = -1

@@ -31,6 +31,7 @@ from asgi_armor.ratelimit.rules import (
 )
 from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
+from asgi_armor.stores.memory import MemoryStore
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -179,8 +180,6 @@ class RateLimitMiddleware:
         self._routes: RouteMap[_Compiled] = RouteMap(compiled)
         self._matches: dict[tuple[str, str], _Plan | None] = {}
         self._exempt: RouteMap[None] | None = RouteMap((e, None) for e in exempt) or None
-        from asgi_armor.stores.memory import MemoryStore  # here: stores import ratelimit.bucket
-
         self.limiter = RateLimiter(
             MemoryStore() if store is None else store, on_store_error=on_store_error
         )
