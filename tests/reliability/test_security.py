@@ -340,3 +340,21 @@ async def test_oversized_input_is_refused_before_the_app(anyio_backend: str) -> 
         assert status == expected, (request["path"], body)
         assert_envelope(status, headers, body)
         assert app_may_start or not stack.counter.calls, request["path"]
+
+
+def test_every_test_docs_security_md_names_exists() -> None:
+    """docs/security.md maps each threat to its tests: a renamed test must not leave a
+    threat pointing at nothing."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "security.md").read_text(encoding="utf-8")
+    named = re.findall(r"`((?:tests/[\w/]+/)?\w+\.py)::(\w+)", text)
+    assert len(named) >= 40
+    missing = []
+    for file, test in named:
+        path = root / file if file.startswith("tests/") else root / "tests" / "reliability" / file
+        if not path.is_file() or not re.search(rf"^(async )?def {test}\b", path.read_text(), re.M):
+            missing.append(f"{file}::{test}")
+    assert missing == []
