@@ -5,14 +5,14 @@ Both run the work under a deadline, so work that overruns its budget is *cancell
 cancellation that comes from outside (server shutdown, an enclosing timeout) is never
 mistaken for this timeout and always propagates.
 
-On asyncio ``TimeoutMiddleware`` keeps no timer per request: one deadline sweep per event
-loop holds the requests in flight, one queue per budget (deadlines in a queue are in
-arrival order), and a single loop timer set to the earliest deadline cancels the overdue
-requests' tasks through ``Task.cancel``/``Task.uncancel``, as ``asyncio.timeout`` does
-(a timer handle per request was the largest single cost of the served stack, more so
-under uvloop, where each handle is a libuv timer). On trio it uses an anyio cancel scope.
-On asyncio the work is cancelled once at the deadline, so an app that swallows the
-cancellation keeps running, as it would under ``asyncio.timeout`` or
+On asyncio ``TimeoutMiddleware`` keeps no timer per request: one deadline sweep (per
+middleware and event loop) holds the requests in flight, one queue per budget (deadlines
+in a queue are in arrival order), and a single loop timer set to the earliest deadline
+cancels the overdue requests' tasks through ``Task.cancel``/``Task.uncancel``, as
+``asyncio.timeout`` does (a timer handle per request was the largest single cost of the
+served stack, more so under uvloop, where each handle is a libuv timer). On trio it uses
+an anyio cancel scope. On asyncio the work is cancelled once at the deadline, so an app
+that swallows the cancellation keeps running, as it would under ``asyncio.timeout`` or
 ``asyncio.wait_for``; anyio shielded scopes in the app's cleanup are honoured.
 """
 
@@ -22,7 +22,6 @@ import asyncio
 import inspect
 import logging
 import math
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
@@ -119,7 +118,7 @@ class _Entry:
 class _Sweep:
     """The requests in flight on one event loop and the one timer that cancels the overdue."""
 
-    __slots__ = ("__weakref__", "_at", "_handle", "loop", "queues")
+    __slots__ = ("_at", "_handle", "loop", "queues")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -165,16 +164,6 @@ class _Sweep:
                 del self.queues[budget]
         if following < math.inf:
             self._schedule(following)
-
-
-_sweeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweep] = weakref.WeakKeyDictionary()
-
-
-def _sweep_for(loop: asyncio.AbstractEventLoop) -> _Sweep:
-    sweep = _sweeps.get(loop)
-    if sweep is None:
-        sweep = _sweeps[loop] = _Sweep(loop)
-    return sweep
 
 
 class TimeoutMiddleware:
@@ -275,7 +264,9 @@ class TimeoutMiddleware:
         if loop is not None and task is not None:
             sweep = self._sweep
             if sweep is None or sweep.loop is not loop:
-                sweep = self._sweep = _sweep_for(loop)
+                # One sweep per middleware and event loop: a middleware serves one loop
+                # (a new one, in tests, replaces the old sweep and lets its loop go).
+                sweep = self._sweep = _Sweep(loop)
             entry = sweep.add(budget, task)
             try:
                 await self.app(scope, receive, send_tracking)
