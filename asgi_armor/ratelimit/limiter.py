@@ -15,6 +15,7 @@ from asgi_armor.ratelimit import bucket
 from asgi_armor.ratelimit.headers import decision_headers, whole_seconds
 from asgi_armor.ratelimit.rate import Rate
 from asgi_armor.stores.base import BucketSpec, OnStoreError, RateLimitStore, StoreError, make_key
+from asgi_armor.stores.memory import MemoryStore
 
 __all__ = ["Decision", "Item", "RateLimiter", "check_cost", "rate_limited"]
 
@@ -85,7 +86,7 @@ class RateLimiter:
         ConfigError: ``on_store_error`` is not ``"allow"`` or ``"deny"``.
     """
 
-    __slots__ = ("_policies", "policy", "store")
+    __slots__ = ("_policies", "_take", "policy", "store")
 
     def __init__(
         self,
@@ -106,6 +107,8 @@ class RateLimiter:
             clock=clock,
         )
         self.store = store
+        # A MemoryStore decides in this process: called directly, no coroutine to await.
+        self._take = store.take if type(store) is MemoryStore else None
         self._policies: dict[tuple[Rate | str, str | None], _Policy] = {}
 
     async def take(
@@ -184,9 +187,13 @@ class RateLimiter:
             check_cost(cost, parsed)
         store_key = prefix + key if len(key) <= _SHORT else make_key("rl", name, key)
         try:
-            allowed, now, tats = await self.store.hit_buckets(
-                [store_key], [(interval, tolerance)], cost
-            )
+            take = self._take
+            if take is not None:
+                allowed, now, tats = take([store_key], [(interval, tolerance)], cost)
+            else:
+                allowed, now, tats = await self.store.hit_buckets(
+                    [store_key], [(interval, tolerance)], cost
+                )
         except StoreError as exc:
             self.store_failed(exc)
             # Fail open: the store's state is unknown, so report the bucket as untouched.

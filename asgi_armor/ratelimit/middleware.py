@@ -185,6 +185,8 @@ class RateLimitMiddleware:
         )
         self.store = self.limiter.store
         self._hit_buckets = self.store.hit_buckets
+        # A MemoryStore decides in this process: called directly, no coroutine to await.
+        self._take = self.store.take if type(self.store) is MemoryStore else None
         self._client_ip = client_ip if client_ip is not None else ClientIP(trusted_proxies)
         self.ipv6_prefix = check_ipv6_prefix(ipv6_prefix)
         self._identify = identify
@@ -259,7 +261,11 @@ class RateLimitMiddleware:
         specs = plan.specs
 
         try:
-            allowed, now, tats = await self._hit_buckets(keys, specs, 1)
+            take = self._take
+            if take is not None:
+                allowed, now, tats = take(keys, specs, 1)
+            else:
+                allowed, now, tats = await self._hit_buckets(keys, specs, 1)
         except StoreError as exc:
             try:
                 self.limiter.store_failed(exc)

@@ -71,6 +71,13 @@ class MemoryStore:
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
     ) -> tuple[bool, float, list[float]]:
         """See ``RateLimitStore.hit_buckets``."""
+        return self.take(keys, specs, cost)
+
+    def take(
+        self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
+    ) -> tuple[bool, float, list[float]]:
+        """``hit_buckets`` without the coroutine: the same decision, for callers in this
+        process (the rate limiter and its middleware call it directly on a MemoryStore)."""
         now = self.clock()
         tats = self._tats
         if len(keys) == 1:
