@@ -97,3 +97,38 @@ async def test_a_short_budget_behind_a_long_one_still_expires_on_time(anyio_back
 async def _noop(message: Message) -> None:
     if message["type"] == "http.response.start":
         await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_mixed_budgets_in_flight_each_get_their_own_answer(anyio_backend: str) -> None:
+    # Requests of three budgets interleaved, half of them stuck: every stuck one is cut at
+    # its own deadline (504), every other one answers (200), and none is cut twice or late.
+    budgets = {"GET /slow": SHORT, "GET /slow2": 2 * SHORT, "GET /slow3": 3 * SHORT}
+
+    async def mixed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].startswith("/slow"):
+            await anyio.sleep_forever()
+        await anyio.sleep(0.001)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = TimeoutMiddleware(mixed, routes=budgets, default=LONG)
+    results: dict[str, list[tuple[int, float]]] = {}
+    started = time.monotonic()
+
+    async def run(path: str) -> None:
+        status = await _status(middleware, path)
+        results.setdefault(path, []).append((status, time.monotonic() - started))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(20):
+            for path in ("/slow3", "/fast", "/slow", "/slow2", "/fast"):
+                group.start_soon(run, path)
+    assert [status for status, _ in results["/fast"]] == [200] * 40
+    for path, budget in (("/slow", SHORT), ("/slow2", 2 * SHORT), ("/slow3", 3 * SHORT)):
+        assert [status for status, _ in results[path]] == [504] * 20
+        # Not before its own budget (a loaded machine may be late, never early).
+        assert min(elapsed for _, elapsed in results[path]) >= budget * 0.9
+    # The sweep holds nothing once the requests are done.
+    assert middleware._sweep is not None
+    assert all(not queue for queue in middleware._sweep.queues.values())
