@@ -62,6 +62,9 @@ demo: $(STAMP)
 	$(BIN)/asgi-armor demo
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { echo "bench: installing wrk (the served runs' load generator)"; \
+		apt-get install -y wrk >/dev/null 2>&1 || sudo apt-get install -y wrk >/dev/null 2>&1 || \
+		echo "bench: wrk not installed; the served runs use benchmarks/loadgen.py"; }
 	$(BIN)/python benchmarks/run.py
 
 docs: $(STAMP)

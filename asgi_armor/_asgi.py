@@ -1,19 +1,27 @@
-"""ASGI plumbing shared by every layer: types, header lookup, body reading, sending."""
+"""ASGI plumbing shared by every layer: types, header lookup, body reading, sending.
+
+Below every layer: it imports only the type aliases (``_types``) and the error hierarchy
+(``errors``), which import nothing back (docs/architecture.md, "Module map").
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
+from asgi_armor._types import ASGIApp, Headers, Message, Receive, Scope, Send
 from asgi_armor.errors import PayloadTooLarge
 
 __all__ = [
+    "INVALID_LENGTH",
     "ASGIApp",
     "Headers",
     "Message",
     "Receive",
     "Scope",
     "Send",
+    "content_length",
+    "declared_length",
     "get_header",
     "get_headers",
     "read_body",
@@ -22,12 +30,12 @@ __all__ = [
     "send_json",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
+#: What ``content_length`` answers for a ``Content-Length`` that is not a valid length.
+INVALID_LENGTH = -1
+# Longer than this (leading zeros aside), a length is beyond any body a server accepts,
+# and int() of it would cost time (or trip the 4300-digit guard).
+_MAX_DIGITS = 18
+_HUGE_LENGTH = 1_000_000_000_000_000_000
 
 
 def get_header(scope: Scope, name: bytes) -> bytes | None:
@@ -41,6 +49,49 @@ def get_header(scope: Scope, name: bytes) -> bytes | None:
 def get_headers(scope: Scope, name: bytes) -> list[bytes]:
     """Return every value of header ``name`` (lower-case bytes), in order."""
     return [value for key, value in scope["headers"] if key == name]
+
+
+def content_length(values: list[bytes]) -> int:
+    """The body length that the ``Content-Length`` field values declare (RFC 9110 8.6).
+
+    The one rule every layer applies: a length is ASCII digits only (no sign, no inner
+    space, no ``1_000``, no list such as ``5, 5``); repeated fields must all agree. Returns
+    ``INVALID_LENGTH`` otherwise; a length of more than 18 digits is answered as
+    ``10**18`` without converting it (no cap in this package is that large).
+
+    Args:
+        values: every ``Content-Length`` value of the request, at least one.
+    """
+    first: bytes = values[0].strip()
+    # Checked only when repeated: the generator costs more than the rest of the check.
+    if len(values) > 1 and any(v.strip() != first for v in values[1:]):
+        return INVALID_LENGTH
+    if not first.isdigit():  # bytes.isdigit is ASCII digits only
+        return INVALID_LENGTH
+    if len(first) > _MAX_DIGITS:
+        first = first.lstrip(b"0") or b"0"
+        if len(first) > _MAX_DIGITS:
+            return _HUGE_LENGTH
+    return int(first)
+
+
+def declared_length(scope: Scope, max_bytes: int) -> int | None:
+    """The request's declared body length, or None when it declares none.
+
+    Raises:
+        PayloadTooLarge: the length is over ``max_bytes``, or it is not a valid length
+            (RFC 9110 wants 400, but a length we cannot read cannot be shown to be
+            within the cap).
+    """
+    values = [value for key, value in scope["headers"] if key == b"content-length"]
+    if not values:
+        return None
+    length = content_length(values)
+    if length == INVALID_LENGTH:
+        raise PayloadTooLarge("Content-Length header is not a valid length")
+    if length > max_bytes:
+        raise PayloadTooLarge(max_bytes=max_bytes)
+    return length
 
 
 def scope_state(scope: Scope) -> dict[str, Any]:

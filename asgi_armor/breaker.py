@@ -30,6 +30,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import msgspec
 
+from asgi_armor import _checks
 from asgi_armor.errors import CircuitOpenError, ConfigError
 
 __all__ = [
@@ -175,33 +176,25 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         where = f"CircuitBreaker({name!r})" if name else "CircuitBreaker"
-        if fail_max is not None and (isinstance(fail_max, bool) or fail_max < 1):
-            raise ConfigError(
-                f"{where}: fail_max must be an integer >= 1 or None, got {fail_max!r}"
-            )
-        if not reset_timeout >= 0 or math.isinf(reset_timeout):
-            raise ConfigError(
-                f"{where}: reset_timeout must be finite and >= 0, got {reset_timeout!r}"
-            )
+        if fail_max is not None:
+            _checks.count(fail_max, f"{where}: fail_max (or None)")
+        _checks.seconds(reset_timeout, f"{where}: reset_timeout", zero=True)
         if failure_rate_threshold is not None and not 0 < failure_rate_threshold <= 1:
             raise ConfigError(
                 f"{where}: failure_rate_threshold must be in (0, 1], got {failure_rate_threshold!r}"
             )
         if fail_max is None and failure_rate_threshold is None:
             raise ConfigError(f"{where}: fail_max=None needs a failure_rate_threshold")
-        if window_size < 1:
-            raise ConfigError(f"{where}: window_size must be >= 1, got {window_size!r}")
-        if not 1 <= minimum_calls <= window_size:
+        _checks.count(window_size, f"{where}: window_size")
+        _checks.count(minimum_calls, f"{where}: minimum_calls")
+        if minimum_calls > window_size:
             raise ConfigError(
                 f"{where}: minimum_calls must be in 1..window_size ({window_size}), "
                 f"got {minimum_calls!r}"
             )
-        if slow_call_seconds is not None and not slow_call_seconds > 0:
-            raise ConfigError(f"{where}: slow_call_seconds must be > 0, got {slow_call_seconds!r}")
-        if half_open_max_calls < 1:
-            raise ConfigError(
-                f"{where}: half_open_max_calls must be >= 1, got {half_open_max_calls!r}"
-            )
+        if slow_call_seconds is not None:
+            _checks.seconds(slow_call_seconds, f"{where}: slow_call_seconds")
+        _checks.count(half_open_max_calls, f"{where}: half_open_max_calls")
         # Checked at run time too; ``exclude=(KeyError)`` (a bare type) is forgiven.
         given: object = exclude
         if not isinstance(given, tuple):
@@ -445,6 +438,7 @@ class CircuitBreaker:
     # ------------------------------------------------------------------ façades
 
     def _enter(self) -> tuple[int, float]:
+        """The one admission of every façade: ``(epoch, start)``, or ``CircuitOpenError``."""
         if self._state is _CLOSED:
             # Closed admission needs no clock reading: the happy path stays cheap.
             self._calls += 1
@@ -453,17 +447,23 @@ class CircuitBreaker:
             epoch = self.acquire(self._clock())
         return epoch, (self._clock() if self._slow is not None else 0.0)
 
+    def _closed_success(self, epoch: int) -> bool:
+        """Record a success on the closed fast path (no clock, no window); False when the
+        call needs the full ``_finish``."""
+        if (
+            self._state is _CLOSED
+            and epoch == self._epoch
+            and self._slow is None
+            and self._window is None
+        ):
+            self._successes += 1
+            self._consecutive = 0
+            return True
+        return False
+
     def _finish(self, exc: BaseException | None, epoch: int, start: float) -> None:
         if exc is None or (self._exclude and isinstance(exc, self._exclude)):
-            if self._slow is None and self._state is _CLOSED and epoch == self._epoch:
-                # Inlined closed-state success: no clock reading, no call.
-                self._successes += 1
-                self._consecutive = 0
-                if self._window is not None:
-                    self._push(self._window, False)
-                    if self._rate_exceeded(self._window):
-                        self._transition(_OPEN, self._clock())
-            else:
+            if not self._closed_success(epoch):
                 now = self._clock()
                 self.record_success(now, now - start, epoch=epoch)
         elif isinstance(exc, Exception):
@@ -473,28 +473,14 @@ class CircuitBreaker:
             self.release(epoch=epoch)
 
     def _push_frame(self) -> None:
-        if self._state is _CLOSED:
-            self._calls += 1
-            epoch = self._epoch
-        else:
-            epoch = self.acquire(self._clock())
-        start = self._clock() if self._slow is not None else 0.0
+        epoch, start = self._enter()
         _FRAMES.set((self, epoch, start, _FRAMES.get()))
 
     def _pop_frame(self, exc: BaseException | None) -> None:
         frame = _FRAMES.get()
         if frame is not None and frame[0] is self:
             _FRAMES.set(frame[3])
-            if (
-                exc is None
-                and self._state is _CLOSED
-                and frame[1] == self._epoch
-                and self._slow is None
-                and self._window is None
-            ):
-                # The closed happy path of a consecutive-only breaker, inlined.
-                self._successes += 1
-                self._consecutive = 0
+            if exc is None and self._closed_success(frame[1]):
                 return
             self._finish(exc, frame[1], frame[2])
             return
@@ -515,13 +501,8 @@ class CircuitBreaker:
 
     async def __aenter__(self) -> None:
         """Admit the block, or raise ``CircuitOpenError``."""
-        # Same body as _push_frame, inlined: this is the hot path of every guarded call.
-        if self._state is _CLOSED:
-            self._calls += 1
-            epoch = self._epoch
-        else:
-            epoch = self.acquire(self._clock())
-        start = self._clock() if self._slow is not None else 0.0
+        # _push_frame's two lines, not a call to it: the hot path of every guarded block.
+        epoch, start = self._enter()
         _FRAMES.set((self, epoch, start, _FRAMES.get()))
 
     async def __aexit__(
@@ -531,21 +512,6 @@ class CircuitBreaker:
         tb: TracebackType | None,
     ) -> None:
         """Record the block's outcome; exceptions propagate unchanged."""
-        frame = _FRAMES.get()
-        if (
-            exc is None
-            and frame is not None
-            and frame[0] is self
-            and self._state is _CLOSED
-            and frame[1] == self._epoch
-            and self._slow is None
-            and self._window is None
-        ):
-            # The closed happy path of a consecutive-only breaker, inlined (_pop_frame).
-            _FRAMES.set(frame[3])
-            self._successes += 1
-            self._consecutive = 0
-            return
         self._pop_frame(exc)
 
     def __enter__(self) -> None:

@@ -16,6 +16,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from asgi_armor import _checks
 from asgi_armor.errors import CircuitOpenError, ConfigError
 
 __all__ = ["Component", "ComponentError", "Partial", "Target", "gather_partial"]
@@ -69,11 +70,11 @@ def _parse(name: str, component: object, timeout: float | None) -> tuple[Any, An
     seconds: object = component[2] if len(component) == 3 else timeout
     if seconds is None:
         return target, component[1], None
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-        raise ConfigError(
-            f"gather_partial: component {name!r}: timeout must be > 0 or None, got {seconds!r}"
-        )
-    return target, component[1], float(seconds)
+    return (
+        target,
+        component[1],
+        _checks.seconds(seconds, f"gather_partial: component {name!r}: timeout"),
+    )
 
 
 def _close_unstarted(targets: Iterable[object]) -> None:

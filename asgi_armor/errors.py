@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import msgspec
 
 if TYPE_CHECKING:
-    from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
+    from asgi_armor._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "ArmorError",

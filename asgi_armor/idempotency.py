@@ -34,7 +34,19 @@ from typing import Any
 import anyio
 import msgspec
 
-from asgi_armor._asgi import ASGIApp, Headers, Message, Receive, Scope, Send, read_body, replay_body
+from asgi_armor import _checks
+from asgi_armor._asgi import (
+    ASGIApp,
+    Headers,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    declared_length,
+    read_body,
+    replay_body,
+)
+from asgi_armor._store_policy import StorePolicy
 from asgi_armor.clientip import ClientIP
 from asgi_armor.errors import (
     ConfigError,
@@ -268,15 +280,18 @@ class IdempotencyMiddleware:
             raise ConfigError("idempotency routes: expected a list of routes, not one string")
         if not routes:
             raise ConfigError("idempotency routes: at least one route is required")
-        if on_store_error not in ("allow", "deny"):
-            raise ConfigError(
-                f"idempotency on_store_error: {on_store_error!r} is not 'allow' or 'deny'"
-            )
+        self._policy = StorePolicy(
+            on_store_error,
+            what="idempotency store",
+            allowing="request runs without idempotency",
+            denying="request denied (503)",
+            entry="idempotency on_store_error",
+            logger=logger,
+        )
         if not header or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", header):
             raise ConfigError(f"idempotency header: {header!r} is not a valid header name")
         for name, bound in (("max_pending", max_pending), ("max_pending_bytes", max_pending_bytes)):
-            if type(bound) is not int or bound < 0:
-                raise ConfigError(f"idempotency {name}: {bound!r} must be a non-negative integer")
+            _checks.count(bound, f"idempotency {name}", minimum=0)
         defaults = IdempotencyOptions(
             required=required,
             ttl=ttl,
@@ -355,9 +370,10 @@ class IdempotencyMiddleware:
         # anonymous.
         who = await principal(scope, self.identify)
 
-        declared = _content_length(scope)
-        if declared is not None and declared > config.max_body_bytes:
-            await send_error(scope, send, PayloadTooLarge(max_bytes=config.max_body_bytes))
+        try:
+            declared_length(scope, config.max_body_bytes)
+        except PayloadTooLarge as exc:
+            await send_error(scope, send, exc)
             return
         disconnected = False
 
@@ -405,19 +421,11 @@ class IdempotencyMiddleware:
             await send_error(scope, send, exc)
             return
         except (StoreError, msgspec.DecodeError) as exc:
-            if self.on_store_error == "deny":
-                logger.warning(
-                    "idempotency store failed, request denied [request_id=%s]: %s",
-                    ensure_request_id(scope),
-                    exc,
-                )
-                await send_error(scope, send, ServiceUnavailable(retry_after=1.0))
+            try:
+                self._policy.failed(exc, ensure_request_id(scope))
+            except ServiceUnavailable as unavailable:
+                await send_error(scope, send, unavailable)
                 return
-            logger.warning(
-                "idempotency store failed, request runs without idempotency [request_id=%s]: %s",
-                ensure_request_id(scope),
-                exc,
-            )
             await self.app(scope, receive, send)
             return
 
@@ -681,16 +689,6 @@ async def _replay(send: Send, record: _Completed) -> None:
         await send({"type": "http.response.body", "body": chunk, "more_body": index < last})
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 def _convert_options(raw: IdempotencyOptions | Mapping[str, Any], where: str) -> IdempotencyOptions:
     if isinstance(raw, IdempotencyOptions):
         return raw
@@ -705,18 +703,12 @@ def _convert_options(raw: IdempotencyOptions | Mapping[str, Any], where: str) ->
 def _check_options(options: IdempotencyOptions, where: str) -> None:
     for name in ("ttl", "lock_ttl"):
         value = getattr(options, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} {name}: {value!r} is not a number of seconds")
-        if not (value > 0 and value != float("inf")):
-            raise ConfigError(f"{where} {name}: {value!r} must be a positive number of seconds")
+        if value is not None:
+            _checks.seconds(value, f"{where} {name}")
     for name in ("max_body_bytes", "max_response_bytes"):
         value = getattr(options, name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
-        ):
-            raise ConfigError(f"{where} {name}: {value!r} must be a non-negative integer")
+        if value is not None:
+            _checks.count(value, f"{where} {name}", minimum=0)
     if options.required is not None and not isinstance(options.required, bool):
         raise ConfigError(f"{where} required: {options.required!r} is not true or false")
 

@@ -12,7 +12,6 @@ concurrency-limits.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from asgi_armor import _checks
 from asgi_armor.errors import ConfigError, Overloaded, send_error
 from asgi_armor.routes import RouteMap, target
 
@@ -28,21 +28,6 @@ if TYPE_CHECKING:
     from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["AIMDLimit", "ConcurrencyLimit", "ConcurrencyLimiter"]
-
-
-def _check_number(value: object, entry: str, *, minimum: float, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigError(f"{entry}: {value!r} is not a number")
-    if value < minimum or (strict and value == minimum) or math.isinf(value):
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ConfigError(f"{entry}: {value!r} must be finite and {bound}")
-    return float(value)
-
-
-def _check_int(value: object, entry: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{entry}: {value!r} must be an integer >= {minimum}")
-    return value
 
 
 class AIMDLimit:
@@ -76,22 +61,20 @@ class AIMDLimit:
         backoff_ratio: float = 0.9,
         latency_threshold: float = 1.0,
     ) -> None:
-        self.max_limit = _check_int(max_limit, "AIMDLimit max_limit", minimum=1)
-        self.min_limit = _check_int(min_limit, "AIMDLimit min_limit", minimum=1)
+        self.max_limit = _checks.count(max_limit, "AIMDLimit max_limit", minimum=1)
+        self.min_limit = _checks.count(min_limit, "AIMDLimit min_limit", minimum=1)
         if min_limit > max_limit:
             raise ConfigError(f"AIMDLimit min_limit: {min_limit} is above max_limit {max_limit}")
         initial = max_limit if initial_limit is None else initial_limit
-        _check_int(initial, "AIMDLimit initial_limit", minimum=min_limit)
+        _checks.count(initial, "AIMDLimit initial_limit", minimum=min_limit)
         if initial > max_limit:
             raise ConfigError(f"AIMDLimit initial_limit: {initial} is above max_limit {max_limit}")
         self.limit = initial
-        self.backoff_ratio = _check_number(
-            backoff_ratio, "AIMDLimit backoff_ratio", minimum=0, strict=True
-        )
+        self.backoff_ratio = _checks.number(backoff_ratio, "AIMDLimit backoff_ratio", minimum=0)
         if self.backoff_ratio >= 1:
             raise ConfigError(f"AIMDLimit backoff_ratio: {backoff_ratio!r} must be below 1")
-        self.latency_threshold = _check_number(
-            latency_threshold, "AIMDLimit latency_threshold", minimum=0, strict=True
+        self.latency_threshold = _checks.number(
+            latency_threshold, "AIMDLimit latency_threshold", minimum=0
         )
 
     def on_sample(self, latency: float, in_flight: int, dropped: bool) -> int:
@@ -146,10 +129,10 @@ class ConcurrencyLimiter:
         adaptive: AIMDLimit | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.max_concurrent = _check_int(max_concurrent, "max_concurrent", minimum=1)
-        self.max_queue = _check_int(max_queue, "max_queue", minimum=0)
-        self.queue_timeout = _check_number(queue_timeout, "queue_timeout", minimum=0)
-        self.retry_after = _check_number(retry_after, "retry_after", minimum=0)
+        self.max_concurrent = _checks.count(max_concurrent, "max_concurrent", minimum=1)
+        self.max_queue = _checks.count(max_queue, "max_queue", minimum=0)
+        self.queue_timeout = _checks.seconds(queue_timeout, "queue_timeout", zero=True)
+        self.retry_after = _checks.seconds(retry_after, "retry_after", zero=True)
         if adaptive is not None and not isinstance(adaptive, AIMDLimit):
             raise ConfigError(f"adaptive: {adaptive!r} is not an AIMDLimit")
         self.adaptive = adaptive

@@ -33,17 +33,19 @@ from typing import ClassVar, TypeAlias
 
 import anyio
 
+from asgi_armor import _checks
 from asgi_armor._asgi import (
     ASGIApp,
     Message,
     Receive,
     Scope,
     Send,
-    get_header,
+    declared_length,
     read_body,
     replay_body,
     scope_state,
 )
+from asgi_armor._store_policy import StorePolicy
 from asgi_armor.errors import (
     ArmorError,
     ConfigError,
@@ -646,8 +648,7 @@ def _keys(secrets: Secrets, scheme: Scheme, where: str) -> tuple[bytes, ...]:
 
 
 def _check_tolerance(tolerance: float, where: str) -> None:
-    if not tolerance > 0:
-        raise ConfigError(f"{where}: tolerance must be a positive number of seconds")
+    _checks.seconds(tolerance, f"{where}: tolerance")
 
 
 def _verify(
@@ -843,16 +844,16 @@ class SignatureMiddleware:
         logger: logging.Logger = logger,
     ) -> None:
         _check_tolerance(tolerance, "signature tolerance")
-        if type(max_pending) is not int or max_pending < 0:
-            raise ConfigError(
-                f"signature max_pending: {max_pending!r} must be a non-negative integer"
-            )
-        if max_body_bytes < 1:
-            raise ConfigError("signature max_body_bytes: must be at least 1")
-        if on_store_error not in ("allow", "deny"):
-            raise ConfigError(
-                f"signature on_store_error: {on_store_error!r} is not 'allow' or 'deny'"
-            )
+        _checks.count(max_pending, "signature max_pending", minimum=0)
+        _checks.count(max_body_bytes, "signature max_body_bytes")
+        self._policy = StorePolicy(
+            on_store_error,
+            what="signature replay cache",
+            allowing="delivery accepted, its id held here",
+            denying="delivery refused (503)",
+            entry="signature on_store_error",
+            logger=logger,
+        )
         entries = routes.items() if isinstance(routes, Mapping) else routes
         compiled: list[tuple[Route, _Compiled]] = []
         for pattern, spec in entries:
@@ -955,15 +956,8 @@ class SignatureMiddleware:
                 await self._settle(scope, nonce, intent)
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
-        declared = get_header(scope, b"content-length")
-        # Refused before reading when the client announces too much; 19+ digits is
-        # beyond any sane size (and beyond int64).
-        if (
-            declared is not None
-            and declared.isdigit()
-            and (len(declared) > 18 or int(declared) > self.max_body_bytes)
-        ):
-            raise PayloadTooLarge(max_bytes=self.max_body_bytes)
+        # Refused before reading when the client announces too much.
+        declared_length(scope, self.max_body_bytes)
         return await read_body(receive, self.max_body_bytes)
 
     async def _admit(self, scope: Scope, route: _Compiled, key: str, me: object) -> None:
@@ -988,14 +982,9 @@ class SignatureMiddleware:
                 intent.remember = False
             raise
         except Exception as exc:
-            self.logger.warning(
-                "replay cache unavailable for %r (%s) [request_id=%s]: %s",
-                route.pattern,
-                self.on_store_error,
-                ensure_request_id(scope),
-                type(exc).__name__,
-            )
-            if self.on_store_error == "deny":
+            try:
+                self._policy.failed(exc, ensure_request_id(scope))
+            except ServiceUnavailable as unavailable:
                 if intent is not None:
                     intent.remember = False
                 else:
@@ -1003,9 +992,7 @@ class SignatureMiddleware:
                     # noted, so the retry of this delivery reaching this process is not
                     # refused as a replay of it.
                     self._hold(scope, key, False, window, None)
-                # Same answer as the idempotency layer's: the store's breaker lets a trial
-                # call through after about a second, so that is when a retry may succeed.
-                raise ServiceUnavailable(retry_after=1.0) from None
+                raise unavailable from None
             if intent is not None:
                 if intent.owner is None:
                     intent.owner = me

@@ -5,12 +5,15 @@ Both run the work under a deadline, so work that overruns its budget is *cancell
 cancellation that comes from outside (server shutdown, an enclosing timeout) is never
 mistaken for this timeout and always propagates.
 
-On asyncio ``TimeoutMiddleware`` uses the standard library's ``asyncio.timeout_at`` (a
-public API, about half the per-request cost of an anyio cancel scope with a deadline);
-on trio it uses an anyio cancel scope. On asyncio the work is cancelled once at the
-deadline, so an app that swallows the cancellation keeps running, as it would under
-``asyncio.timeout`` or ``asyncio.wait_for``; anyio shielded scopes in the app's cleanup
-are honoured.
+On asyncio ``TimeoutMiddleware`` keeps no timer per request: one deadline sweep (per
+middleware and event loop) holds the requests in flight, one queue per budget (deadlines
+in a queue are in arrival order), and a single loop timer set to the earliest deadline
+cancels the overdue requests' tasks through ``Task.cancel``/``Task.uncancel``, as
+``asyncio.timeout`` does (a timer handle per request was the largest single cost of the
+served stack, more so under uvloop, where each handle is a libuv timer). On trio it uses
+an anyio cancel scope. On asyncio the work is cancelled once at the deadline, so an app
+that swallows the cancellation keeps running, as it would under ``asyncio.timeout`` or
+``asyncio.wait_for``; anyio shielded scopes in the app's cleanup are honoured.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
+from asgi_armor import _checks
 from asgi_armor._asgi import scope_state
 from asgi_armor.errors import ConfigError, RequestTimeout, ensure_request_id, send_error
 from asgi_armor.routes import RouteMap, target
@@ -43,14 +48,6 @@ _anyio_time = anyio.current_time
 DEADLINE_KEY = "deadline"
 #: ``scope["state"]`` key holding the clock the deadline is expressed on.
 DEADLINE_CLOCK_KEY = "armor_deadline_clock"
-
-
-def _check_seconds(seconds: object, entry: str) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise ConfigError(f"{entry}: {seconds!r} is not a number of seconds")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{entry}: {seconds!r} must be a finite number of seconds > 0")
-    return float(seconds)
 
 
 async def with_timeout(
@@ -101,10 +98,78 @@ def remaining(scope: Scope) -> float | None:
     return max(0.0, deadline - clock())
 
 
+class _Entry:
+    """One request under a sweep: its deadline, its task, and how it ended."""
+
+    __slots__ = ("cancelling", "deadline", "expired", "queue", "task")
+
+    def __init__(
+        self, deadline: float, task: asyncio.Task[object], queue: dict[_Entry, None]
+    ) -> None:
+        self.deadline = deadline
+        self.task = task
+        self.queue = queue
+        # Cancellations already requested when the request started: ours is one more, and
+        # only ours is turned into the timeout (asyncio.timeout's rule).
+        self.cancelling = task.cancelling()
+        self.expired = False
+
+
+class _Sweep:
+    """The requests in flight on one event loop and the one timer that cancels the overdue."""
+
+    __slots__ = ("_at", "_handle", "loop", "queues")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        # One queue per budget, so each is in deadline order; dicts, so a request that
+        # ends removes itself in O(1) wherever it is.
+        self.queues: dict[float, dict[_Entry, None]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = math.inf
+
+    def add(self, budget: float, task: asyncio.Task[object]) -> _Entry:
+        queue = self.queues.get(budget)
+        if queue is None:
+            queue = self.queues[budget] = {}
+        entry = _Entry(self.loop.time() + budget, task, queue)
+        queue[entry] = None
+        if entry.deadline < self._at:
+            self._schedule(entry.deadline)
+        return entry
+
+    def _schedule(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = when
+        self._handle = self.loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        self._at = math.inf
+        now = self.loop.time()
+        following = math.inf
+        for budget, queue in list(self.queues.items()):
+            overdue: list[_Entry] = []
+            for entry in queue:
+                if entry.deadline > now:
+                    following = min(following, entry.deadline)
+                    break
+                overdue.append(entry)
+            for entry in overdue:
+                del queue[entry]
+                entry.expired = True
+                entry.task.cancel()
+            if not queue:
+                del self.queues[budget]
+        if following < math.inf:
+            self._schedule(following)
+
+
 class TimeoutMiddleware:
     """Give each request a time budget; answer 504 or abort the connection when it runs out.
 
-    The app runs under a deadline (``asyncio.timeout_at`` on asyncio, an anyio cancel
+    The app runs under a deadline (the loop's deadline sweep on asyncio, an anyio cancel
     scope on trio), reading the request body included (a slow upload is bounded too).
     When the deadline passes:
 
@@ -148,11 +213,12 @@ class TimeoutMiddleware:
             except (TypeError, ValueError):
                 msg = f"timeout routes: {entry!r} is not a (route, seconds) pair"
                 raise ConfigError(msg) from None
-            checked.append((pattern, _check_seconds(seconds, f"timeout {pattern!r}")))
+            checked.append((pattern, _checks.seconds(seconds, f"timeout {pattern!r}")))
         self.app = app
         self.routes: RouteMap[float] = RouteMap(checked)
-        self.default = None if default is None else _check_seconds(default, "timeout default")
+        self.default = None if default is None else _checks.seconds(default, "timeout default")
         self.clock = clock
+        self._sweep: _Sweep | None = None
 
     def budget_for(self, method: str, path: str) -> float | None:
         """The budget in seconds for a request, or None when it has none."""
@@ -194,19 +260,35 @@ class TimeoutMiddleware:
                 response_complete = True
             await send(message)
 
-        if loop is not None:
-            timeout = asyncio.timeout_at(loop.time() + budget)
+        task = None if loop is None else asyncio.current_task(loop)
+        if loop is not None and task is not None:
+            sweep = self._sweep
+            if sweep is None or sweep.loop is not loop:
+                # One sweep per middleware and event loop: a middleware serves one loop
+                # (a new one, in tests, replaces the old sweep and lets its loop go).
+                sweep = self._sweep = _Sweep(loop)
+            entry = sweep.add(budget, task)
             try:
-                async with timeout:
-                    await self.app(scope, receive, send_tracking)
-            except TimeoutError:
-                if not timeout.expired():
-                    raise  # the app's own TimeoutError, not our deadline
+                await self.app(scope, receive, send_tracking)
+            except asyncio.CancelledError:
+                # Ours only when the sweep cancelled this task and no one else did too.
+                if not (entry.expired and task.uncancel() <= entry.cancelling):
+                    raise
+                entry.expired = False  # uncancelled already
+                timed_out = True
             except Exception:
-                if not timeout.expired():
+                if not entry.expired:
                     raise
                 self._log_cleanup_failure(scope)
-            timed_out = timeout.expired()
+                timed_out = True
+            else:
+                timed_out = entry.expired
+            finally:
+                entry.queue.pop(entry, None)
+            if entry.expired:
+                # The app swallowed our cancellation (or failed while cleaning up):
+                # take it back, as asyncio.timeout does on exit.
+                task.uncancel()
         else:
             cancel_scope = anyio.CancelScope(deadline=anyio.current_time() + budget)
             try:

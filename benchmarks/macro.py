@@ -418,10 +418,18 @@ def load_generator() -> str:
 
 
 def run_all(
-    *, duration: float = 5.0, rounds: int = 3, connections: int = 32, warmup: float = 1.0
+    *,
+    duration: float = 5.0,
+    rounds: int = 3,
+    connections: int = 32,
+    warmup: float = 1.0,
+    only: set[str] | None = None,
 ) -> dict[str, Any]:
-    """Every variant, ``rounds`` times; returns the per-variant numbers and the setup."""
+    """Every variant (or those whose key is in ``only``), ``rounds`` times; returns the
+    per-variant numbers and the setup."""
     variants = [Variant(*spec) for spec in VARIANTS]
+    if only is not None:
+        variants = [v for v in variants if v.key in only]
     prefix_base = f"armorbench{os.getpid()}:"
     with redis_server() as redis_info:
         active = [v for v in variants if v.store == "memory" or redis_info is not None]
@@ -510,3 +518,26 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
             row["monitor"] = variant.redis.get("monitor", {})
         rows.append(row)
     return rows
+
+
+def _main() -> None:
+    """``python benchmarks/macro.py [--only KEY,KEY] [--rounds N] [--duration S]``: some
+    variants alone, ratios to their bare app printed (keys: ``starlette-armor-memory``...)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    args = parser.parse_args()
+    only = {key.strip() for key in args.only.split(",") if key.strip()} or None
+    result = run_all(duration=args.duration, rounds=args.rounds, only=only)
+    for row in summarize(result):
+        print(
+            f"{row['label']:<40} {row['rps']:9.0f} req/s  x{row['vs_bare']:.2f} of bare  "
+            f"runs {[round(r) for r in row['rps_runs']]}"
+        )
+
+
+if __name__ == "__main__":
+    _main()

@@ -1009,24 +1009,33 @@ def run_all(*, quick: bool = False) -> list[Row]:
 
 
 def _main() -> None:
-    """``python benchmarks/micro.py idempotency|redis [--quick]``: that one group alone."""
+    """``python benchmarks/micro.py GROUP [--quick]``: one group alone (``make bench`` runs all)."""
     parser = argparse.ArgumentParser(description=_main.__doc__)
-    parser.add_argument("group", choices=["idempotency", "redis"])
+    parser.add_argument(
+        "group", choices=["ratelimit", "breaker", "validation", "idempotency", "layers", "redis"]
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.group == "redis":
-        rows = redis_concurrency(3 if args.quick else 5, 1000 if args.quick else 4000)
-        for row in rows:
+        for row in redis_concurrency(3 if args.quick else 5, 1000 if args.quick else 4000):
             print(
                 f"{row['case']:<84} {row['ns'] / 1000:8.1f} us wall"
                 f" {row['cpu_ns'] / 1000:7.1f} us CPU  ±{row['spread'] * 50:.0f}%"
             )
         return
-    repeats, n = (3, 500) if args.quick else (9, 4000)
-    cases = _idempotency_cases(n, n * (repeats + 1) + 1)
-    results = run_async_group(cases, repeats=repeats, target=0.0)
-    rows = _rows("middleware", results, dict.fromkeys(results, "asgi_armor"))
-    rows += idempotency_latency(300 if args.quick else 2000)
+    repeats, target = (3, 0.01) if args.quick else (9, 0.06)
+    n = 500 if args.quick else 4000
+    if args.group == "idempotency":
+        cases = _idempotency_cases(n, n * (repeats + 1) + 1)
+        results = run_async_group(cases, repeats=repeats, target=0.0)
+        rows = _rows("middleware", results, dict.fromkeys(results, "asgi_armor"))
+        rows += idempotency_latency(300 if args.quick else 2000)
+    elif args.group == "layers":
+        rows = layers(repeats, n)
+    else:
+        rows = {"ratelimit": ratelimit, "breaker": breaker, "validation": validation}[args.group](
+            repeats, target
+        )
     for row in rows:
         print(f"{row['case']:<66} {row['ns'] / 1000:8.2f} us  ±{row['spread'] * 50:.0f}%")
 

@@ -235,10 +235,10 @@ async def test_empty_components() -> None:
         ((fetch_user, None, 1.0, "x"), "must be \\(fn, fallback\\)"),
         ([fetch_user, None], "must be \\(fn, fallback\\)"),
         ((42, None), "neither callable nor awaitable"),
-        ((fetch_user, None, 0), "timeout must be > 0"),
-        ((fetch_user, None, -1.0), "timeout must be > 0"),
-        ((fetch_user, None, "1"), "timeout must be > 0"),
-        ((fetch_user, None, float("nan")), "timeout must be > 0"),
+        ((fetch_user, None, 0), "timeout must be a positive number"),
+        ((fetch_user, None, -1.0), "timeout must be a positive number"),
+        ((fetch_user, None, "1"), "timeout must be a positive number"),
+        ((fetch_user, None, float("nan")), "timeout must be a positive number"),
     ],
 )
 async def test_malformed_components_fail_before_anything_runs(component: Any, message: str) -> None:
@@ -255,7 +255,7 @@ async def test_malformed_components_fail_before_anything_runs(component: Any, me
 
 
 async def test_default_timeout_is_validated() -> None:
-    with pytest.raises(ConfigError, match="timeout must be > 0"):
+    with pytest.raises(ConfigError, match="timeout must be a positive number"):
         await gather_partial({"a": (fetch_user, None)}, timeout=0)
 
 

@@ -13,7 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["EPSILON", "decide", "remaining", "reset_after", "retry_after", "spec"]
+__all__ = [
+    "EPSILON",
+    "decide",
+    "most_restrictive",
+    "remaining",
+    "reset_after",
+    "retry_after",
+    "spec",
+]
 
 #: Slack for float rounding, so ten 6-second tokens fit a 60-second tolerance.
 EPSILON = 1e-6
@@ -77,3 +85,30 @@ def retry_after(tat: float, now: float, interval: float, tolerance: float, cost:
     """Seconds until ``cost`` tokens are available (0 when they are now)."""
     wait = max(tat, now) + cost * interval - tolerance - now
     return wait if wait > EPSILON else 0.0
+
+
+def most_restrictive(
+    allowed: bool,
+    remainings: Sequence[int],
+    reset_afters: Sequence[float],
+    retry_afters: Sequence[float],
+) -> int:
+    """Index of the bucket a response reports, among those decided together.
+
+    Denied: the bucket with the longest wait (``retry_afters``, the others may be empty).
+    Allowed: the one with the fewest tokens left, ties going to the one that takes longest
+    to refill (``remainings`` and ``reset_afters``).
+    """
+    best = 0
+    if allowed:
+        for index in range(1, len(remainings)):
+            left = remainings[index]
+            if left < remainings[best] or (
+                left == remainings[best] and reset_afters[index] > reset_afters[best]
+            ):
+                best = index
+    else:
+        for index in range(1, len(retry_afters)):
+            if retry_afters[index] > retry_afters[best]:
+                best = index
+    return best

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from asgi_armor.ratelimit import bucket
 from asgi_armor.ratelimit.bucket import EPSILON
 
 if TYPE_CHECKING:
@@ -36,7 +37,9 @@ __all__ = [
     "RESET",
     "RETRY_AFTER",
     "decision_headers",
+    "fields",
     "most_restrictive",
+    "named",
     "policy_item",
     "ratelimit_item",
     "sf_string",
@@ -54,6 +57,21 @@ PARAM_QUOTA = "q"
 PARAM_WINDOW = "w"
 PARAM_REMAINING = "r"
 PARAM_RESET = "t"
+
+_LIMIT = LIMIT.lower().encode()
+_REMAINING = REMAINING.lower().encode()
+_RESET = RESET.lower().encode()
+_POLICY = POLICY.lower().encode()
+_RATELIMIT = RATELIMIT.lower().encode()
+_R = PARAM_REMAINING.encode()
+_T = PARAM_RESET.encode()
+_NAMES = {
+    _LIMIT: LIMIT,
+    _REMAINING: REMAINING,
+    _RESET: RESET,
+    _POLICY: POLICY,
+    _RATELIMIT: RATELIMIT,
+}
 
 
 def sf_string(value: str) -> str:
@@ -83,28 +101,46 @@ def policy_item(name: str, rate: Rate) -> str:
 
 def ratelimit_item(name: str, remaining: int, reset_after: float) -> str:
     """One ``RateLimit`` list member: ``"name";r=<remaining>;t=<seconds until full>``."""
-    return (
-        f"{sf_string(name)};{PARAM_REMAINING}={remaining};"
-        f"{PARAM_RESET}={whole_seconds(reset_after)}"
-    )
+    return _ratelimit_value(sf_string(name).encode(), b"%d" % remaining, reset_after).decode()
+
+
+def _ratelimit_value(name: bytes, remaining: bytes, reset_after: float) -> bytes:
+    return b"%s;%s=%s;%s=%d" % (name, _R, remaining, _T, whole_seconds(reset_after))
 
 
 def most_restrictive(decisions: Sequence[Decision]) -> int:
     """Index of the layer to report: the denying one with the longest wait, else the one
     with the fewest tokens left (ties: the one that takes longest to refill)."""
-    best = 0
     if decisions[0].allowed:
-        for index, decision in enumerate(decisions):
-            chosen = decisions[best]
-            if decision.remaining < chosen.remaining or (
-                decision.remaining == chosen.remaining and decision.reset_after > chosen.reset_after
-            ):
-                best = index
-    else:
-        for index, decision in enumerate(decisions):
-            if decision.retry_after > decisions[best].retry_after:
-                best = index
-    return best
+        return bucket.most_restrictive(
+            True, [d.remaining for d in decisions], [d.reset_after for d in decisions], ()
+        )
+    return bucket.most_restrictive(False, (), (), [d.retry_after for d in decisions])
+
+
+def fields(
+    limit: bytes, remaining: int, reset_after: float, wall: float, policy: bytes, name: bytes
+) -> list[tuple[bytes, bytes]]:
+    """The rate-limit header fields of the reported bucket, as ASGI (lower-case) headers.
+
+    Args:
+        limit: the bucket depth, as digits.
+        remaining: whole tokens left.
+        reset_after: seconds until the bucket is full again.
+        wall: the current Unix time; used only to express ``X-RateLimit-Reset``.
+        policy: the ``RateLimit-Policy`` value (``b""``: none is sent).
+        name: the reported policy's name as an sf-string (``sf_string(name)``).
+    """
+    left = b"%d" % remaining
+    raw = [
+        (_LIMIT, limit),
+        (_REMAINING, left),
+        (_RESET, b"%d" % math.ceil(wall + reset_after)),
+    ]
+    if policy:
+        raw.append((_POLICY, policy))
+    raw.append((_RATELIMIT, _ratelimit_value(name, left, reset_after)))
+    return raw
 
 
 def decision_headers(decisions: Sequence[Decision], wall: float) -> dict[str, str]:
@@ -115,13 +151,18 @@ def decision_headers(decisions: Sequence[Decision], wall: float) -> dict[str, st
         wall: the current Unix time; used only to express ``X-RateLimit-Reset``.
     """
     chosen = decisions[most_restrictive(decisions)]
-    headers = {
-        LIMIT: str(chosen.limit),
-        REMAINING: str(chosen.remaining),
-        RESET: str(math.ceil(wall + chosen.reset_after)),
-    }
     policies = [policy_item(d.policy, d.rate) for d in decisions if d.rate is not None]
-    if policies:
-        headers[POLICY] = ", ".join(policies)
-    headers[RATELIMIT] = ratelimit_item(chosen.policy, chosen.remaining, chosen.reset_after)
-    return headers
+    raw = fields(
+        str(chosen.limit).encode(),
+        chosen.remaining,
+        chosen.reset_after,
+        wall,
+        ", ".join(policies).encode(),
+        sf_string(chosen.policy).encode(),
+    )
+    return named(raw)
+
+
+def named(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """``fields``' headers keyed by their canonical names (``X-RateLimit-Limit``, ...)."""
+    return {_NAMES[name]: value.decode() for name, value in raw}

@@ -8,11 +8,14 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from asgi_armor.errors import ConfigError, RateLimited, ServiceUnavailable
+from asgi_armor import _checks
+from asgi_armor._store_policy import StorePolicy
+from asgi_armor.errors import RateLimited
 from asgi_armor.ratelimit import bucket
 from asgi_armor.ratelimit.headers import decision_headers, whole_seconds
 from asgi_armor.ratelimit.rate import Rate
 from asgi_armor.stores.base import BucketSpec, OnStoreError, RateLimitStore, StoreError, make_key
+from asgi_armor.stores.memory import MemoryStore
 
 __all__ = ["Decision", "Item", "RateLimiter", "check_cost", "rate_limited"]
 
@@ -58,9 +61,7 @@ def check_cost(cost: int, rate: Rate, what: str = "cost") -> None:
     Raises:
         ValueError: ``cost`` is negative, not an int, or more than the bucket holds.
     """
-    value: object = cost
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be a whole number >= 0, not {cost!r}")
+    _checks.count(cost, what, minimum=0, error=ValueError)
     if cost > rate.capacity:
         raise ValueError(
             f"{what} {cost} exceeds the burst of {rate} ({rate.capacity}): "
@@ -85,16 +86,7 @@ class RateLimiter:
         ConfigError: ``on_store_error`` is not ``"allow"`` or ``"deny"``.
     """
 
-    __slots__ = (
-        "_last_warning",
-        "_policies",
-        "clock",
-        "logger",
-        "on_store_error",
-        "store",
-        "store_errors",
-        "warn_every",
-    )
+    __slots__ = ("_policies", "_take", "policy", "store")
 
     def __init__(
         self,
@@ -105,15 +97,18 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger = logger,
     ) -> None:
-        if on_store_error not in ("allow", "deny"):
-            raise ConfigError(f"on_store_error: {on_store_error!r} is not 'allow' or 'deny'")
+        self.policy = StorePolicy(
+            on_store_error,
+            what="rate-limit store",
+            allowing="allowing requests",
+            denying="denying requests",
+            logger=logger,
+            warn_every=warn_every,
+            clock=clock,
+        )
         self.store = store
-        self.on_store_error: OnStoreError = on_store_error
-        self.warn_every = warn_every
-        self.clock = clock
-        self.logger = logger
-        self.store_errors = 0
-        self._last_warning = -float("inf")
+        # A MemoryStore decides in this process: called directly, no coroutine to await.
+        self._take = store.take if type(store) is MemoryStore else None
         self._policies: dict[tuple[Rate | str, str | None], _Policy] = {}
 
     async def take(
@@ -142,18 +137,17 @@ class RateLimiter:
         Raises:
             ServiceUnavailable: ``on_store_error`` is ``"deny"``.
         """
-        self.store_errors += 1
-        now = self.clock()
-        if now - self._last_warning >= self.warn_every:
-            self._last_warning = now
-            self.logger.warning(
-                "rate-limit store failed (%s so far), %s requests: %s",
-                self.store_errors,
-                "allowing" if self.on_store_error == "allow" else "denying",
-                exc,
-            )
-        if self.on_store_error == "deny":
-            raise ServiceUnavailable(retry_after=1.0) from exc
+        self.policy.failed(exc)
+
+    @property
+    def on_store_error(self) -> OnStoreError:
+        """``"allow"`` or ``"deny"``: what a store failure does to the request."""
+        return self.policy.on_store_error
+
+    @property
+    def store_errors(self) -> int:
+        """Store failures so far."""
+        return self.policy.failures
 
     async def hit(
         self,
@@ -193,9 +187,13 @@ class RateLimiter:
             check_cost(cost, parsed)
         store_key = prefix + key if len(key) <= _SHORT else make_key("rl", name, key)
         try:
-            allowed, now, tats = await self.store.hit_buckets(
-                [store_key], [(interval, tolerance)], cost
-            )
+            take = self._take
+            if take is not None:
+                allowed, now, tats = take([store_key], [(interval, tolerance)], cost)
+            else:
+                allowed, now, tats = await self.store.hit_buckets(
+                    [store_key], [(interval, tolerance)], cost
+                )
         except StoreError as exc:
             self.store_failed(exc)
             # Fail open: the store's state is unknown, so report the bucket as untouched.

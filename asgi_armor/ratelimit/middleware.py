@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, cast
@@ -33,16 +31,10 @@ from asgi_armor.ratelimit.rules import (
 )
 from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
+from asgi_armor.stores.memory import MemoryStore
 
 __all__ = ["RateLimitMiddleware"]
 
-_LIMIT = h.LIMIT.lower().encode()
-_REMAINING = h.REMAINING.lower().encode()
-_RESET = h.RESET.lower().encode()
-_POLICY = h.POLICY.lower().encode()
-_RATELIMIT = h.RATELIMIT.lower().encode()
-_RESET_PARAM = f";{h.PARAM_RESET}=".encode()
-_EPSILON = bucket.EPSILON
 # A value this short is at most 64 UTF-8 bytes, so make_key would keep it as it is.
 _SHORT = 16
 # Route matching results kept per (method, path): at most this many, of short paths only,
@@ -66,8 +58,8 @@ class _Compiled:
         "param",
         "policy_item",
         "prefix",
-        "ratelimit_prefix",
         "rule",
+        "sf_name",
         "store_spec",
         "tolerance",
     )
@@ -86,7 +78,7 @@ class _Compiled:
         self.capacity = rule.rate.capacity
         self.limit_bytes = str(self.capacity).encode()
         self.policy_item = h.policy_item(rule.name, rule.rate).encode()
-        self.ratelimit_prefix = f"{h.sf_string(rule.name)};{h.PARAM_REMAINING}=".encode()
+        self.sf_name = h.sf_string(rule.name).encode()
 
 
 class _Plan:
@@ -188,13 +180,13 @@ class RateLimitMiddleware:
         self._routes: RouteMap[_Compiled] = RouteMap(compiled)
         self._matches: dict[tuple[str, str], _Plan | None] = {}
         self._exempt: RouteMap[None] | None = RouteMap((e, None) for e in exempt) or None
-        from asgi_armor.stores.memory import MemoryStore  # here: stores import ratelimit.bucket
-
         self.limiter = RateLimiter(
             MemoryStore() if store is None else store, on_store_error=on_store_error
         )
         self.store = self.limiter.store
         self._hit_buckets = self.store.hit_buckets
+        # A MemoryStore decides in this process: called directly, no coroutine to await.
+        self._take = self.store.take if type(self.store) is MemoryStore else None
         self._client_ip = client_ip if client_ip is not None else ClientIP(trusted_proxies)
         self.ipv6_prefix = check_ipv6_prefix(ipv6_prefix)
         self._identify = identify
@@ -269,7 +261,11 @@ class RateLimitMiddleware:
         specs = plan.specs
 
         try:
-            allowed, now, tats = await self._hit_buckets(keys, specs, 1)
+            take = self._take
+            if take is not None:
+                allowed, now, tats = take(keys, specs, 1)
+            else:
+                allowed, now, tats = await self._hit_buckets(keys, specs, 1)
         except StoreError as exc:
             try:
                 self.limiter.store_failed(exc)
@@ -285,60 +281,45 @@ class RateLimitMiddleware:
             await send_error(scope, send, exc)
             return
 
-        # The layer to report: the denying one with the longest wait, else the fewest left.
-        best = rules[0]
-        best_tat = tats[0]
-        retry = 0.0
+        # The layer to report, by the one rule (ratelimit.bucket.most_restrictive).
+        count = len(tats)
         if allowed:
-            best_remaining = sys.maxsize
-            for index in range(len(tats)):
-                rule = rules[index]
-                tat = tats[index]
-                debt = tat - now if tat > now else 0.0
-                left = math.floor((rule.tolerance - debt) / rule.interval + _EPSILON)
-                if left < best_remaining or (left == best_remaining and tat > best_tat):
-                    best, best_tat, best_remaining = rule, tat, left
+            lefts = [
+                bucket.remaining(tats[i], now, rules[i].interval, rules[i].tolerance)
+                for i in range(count)
+            ]
+            resets = [tat - now if tat > now else 0.0 for tat in tats]
+            index = 0 if count == 1 else bucket.most_restrictive(True, lefts, resets, ())
+            best = rules[index]
+            left, reset_after = lefts[index], resets[index]
         else:
-            retry = -1.0
-            for index in range(len(tats)):
-                rule = rules[index]
-                tat = tats[index]
-                wait = (tat if tat > now else now) + rule.store_spec[0] - rule.tolerance - now
-                if wait > retry:
-                    best, best_tat, retry = rule, tat, wait
-            best_remaining = bucket.remaining(best_tat, now, best.interval, best.tolerance)
-        if best_remaining < 0:
-            best_remaining = 0
-        reset_after = best_tat - now if best_tat > now else 0.0
-
-        if not allowed:
+            waits = [
+                bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(count)
+            ]
+            index = bucket.most_restrictive(False, (), (), waits)
+            best = rules[index]
+            left = bucket.remaining(tats[index], now, best.interval, best.tolerance)
+            reset_after = bucket.reset_after(tats[index], now)
             extra: dict[str, str] = {}
             if self.headers:
-                extra = {
-                    h.LIMIT: str(best.capacity),
-                    h.REMAINING: str(best_remaining),
-                    h.RESET: str(math.ceil(self._wall_clock() + reset_after)),
-                    h.POLICY: plan.policy.decode(),
-                    h.RATELIMIT: h.ratelimit_item(best.rule.name, best_remaining, reset_after),
-                }
-            await send_error(scope, send, RateLimited(h.whole_seconds(retry), headers=extra))
+                extra = h.named(
+                    h.fields(
+                        best.limit_bytes,
+                        left,
+                        reset_after,
+                        self._wall_clock(),
+                        plan.policy,
+                        best.sf_name,
+                    )
+                )
+            await send_error(scope, send, RateLimited(h.whole_seconds(waits[index]), headers=extra))
             return
         if not self.headers:
             await self.app(scope, receive, send)
             return
-
-        remaining_bytes = b"%d" % best_remaining
-        reset_seconds = math.ceil(reset_after - _EPSILON) if reset_after > _EPSILON else 0
-        added = [
-            (_LIMIT, best.limit_bytes),
-            (_REMAINING, remaining_bytes),
-            (_RESET, b"%d" % math.ceil(self._wall_clock() + reset_after)),
-            (_POLICY, plan.policy),
-            (
-                _RATELIMIT,
-                b"%s%s%s%d" % (best.ratelimit_prefix, remaining_bytes, _RESET_PARAM, reset_seconds),
-            ),
-        ]
+        added = h.fields(
+            best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
+        )
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] in _HEADED:

@@ -8,6 +8,7 @@ import re
 
 import msgspec
 
+from asgi_armor import _checks
 from asgi_armor.errors import ConfigError
 from asgi_armor.ratelimit import bucket
 
@@ -60,15 +61,10 @@ class Rate(msgspec.Struct, frozen=True, omit_defaults=True):
     burst: int | None = None
 
     def __post_init__(self) -> None:
-        if not _whole(self.limit):
-            raise ValueError(f"rate limit must be a whole number >= 1, not {self.limit!r}")
-        period: object = self.period
-        if isinstance(period, bool) or not (
-            isinstance(period, int | float) and 0 < period < math.inf
-        ):
-            raise ValueError(f"rate period must be a positive number of seconds, not {period!r}")
-        if self.burst is not None and not _whole(self.burst):
-            raise ValueError(f"rate burst must be a whole number >= 1, not {self.burst!r}")
+        _checks.count(self.limit, "rate limit", error=ValueError)
+        _checks.seconds(self.period, "rate period", error=ValueError)
+        if self.burst is not None:
+            _checks.count(self.burst, "rate burst", error=ValueError)
 
     @classmethod
     def parse(cls, text: str | Rate) -> Rate:
@@ -106,11 +102,6 @@ class Rate(msgspec.Struct, frozen=True, omit_defaults=True):
         unit = _CANONICAL.get(self.period)
         text = f"{self.limit}/{unit}" if unit is not None else f"{self.limit}/{self.period:g}s"
         return text if self.burst is None else f"{text} burst {self.burst}"
-
-
-def _whole(value: object) -> bool:
-    """Whether ``value`` is an int >= 1 (bool excluded: ``True`` is not a count)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @functools.lru_cache(maxsize=256)

@@ -19,6 +19,7 @@ import heapq
 import time
 from collections.abc import Callable, Sequence
 
+from asgi_armor import _checks
 from asgi_armor.ratelimit.bucket import decide
 from asgi_armor.stores.base import BucketSpec, StoreError
 
@@ -49,8 +50,7 @@ class MemoryStore:
         max_bytes: int = 64 * 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_keys < 1:
-            raise ValueError("max_keys must be at least 1")
+        _checks.count(max_keys, "max_keys", error=ValueError)
         self.max_keys = max_keys
         self.max_bytes = max_bytes
         self.clock = clock
@@ -71,6 +71,13 @@ class MemoryStore:
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
     ) -> tuple[bool, float, list[float]]:
         """See ``RateLimitStore.hit_buckets``."""
+        return self.take(keys, specs, cost)
+
+    def take(
+        self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
+    ) -> tuple[bool, float, list[float]]:
+        """``hit_buckets`` without the coroutine: the same decision, for callers in this
+        process (the rate limiter and its middleware call it directly on a MemoryStore)."""
         now = self.clock()
         tats = self._tats
         if len(keys) == 1:
