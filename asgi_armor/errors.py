@@ -602,10 +602,7 @@ class ErrorMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            error = armor_error_in(exc)
-            if error is None:
-                log_unhandled(scope, exc, self.logger)
-                error = InternalError()
+            error = self._error_for(scope, exc)
             if response_complete:
                 # A framework already answered (Starlette renders its 500 page, then
                 # re-raises "so servers can log it"): logged above, nothing left to send.
@@ -620,6 +617,14 @@ class ErrorMiddleware:
                 )
                 raise
             await send_error(scope, send, error)
+
+    def _error_for(self, scope: Scope, exc: Exception) -> ArmorError:
+        """The error to answer with: ``exc``'s own, or a logged, opaque internal error."""
+        error = armor_error_in(exc)
+        if error is None:
+            log_unhandled(scope, exc, self.logger)
+            error = InternalError()
+        return error
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A handshake gets a request id; an error before ``websocket.accept`` the envelope."""
@@ -640,10 +645,7 @@ class ErrorMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            error = armor_error_in(exc)
-            if error is None:
-                log_unhandled(scope, exc, self.logger)
-                error = InternalError()
+            error = self._error_for(scope, exc)
             if answered:
                 # Accepted (or refused) already: the server closes the socket on raise.
                 raise

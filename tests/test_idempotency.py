@@ -1719,7 +1719,7 @@ async def test_a_normal_run_logs_nothing(caplog: pytest.LogCaptureFixture) -> No
         ),
         (
             lambda: IdempotencyMiddleware(Backend(), routes=["POST /pay"], ttl=0),
-            "idempotency ttl: 0 must be a positive number of seconds",
+            "idempotency ttl must be a positive number of seconds (finite), not 0",
         ),
         (
             lambda: IdempotencyMiddleware(Backend(), routes=[("POST /pay", {}, 1)]),  # type: ignore[list-item]
@@ -1727,7 +1727,8 @@ async def test_a_normal_run_logs_nothing(caplog: pytest.LogCaptureFixture) -> No
         ),
         (
             lambda: IdempotencyMiddleware(Backend(), routes=[("POST /pay", {"lock_ttl": 0})]),
-            "idempotency route 'POST /pay' lock_ttl: 0.0 must be a positive number of seconds",
+            "idempotency route 'POST /pay' lock_ttl must be a positive number of seconds "
+            "(finite), not 0.0",
         ),
     ],
 )
