@@ -85,7 +85,7 @@ def _close_unstarted(targets: Iterable[object]) -> None:
             target.close()
 
 
-# The ``timeout`` keyword is the documented API (DESIGN 5b); it is applied per component
+# The ``timeout`` keyword is the documented API (docs/degradation.md); it is applied per component
 # with anyio cancel scopes, which is what ASYNC109 asks for.
 async def gather_partial(
     components: Mapping[str, Component],

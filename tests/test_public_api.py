@@ -1,4 +1,4 @@
-"""The public API: DESIGN section 5b's names exist, and every module's ``__all__`` is exact."""
+"""The public API: the documented names exist, and every module's ``__all__`` is exact."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Redis fault injection: the demo stack on a private redis-server that is killed, paused
 (SIGSTOP) and restarted, in-process and under a real uvicorn.
 
-DESIGN section 3 promises: rate limits fail open (no 500, no connect timeout per request:
-the store's breaker opens after 3 failures), idempotency and the webhook replay cache fail
+docs/stores.md promises: rate limits fail open (no 500, no connect timeout per request:
+each concern's breaker opens after 3 failures), idempotency and the webhook replay cache fail
 closed (503 service_unavailable, the handler never runs), store calls are cut at 0.5 s,
 a returning Redis is used again within about a second (scripts reloaded after NOSCRIPT),
 and nothing leaks (connections on the server, tasks on the loop).
