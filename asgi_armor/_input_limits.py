@@ -32,6 +32,9 @@ __all__ = ["InputLimits"]
 
 logger = logging.getLogger("asgi_armor")
 
+# The HTTP versions whose framing bounds the body by its Content-Length (RFC 9112).
+_FRAMED_VERSIONS = frozenset({"1.0", "1.1"})
+
 # --------------------------------------------------------------------------------------
 # InputLimits
 # --------------------------------------------------------------------------------------
@@ -157,20 +160,57 @@ class InputLimits:
                 return PayloadTooLarge(max_bytes=self.max_body_bytes), None, False, None
         return None, length, chunked, content_type
 
+    def admit(self, scope: Scope, json_only: bool) -> bool | None:
+        """Check what the headers tell; raise the rejection, else say how to read the body.
+
+        Args:
+            scope: an http scope.
+            json_only: the request's route is one of ``json_routes``.
+
+        Returns:
+            None when the body needs no counting (HTTP/1 framing bounds it: a
+            ``Content-Length`` within the cap, or no body at all) and there is no
+            ``body_timeout``; else whether the body's content type is acceptable, for
+            :meth:`guard`.
+
+        Raises:
+            ArmorError: 414, 431, 413 or 415.
+        """
+        error, length, chunked, content_type = self._check(scope)
+        if error is not None:
+            raise error
+        json_ok = _is_json_media_type(content_type) if json_only else True
+        if not json_ok and ((length is not None and length > 0) or chunked):
+            raise UnsupportedMediaType()
+        if (
+            chunked
+            or self.body_timeout is not None
+            or scope.get("http_version", "1.1") not in _FRAMED_VERSIONS
+        ):
+            return json_ok
+        # HTTP/1 servers deliver exactly Content-Length bytes, none without it (RFC 9112
+        # section 6.3): there is nothing left to count.
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error, length, chunked, content_type = self._check(scope)
-        if error is not None:
-            await send_error(scope, send, error)
-            return
         json_only = bool(self.json_routes) and (self.json_routes.first(*target(scope)) is not None)
-        json_ok = _is_json_media_type(content_type) if json_only else True
-        if not json_ok and ((length is not None and length > 0) or chunked):
-            await send_error(scope, send, UnsupportedMediaType())
+        try:
+            json_ok = self.admit(scope, json_only)
+        except ArmorError as exc:
+            await send_error(scope, send, exc)
             return
+        if json_ok is None:
+            await self.app(scope, receive, send)
+        else:
+            await self.guard(scope, receive, send, self.app, json_ok)
 
+    async def guard(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, json_ok: bool
+    ) -> None:
+        """Run ``app`` with its body counted as it streams (after :meth:`admit`)."""
         max_body = self.max_body_bytes
         received = 0
         response_started = False
@@ -226,7 +266,7 @@ class InputLimits:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            await app(scope, limited_receive, guarded_send)
         except Exception as exc:
             if not answered:
                 raise

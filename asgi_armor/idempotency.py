@@ -346,19 +346,29 @@ class IdempotencyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method, path = target(scope)
-        matched = self.routes.first(method, path)
+        matched = self.routes.first(*target(scope))
         if matched is None:
             await self.app(scope, receive, send)
-            return
-        config = matched[0]
+        else:
+            await self.run(scope, receive, send, self.app, matched[0])
+
+    def match(self, method: str, path: str) -> _RouteConfig | None:
+        """The idempotent route ``(method, path)`` falls under, or None."""
+        found = self.routes.first(method, path)
+        return None if found is None else found[0]
+
+    async def run(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, config: _RouteConfig
+    ) -> None:
+        """Answer from the record of the request's key, or run ``app`` once and record it."""
+        method, path = target(scope)
 
         values = [value for name, value in scope["headers"] if name == self._header_name]
         if not values:
             if config.required:
                 await send_error(scope, send, IdempotencyKeyMissing())
                 return
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         # Several fields are ambiguous: which one would a retry repeat?
         key = parse_idempotency_key(values[0]) if len(values) == 1 else None
@@ -426,11 +436,11 @@ class IdempotencyMiddleware:
             except ServiceUnavailable as unavailable:
                 await send_error(scope, send, unavailable)
                 return
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
 
         if existing is None:
-            await self._run_once(scope, receive, send, config, record_key, lease, fingerprint)
+            await self._run_once(scope, receive, send, app, config, record_key, lease, fingerprint)
             return
         if existing.fingerprint != fingerprint:
             await send_error(scope, send, IdempotencyKeyReused())
@@ -444,6 +454,7 @@ class IdempotencyMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
+        app: ASGIApp,
         config: _RouteConfig,
         record_key: str,
         lease: bytes,
@@ -492,7 +503,7 @@ class IdempotencyMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, capture)
+            await app(scope, receive, capture)
         finally:
             # Decided by the response the client received, not by how the app ended: an
             # app that raises after its complete response (a failing background task, a

@@ -344,7 +344,18 @@ class ConcurrencyLimit:
             self.exempt and self.exempt.first(*target(scope)) is not None
         ):
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.run(scope, receive, send, self.app, None)
+
+    def match(self, method: str, path: str) -> bool | None:
+        """True when shedding applies to ``(method, path)``, None when it is exempt."""
+        return None if self.exempt and self.exempt.first(method, path) is not None else True
+
+    async def run(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, spec: object
+    ) -> None:
+        """Run ``app`` holding a slot, after waiting for one in the queue (or refuse: 503)."""
+        kind = scope["type"]
         limiter = self.limiter
         try:
             await limiter.acquire()
@@ -355,7 +366,7 @@ class ConcurrencyLimit:
             # An open connection holds its slot for as long as it lives; how long it
             # lived says nothing about the app's latency, so it does not feed AIMD.
             try:
-                await self.app(scope, receive, send)
+                await app(scope, receive, send)
             finally:
                 limiter.release(None, dropped=False)
             return
@@ -372,7 +383,7 @@ class ConcurrencyLimit:
         latency: float | None = None
         dropped = False
         try:
-            await self.app(scope, receive, send_status)
+            await app(scope, receive, send_status)
         except Exception:
             latency, dropped = self.clock() - start, True
             raise

@@ -905,8 +905,18 @@ class SignatureMiddleware:
         found = self.routes.first(*target(scope))
         if found is None:
             await self.app(scope, receive, send)
-            return
-        route = found[0]
+        else:
+            await self.run(scope, receive, send, self.app, found[0])
+
+    def match(self, method: str, path: str) -> _Compiled | None:
+        """The signed route ``(method, path)`` falls under, or None."""
+        found = self.routes.first(method, path)
+        return None if found is None else found[0]
+
+    async def run(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, route: _Compiled
+    ) -> None:
+        """Verify the request's signature (and replay id) for ``route``, then run ``app``."""
         me = object()  # this request, as the owner of a replay-cache entry it must settle
         nonce: str | None = None
         try:
@@ -930,7 +940,7 @@ class SignatureMiddleware:
                 return
             scope_state(scope)["signature"] = message
             if nonce is None:
-                await self.app(scope, replay_body(body, receive), send)
+                await app(scope, replay_body(body, receive), send)
                 return
             status = 500
 
@@ -941,7 +951,7 @@ class SignatureMiddleware:
                 await send(reply)
 
             try:
-                await self.app(scope, replay_body(body, receive), watch_status)
+                await app(scope, replay_body(body, receive), watch_status)
             finally:
                 if status >= 500:
                     # The app failed to handle the message: a sender retrying the same

@@ -232,8 +232,13 @@ class TimeoutMiddleware:
         budget = self.budget_for(*target(scope))
         if budget is None:
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.run(scope, receive, send, self.app, budget)
 
+    async def run(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, budget: float
+    ) -> None:
+        """Run ``app`` within ``budget`` seconds (the rules above)."""
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # trio
@@ -269,7 +274,7 @@ class TimeoutMiddleware:
                 sweep = self._sweep = _Sweep(loop)
             entry = sweep.add(budget, task)
             try:
-                await self.app(scope, receive, send_tracking)
+                await app(scope, receive, send_tracking)
             except asyncio.CancelledError:
                 # Ours only when the sweep cancelled this task and no one else did too.
                 if not (entry.expired and task.uncancel() <= entry.cancelling):
@@ -293,7 +298,7 @@ class TimeoutMiddleware:
             cancel_scope = anyio.CancelScope(deadline=anyio.current_time() + budget)
             try:
                 with cancel_scope:
-                    await self.app(scope, receive, send_tracking)
+                    await app(scope, receive, send_tracking)
             except Exception:
                 if not cancel_scope.cancel_called:
                     raise

@@ -154,11 +154,21 @@ async def test_content_length_over_cap_is_413_without_reading() -> None:
 
 
 async def call(
-    app: Any, headers: list[tuple[bytes, bytes]], chunks: list[bytes], *, path: str = "/"
+    app: Any,
+    headers: list[tuple[bytes, bytes]],
+    chunks: list[bytes],
+    *,
+    path: str = "/",
+    http_version: str = "2",
 ) -> tuple[list[Message], list[int]]:
-    """Drive ``app`` by hand: every ``chunks`` item is one http.request message."""
+    """Drive ``app`` by hand: every ``chunks`` item is one http.request message.
+
+    HTTP/2 by default: its body is framed by DATA frames, not headers, so these bodies
+    may disagree with their headers as the tests need.
+    """
     scope: Scope = {
         "type": "http",
+        "http_version": http_version,
         "method": "POST",
         "path": path,
         "raw_path": path.encode(),
@@ -240,7 +250,8 @@ async def test_huge_content_length_digits_are_413() -> None:
 
 
 @pytest.mark.anyio
-async def test_lying_content_length_is_cut_off_at_the_cap() -> None:
+async def test_lying_content_length_is_cut_off_at_the_cap_under_http2() -> None:
+    # HTTP/2 frames a body by its DATA frames, not by Content-Length: the body is counted.
     app = Recorder()
     chunks = [b"x" * 300] * 10  # 3000 bytes behind a Content-Length of 10
     sent, pulled = await call(armored(app), [(b"content-length", b"10")], chunks)
@@ -251,6 +262,43 @@ async def test_lying_content_length_is_cut_off_at_the_cap() -> None:
     assert (b"x-request-id", body["request_id"].encode()) in sent[0]["headers"]
     assert app.seen == 900  # three chunks; the fourth would pass 1000 and is withheld
     assert len(pulled) == 4  # nothing read past the chunk that crossed the cap
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+async def test_http1_body_within_its_content_length_is_not_recounted(version: str) -> None:
+    # HTTP/1 framing (RFC 9112 section 6.3) bounds the body by its Content-Length: the
+    # server delivers exactly that many bytes, so the app reads the server's own receive.
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        seen.append(receive)
+        await Recorder()(scope, receive, send)
+
+    limits = InputLimits(app, max_body_bytes=CAP)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"x" * 10, "more_body": False}
+
+    scope: Scope = {
+        "type": "http",
+        "http_version": version,
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-length", b"10")],
+    }
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await limits(scope, receive, send)
+    assert seen == [receive]
+    assert sent[0]["status"] == 200
+    # Chunked, or with a body timeout, the body is counted whatever the version.
+    seen.clear()
+    await InputLimits(app, max_body_bytes=CAP, body_timeout=5)(scope, receive, send)
+    assert seen[0] is not receive
 
 
 @pytest.mark.anyio

@@ -9,13 +9,7 @@ from typing import Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix, ipv6_group
-from asgi_armor.errors import (
-    ConfigError,
-    Overloaded,
-    RateLimited,
-    ServiceUnavailable,
-    send_error,
-)
+from asgi_armor.errors import ArmorError, ConfigError, RateLimited, send_error
 from asgi_armor.identity import Identify, principal
 from asgi_armor.ratelimit import bucket
 from asgi_armor.ratelimit import headers as h
@@ -199,13 +193,16 @@ class RateLimitMiddleware:
         # Only IPv6 (and IPv4-mapped) text has a colon: IPv4 costs this test alone.
         return ipv6_group(ip, self.ipv6_prefix) if ":" in ip else ip
 
-    def _plan(self, method: str, path: str) -> _Plan | None:
+    def match(self, method: str, path: str) -> _Plan | None:
         """The plan for ``(method, path)``: None when no rule applies (or it is exempt)."""
-        plan = None
-        if self._exempt is None or self._exempt.first(method, path) is None:
-            matches = self._routes.all(method, path)
-            if matches:
-                plan = _Plan(matches)
+        if self._exempt is not None and self._exempt.first(method, path) is not None:
+            return None
+        matches = self._routes.all(method, path)
+        return _Plan(matches) if matches else None
+
+    def _plan(self, method: str, path: str) -> _Plan | None:
+        """:meth:`match`, remembered for short paths."""
+        plan = self.match(method, path)
         if len(path) <= _MATCH_CACHE_PATH:
             cache = self._matches
             if len(cache) >= _MATCH_CACHE:
@@ -225,8 +222,41 @@ class RateLimitMiddleware:
         plan = self._plan(method, path) if found is _MISS else found
         if plan is None:
             await self.app(scope, receive, send)
+        else:
+            await self.run(scope, receive, send, self.app, plan)
+
+    async def run(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, plan: _Plan
+    ) -> None:
+        """Decide ``plan`` for this request; refuse it, or run ``app`` adding the headers."""
+        try:
+            added = await self.check(scope, plan)
+        except ArmorError as exc:
+            await send_error(scope, send, exc)
+            return
+        if added is None:
+            await app(scope, receive, send)
             return
 
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] in _HEADED:
+                message["headers"] = [*message.get("headers", ()), *added]
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    async def check(self, scope: Scope, plan: _Plan) -> list[tuple[bytes, bytes]] | None:
+        """Take a token from every bucket of ``plan`` at once, or none.
+
+        Returns:
+            The rate-limit headers for the response, or None: headers are off, or the
+            store failed and the policy lets the request through.
+
+        Raises:
+            RateLimited: a bucket is empty (``Retry-After`` and the headers included).
+            ServiceUnavailable: the store failed and the policy is ``"deny"``.
+            Overloaded: this process was too busy to ask the store in time.
+        """
         keys: tuple[str, ...] | list[str] = plan.keys
         if plan.dynamic:
             keys = list(keys)
@@ -267,66 +297,51 @@ class RateLimitMiddleware:
             else:
                 allowed, now, tats = await self._hit_buckets(keys, specs, 1)
         except StoreError as exc:
-            try:
-                self.limiter.store_failed(exc)
-            except ServiceUnavailable as unavailable:
-                await send_error(scope, send, unavailable)
-                return
-            # The policy is to let requests through while the store is failing.
-            await self.app(scope, receive, send)
-            return
-        except Overloaded as exc:
-            # This process is too busy to ask the store in time: shed the request (503
-            # overloaded), never the failure policy, which would let it through.
-            await send_error(scope, send, exc)
-            return
+            # Raises ServiceUnavailable when the policy is to refuse; else the request
+            # goes through while the store is failing. Overloaded (this process too busy
+            # to ask the store in time) passes through: shed, never the failure policy.
+            self.limiter.store_failed(exc)
+            return None
 
         # The layer to report, by the one rule (ratelimit.bucket.most_restrictive).
         count = len(tats)
         if allowed:
-            lefts = [
-                bucket.remaining(tats[i], now, rules[i].interval, rules[i].tolerance)
-                for i in range(count)
-            ]
-            resets = [tat - now if tat > now else 0.0 for tat in tats]
-            index = 0 if count == 1 else bucket.most_restrictive(True, lefts, resets, ())
-            best = rules[index]
-            left, reset_after = lefts[index], resets[index]
-        else:
-            waits = [
-                bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(count)
-            ]
-            index = bucket.most_restrictive(False, (), (), waits)
-            best = rules[index]
+            if not self.headers:
+                return None
+            if count == 1:
+                best = rules[0]
+                tat = tats[0]
+                left = bucket.remaining(tat, now, best.interval, best.tolerance)
+                reset_after = tat - now if tat > now else 0.0
+            else:
+                lefts = [
+                    bucket.remaining(tats[i], now, rules[i].interval, rules[i].tolerance)
+                    for i in range(count)
+                ]
+                resets = [tat - now if tat > now else 0.0 for tat in tats]
+                index = bucket.most_restrictive(True, lefts, resets, ())
+                best = rules[index]
+                left, reset_after = lefts[index], resets[index]
+            return h.fields(
+                best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
+            )
+        waits = [bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(count)]
+        index = bucket.most_restrictive(False, (), (), waits)
+        best = rules[index]
+        extra: dict[str, str] = {}
+        if self.headers:
             left = bucket.remaining(tats[index], now, best.interval, best.tolerance)
-            reset_after = bucket.reset_after(tats[index], now)
-            extra: dict[str, str] = {}
-            if self.headers:
-                extra = h.named(
-                    h.fields(
-                        best.limit_bytes,
-                        left,
-                        reset_after,
-                        self._wall_clock(),
-                        plan.policy,
-                        best.sf_name,
-                    )
+            extra = h.named(
+                h.fields(
+                    best.limit_bytes,
+                    left,
+                    bucket.reset_after(tats[index], now),
+                    self._wall_clock(),
+                    plan.policy,
+                    best.sf_name,
                 )
-            await send_error(scope, send, RateLimited(h.whole_seconds(waits[index]), headers=extra))
-            return
-        if not self.headers:
-            await self.app(scope, receive, send)
-            return
-        added = h.fields(
-            best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
-        )
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] in _HEADED:
-                message["headers"] = [*message.get("headers", ()), *added]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+            )
+        raise RateLimited(h.whole_seconds(waits[index]), headers=extra)
 
     def __repr__(self) -> str:
         return f"RateLimitMiddleware(rules={list(self.rules)!r}, store={self.store!r})"
