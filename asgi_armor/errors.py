@@ -445,11 +445,13 @@ def render(
     headers = [
         (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
     ]
     headers.extend(
         (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()
     )
+    # Last, where every layer that adds the id puts it: a rejection reads the same whichever
+    # layer sent it.
+    headers.append((b"x-request-id", request_id.encode()))
     return exc.status, headers, body
 
 

@@ -17,9 +17,10 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
+from asgi_armor._pipeline import Pipeline
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix
 from asgi_armor.config import ArmorConfig, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
@@ -38,6 +39,8 @@ from asgi_armor.validation import InputLimits
 __all__ = ["Armored", "armor", "build_store", "describe", "import_callable"]
 
 logger = logging.getLogger("asgi_armor")
+
+_Layer = TypeVar("_Layer")
 
 
 # The store URL forms (docs/config.md): one Redis (or Valkey), a Cluster, a Sentinel group.
@@ -175,31 +178,46 @@ def import_callable(spec: str, entry: str) -> Any:
     return target
 
 
-class Armored:
-    """The armored app: an ASGI app that also exposes its layers, config and store.
+class Armored(Pipeline):
+    """The armored app: one compiled pipeline that also exposes its layers, config and store.
 
-    At ASGI lifespan start-up it fails the start-up (``lifespan.startup.failed``, naming
-    ``store``) when the store cannot run on the server's event loop (a ``RedisStore`` on
-    trio); otherwise lifespan goes to the wrapped app.
+    HTTP requests go through the pipeline; websocket handshakes through the same layers
+    composed as middleware. At ASGI lifespan start-up it fails the start-up
+    (``lifespan.startup.failed``, naming ``store``) when the store cannot run on the
+    server's event loop (a ``RedisStore`` on trio); otherwise lifespan goes to the wrapped
+    app.
 
     Args:
-        app: the outermost layer.
+        app: the wrapped app.
         config: what it was built from.
         store: the shared store (``await armored.aclose()`` releases it).
-        layers: the layer objects, outermost first.
+        layers: the layer objects, outermost (``ErrorMiddleware``) first.
     """
-
-    __slots__ = ("app", "config", "layers", "store")
 
     def __init__(
         self, app: ASGIApp, config: ArmorConfig, store: Store, layers: list[object]
     ) -> None:
-        self.app = app
+        def layer(kind: type[_Layer]) -> _Layer | None:
+            return next((each for each in layers if isinstance(each, kind)), None)
+
+        errors = layers[0]
+        assert isinstance(errors, ErrorMiddleware)
+        super().__init__(
+            app,
+            chain=errors,
+            errors=errors,
+            limits=layer(InputLimits),
+            shedding=layer(ConcurrencyLimit),
+            rate_limit=layer(RateLimitMiddleware),
+            signature=layer(SignatureMiddleware),
+            idempotency=layer(IdempotencyMiddleware),
+            timeout=layer(TimeoutMiddleware),
+        )
         self.config = config
         self.store = store
         self.layers = layers
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
@@ -252,6 +270,7 @@ def armor(
     check_ipv6_prefix(config.ipv6_prefix)
     # "is None", not "or": an empty MemoryStore is falsy (it has a length).
     store = build_store(config) if store is None else store
+    wrapped = app
     layers: list[object] = []
 
     def add(layer: Callable[..., ASGIApp], **options: Any) -> None:
@@ -373,7 +392,7 @@ def armor(
 
     add(ErrorMiddleware, error_format=config.error_format)
     layers.reverse()
-    return Armored(app, config, store, layers)
+    return Armored(wrapped, config, store, layers)
 
 
 def describe(config: ArmorConfig) -> str:

@@ -35,7 +35,14 @@ from asgi_armor.routes import RouteMap, target
 if TYPE_CHECKING:
     from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["DEADLINE_CLOCK_KEY", "DEADLINE_KEY", "TimeoutMiddleware", "remaining", "with_timeout"]
+__all__ = [
+    "DEADLINE_CLOCK_KEY",
+    "DEADLINE_KEY",
+    "Progress",
+    "TimeoutMiddleware",
+    "remaining",
+    "with_timeout",
+]
 
 T = TypeVar("T")
 
@@ -96,6 +103,25 @@ def remaining(scope: Scope) -> float | None:
         return None
     clock: Callable[[], float] = state.get(DEADLINE_CLOCK_KEY) or anyio.current_time
     return max(0.0, deadline - clock())
+
+
+class Progress:
+    """How far a response got: ``started`` (``http.response.start`` sent) and ``complete``
+    (its last body chunk sent)."""
+
+    __slots__ = ("complete", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.complete = False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None on trio."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class _Entry:
@@ -239,31 +265,39 @@ class TimeoutMiddleware:
         self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, budget: float
     ) -> None:
         """Run ``app`` within ``budget`` seconds (the rules above)."""
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # trio
-            loop = None
+        progress = Progress()
+
+        async def send_tracking(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                progress.started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                progress.complete = True
+            await send(message)
+
+        await self.run_tracked(scope, receive, send_tracking, app, budget, progress)
+
+    async def run_tracked(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        app: ASGIApp,
+        budget: float,
+        progress: Progress,
+    ) -> None:
+        """:meth:`run`, where ``progress`` already follows what ``app`` sends to ``send``
+        (the pipeline's own ``send`` wrapper does), so no second wrapper is needed."""
+        loop = _running_loop()
         state = scope_state(scope)
         clock = self.clock
         # On asyncio anyio's clock is the loop's: read it without anyio's backend lookup.
         deadline = (loop.time() if clock is _anyio_time and loop is not None else clock()) + budget
         outer_deadline = state.get(DEADLINE_KEY)
-        if outer_deadline is None or state.get(DEADLINE_CLOCK_KEY) is not self.clock:
+        if outer_deadline is None or state.get(DEADLINE_CLOCK_KEY) is not clock:
             state[DEADLINE_KEY] = deadline
-            state[DEADLINE_CLOCK_KEY] = self.clock
+            state[DEADLINE_CLOCK_KEY] = clock
         elif deadline < outer_deadline:
             state[DEADLINE_KEY] = deadline
-
-        response_started = False
-        response_complete = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal response_started, response_complete
-            if message["type"] == "http.response.start":
-                response_started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                response_complete = True
-            await send(message)
 
         task = None if loop is None else asyncio.current_task(loop)
         if loop is not None and task is not None:
@@ -274,7 +308,7 @@ class TimeoutMiddleware:
                 sweep = self._sweep = _Sweep(loop)
             entry = sweep.add(budget, task)
             try:
-                await app(scope, receive, send_tracking)
+                await app(scope, receive, send)
             except asyncio.CancelledError:
                 # Ours only when the sweep cancelled this task and no one else did too.
                 if not (entry.expired and task.uncancel() <= entry.cancelling):
@@ -298,17 +332,17 @@ class TimeoutMiddleware:
             cancel_scope = anyio.CancelScope(deadline=anyio.current_time() + budget)
             try:
                 with cancel_scope:
-                    await app(scope, receive, send_tracking)
+                    await app(scope, receive, send)
             except Exception:
                 if not cancel_scope.cancel_called:
                     raise
                 self._log_cleanup_failure(scope)
             timed_out = cancel_scope.cancel_called
-        if not timed_out or response_complete:
+        if not timed_out or progress.complete:
             # Either no timeout, or the response was fully sent and only work after it
             # was cut short: the client already has its answer.
             return
-        if response_started:
+        if progress.started:
             logger.warning(
                 "aborting response that timed out after %gs [request_id=%s]",
                 budget,

@@ -18,6 +18,7 @@ __all__ = [
     "decide",
     "most_restrictive",
     "remaining",
+    "report",
     "reset_after",
     "retry_after",
     "spec",
@@ -56,15 +57,17 @@ def decide(
         if tat + step - now > tolerance + EPSILON:
             return False, [tat]
         return True, [tat + step]
-    count = len(specs)
-    if len(tats) != count:
-        raise ValueError(f"decide: {len(tats)} tats for {count} specs")
-    current = [now if tat is None or tat < now else tat for tat in tats]
-    for index in range(count):
-        interval, tolerance = specs[index]
-        if current[index] + cost * interval - now > tolerance + EPSILON:
-            return False, current
-    return True, [current[index] + cost * specs[index][0] for index in range(count)]
+    if len(tats) != len(specs):
+        raise ValueError(f"decide: {len(tats)} tats for {len(specs)} specs")
+    new: list[float] = []
+    for tat, (interval, tolerance) in zip(tats, specs):  # noqa: B905 - lengths checked
+        if tat is None or tat < now:
+            tat = now
+        step = cost * interval
+        if tat + step - now > tolerance + EPSILON:
+            return False, [now if tat is None or tat < now else tat for tat in tats]
+        new.append(tat + step)
+    return True, new
 
 
 def remaining(tat: float, now: float, interval: float, tolerance: float) -> int:
@@ -87,6 +90,32 @@ def retry_after(tat: float, now: float, interval: float, tolerance: float, cost:
     return wait if wait > EPSILON else 0.0
 
 
+def report(
+    tats: Sequence[float], now: float, rates: Sequence[tuple[float, float]]
+) -> tuple[int, int, float]:
+    """The bucket an allowed response reports: ``(index, remaining, reset_after)``.
+
+    ``most_restrictive(True, ...)`` over ``remaining`` and ``reset_after`` of each bucket
+    (``rates``: each bucket's ``(interval, tolerance)`` for one token), in one pass.
+    """
+    best = -1
+    best_left = 0
+    best_reset = 0.0
+    for index in range(len(tats)):
+        interval, tolerance = rates[index]
+        tat = tats[index]
+        left = remaining(tat, now, interval, tolerance)
+        reset = tat - now if tat > now else 0.0
+        if best < 0 or _tighter(left, reset, best_left, best_reset):
+            best, best_left, best_reset = index, left, reset
+    return best, best_left, best_reset
+
+
+def _tighter(left: int, reset: float, best_left: int, best_reset: float) -> bool:
+    """Fewer tokens left, or as few and longer to refill: the one rule of allowed reports."""
+    return left < best_left or (left == best_left and reset > best_reset)
+
+
 def most_restrictive(
     allowed: bool,
     remainings: Sequence[int],
@@ -102,9 +131,8 @@ def most_restrictive(
     best = 0
     if allowed:
         for index in range(1, len(remainings)):
-            left = remainings[index]
-            if left < remainings[best] or (
-                left == remainings[best] and reset_afters[index] > reset_afters[best]
+            if _tighter(
+                remainings[index], reset_afters[index], remainings[best], reset_afters[best]
             ):
                 best = index
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
@@ -35,6 +35,8 @@ _SHORT = 16
 # so the cache stays small whatever paths clients invent.
 _MATCH_CACHE = 1024
 _MATCH_CACHE_PATH = 256
+# Bucket keys remembered per (plan, address, principal): at most this many in all.
+_KEY_CACHE = 4096
 # The messages that carry response headers: an HTTP response, an accepted websocket.
 _HEADED = frozenset({"http.response.start", "websocket.accept"})
 
@@ -82,11 +84,12 @@ class _Plan:
     the others (address, user, header, custom) are filled in per request.
     """
 
-    __slots__ = ("dynamic", "keys", "policy", "rules", "specs")
+    __slots__ = ("by_caller", "dynamic", "keys", "needs_user", "policy", "rates", "rules", "specs")
 
     def __init__(self, matches: list[tuple[_Compiled, Mapping[str, str]]]) -> None:
         self.rules = tuple(rule for rule, _ in matches)
         self.specs = tuple(rule.store_spec for rule in self.rules)
+        self.rates = tuple((rule.interval, rule.tolerance) for rule in self.rules)
         keys: list[str] = []
         dynamic: list[tuple[int, _Compiled, Mapping[str, str]]] = []
         for index, (rule, params) in enumerate(matches):
@@ -101,6 +104,10 @@ class _Plan:
             keys.append(rule.prefix + (value if len(value) <= _SHORT else make_key(value)))
         self.keys = tuple(keys)
         self.dynamic = tuple(dynamic)
+        kinds = {rule.kind for _, rule, _ in dynamic}
+        # Keys made of the address and the principal alone are remembered per caller.
+        self.by_caller = bool(dynamic) and kinds <= {KEY_IP, KEY_USER}
+        self.needs_user = KEY_USER in kinds
         self.policy = (
             self.rules[0].policy_item
             if len(self.rules) == 1
@@ -173,6 +180,7 @@ class RateLimitMiddleware:
         self.rules = tuple(c.rule for _, c in compiled)
         self._routes: RouteMap[_Compiled] = RouteMap(compiled)
         self._matches: dict[tuple[str, str], _Plan | None] = {}
+        self._keys: dict[tuple[_Plan, str, str | None], list[str]] = {}
         self._exempt: RouteMap[None] | None = RouteMap((e, None) for e in exempt) or None
         self.limiter = RateLimiter(
             MemoryStore() if store is None else store, on_store_error=on_store_error
@@ -245,6 +253,38 @@ class RateLimitMiddleware:
 
         await app(scope, receive, send_with_headers)
 
+    async def _fill(self, scope: Scope, plan: _Plan, ip: str | None) -> list[str]:
+        """``plan``'s keys with the per-request values filled in (``ip``: the address, if
+        already known)."""
+        keys = list(plan.keys)
+        for index, rule, params in plan.dynamic:
+            kind = rule.kind
+            if kind == KEY_IP:
+                if ip is None:
+                    ip = self._address(scope)
+                value = ip
+            else:
+                found_key: str | None
+                if kind == KEY_HEADER:
+                    raw = get_header(scope, rule.header)
+                    found_key = None if raw is None else "h:" + raw.decode("latin-1")
+                elif kind == KEY_USER:
+                    who = await principal(scope, self._identify)
+                    found_key = None if who is None else "u:" + who
+                else:
+                    # Only KEY_CALLABLE is left, and such a rule always has its function.
+                    custom = cast("KeyFunc", rule.fn)(scope, params)
+                    if inspect.isawaitable(custom):
+                        custom = await custom
+                    found_key = None if custom is None else "k:" + custom
+                if found_key is None:
+                    if ip is None:
+                        ip = self._address(scope)
+                    found_key = "ip:" + ip
+                value = found_key
+            keys[index] = rule.prefix + (value if len(value) <= _SHORT else make_key(value))
+        return keys
+
     async def check(self, scope: Scope, plan: _Plan) -> list[tuple[bytes, bytes]] | None:
         """Take a token from every bucket of ``plan`` at once, or none.
 
@@ -257,36 +297,20 @@ class RateLimitMiddleware:
             ServiceUnavailable: the store failed and the policy is ``"deny"``.
             Overloaded: this process was too busy to ask the store in time.
         """
-        keys: tuple[str, ...] | list[str] = plan.keys
-        if plan.dynamic:
-            keys = list(keys)
-            ip: str | None = None
-            for index, rule, params in plan.dynamic:
-                kind = rule.kind
-                if kind == KEY_IP:
-                    if ip is None:
-                        ip = self._address(scope)
-                    value = ip
-                else:
-                    found_key: str | None
-                    if kind == KEY_HEADER:
-                        raw = get_header(scope, rule.header)
-                        found_key = None if raw is None else "h:" + raw.decode("latin-1")
-                    elif kind == KEY_USER:
-                        who = await principal(scope, self._identify)
-                        found_key = None if who is None else "u:" + who
-                    else:
-                        # Only KEY_CALLABLE is left, and such a rule always has its function.
-                        custom = cast("KeyFunc", rule.fn)(scope, params)
-                        if inspect.isawaitable(custom):
-                            custom = await custom
-                        found_key = None if custom is None else "k:" + custom
-                    if found_key is None:
-                        if ip is None:
-                            ip = self._address(scope)
-                        found_key = "ip:" + ip
-                    value = found_key
-                keys[index] = rule.prefix + (value if len(value) <= _SHORT else make_key(value))
+        keys: Sequence[str] = plan.keys
+        if plan.by_caller:
+            ip = self._address(scope)
+            who = await principal(scope, self._identify) if plan.needs_user else None
+            cache = self._keys
+            found = cache.get((plan, ip, who))
+            if found is None:
+                found = await self._fill(scope, plan, ip)
+                if len(cache) >= _KEY_CACHE:
+                    cache.clear()
+                cache[plan, ip, who] = found
+            keys = found
+        elif plan.dynamic:
+            keys = await self._fill(scope, plan, None)
         rules = plan.rules
         specs = plan.specs
 
@@ -304,28 +328,17 @@ class RateLimitMiddleware:
             return None
 
         # The layer to report, by the one rule (ratelimit.bucket.most_restrictive).
-        count = len(tats)
         if allowed:
             if not self.headers:
                 return None
-            if count == 1:
-                best = rules[0]
-                tat = tats[0]
-                left = bucket.remaining(tat, now, best.interval, best.tolerance)
-                reset_after = tat - now if tat > now else 0.0
-            else:
-                lefts = [
-                    bucket.remaining(tats[i], now, rules[i].interval, rules[i].tolerance)
-                    for i in range(count)
-                ]
-                resets = [tat - now if tat > now else 0.0 for tat in tats]
-                index = bucket.most_restrictive(True, lefts, resets, ())
-                best = rules[index]
-                left, reset_after = lefts[index], resets[index]
+            index, left, reset_after = bucket.report(tats, now, plan.rates)
+            best = rules[index]
             return h.fields(
                 best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
             )
-        waits = [bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(count)]
+        waits = [
+            bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(len(tats))
+        ]
         index = bucket.most_restrictive(False, (), (), waits)
         best = rules[index]
         extra: dict[str, str] = {}

@@ -1,0 +1,259 @@
+"""The compiled pipeline: every configured protection as one ASGI callable.
+
+Per HTTP request it picks the request id, computes the canonical target once, looks up
+one cached plan per ``(method, path)`` and runs the checks that apply, in the canonical
+order, with one ``send`` wrapper (request id, rate-limit headers) and one exception
+boundary. The checks are the middleware classes' own methods (``admit``, ``check``,
+``run``): a class used by hand and the pipeline share every rule (docs/architecture.md,
+"Request flow").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from asgi_armor.errors import (
+    _STATE_FORMAT,
+    ErrorMiddleware,
+    _with_id,
+    ensure_request_id,
+    send_error,
+)
+from asgi_armor.routes import target
+from asgi_armor.timeout import Progress
+
+if TYPE_CHECKING:
+    from asgi_armor._types import ASGIApp, Message, Receive, Scope, Send
+    from asgi_armor.idempotency import IdempotencyMiddleware
+    from asgi_armor.ratelimit.middleware import RateLimitMiddleware
+    from asgi_armor.shedding import ConcurrencyLimit
+    from asgi_armor.signing import SignatureMiddleware
+    from asgi_armor.timeout import TimeoutMiddleware
+    from asgi_armor.validation import InputLimits
+
+__all__ = ["Pipeline"]
+
+#: A layer's ``run(scope, receive, send, app, spec)``: the layer around ``app``.
+Run = Callable[["Scope", "Receive", "Send", "ASGIApp", Any], Awaitable[None]]
+
+# Plans kept per (method, path): at most this many, of short paths only, so the cache
+# stays small whatever paths clients invent.
+_PLAN_CACHE: Final = 1024
+_PLAN_CACHE_PATH: Final = 256
+
+
+class _Step:
+    """A layer's ``run`` bound to the app it wraps and the spec it matched."""
+
+    __slots__ = ("app", "run", "spec")
+
+    def __init__(self, run: Run, app: ASGIApp, spec: object) -> None:
+        self.run = run
+        self.app = app
+        self.spec = spec
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.run(scope, receive, send, self.app, self.spec)
+
+
+def _chain(app: ASGIApp, steps: list[tuple[Run, object]]) -> ASGIApp:
+    """``steps`` (outermost first) around ``app``, as one ASGI callable."""
+    for run, spec in reversed(steps):
+        app = _Step(run, app, spec)
+    return app
+
+
+class _Exchange(Progress):
+    """One request's response on its way out: the request id and the rate-limit headers
+    added to it, and how far it got."""
+
+    __slots__ = ("_send", "added", "id_header")
+
+    def __init__(self, send: Send, id_header: tuple[bytes, bytes]) -> None:
+        self.started = False
+        self.complete = False
+        self._send = send
+        self.id_header = id_header
+        self.added: list[tuple[bytes, bytes]] | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            headers = _with_id(message.get("headers", ()), self.id_header)
+            if self.added is not None:
+                headers += self.added
+            message["headers"] = headers
+        elif not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
+
+
+class _Plan:
+    """What the requests of one ``(method, path)`` go through, worked out once.
+
+    ``rate`` is the rate-limit plan the pipeline decides itself, with its headers added by
+    its own ``send`` wrapper; ``run(scope, receive, send, app, spec)`` is the first layer
+    around the app after it (None: the app itself). ``guarded`` is the whole chain, rate
+    limit included, for a request whose body ``InputLimits`` counts as it streams.
+    """
+
+    __slots__ = ("app", "budget", "guarded", "json_only", "rate", "run", "spec")
+
+    def __init__(
+        self,
+        json_only: bool,
+        rate: object | None,
+        steps: list[tuple[Run, object]],
+        app: ASGIApp,
+        guarded: ASGIApp,
+        budget: float | None,
+    ) -> None:
+        self.json_only = json_only
+        self.rate = rate
+        self.guarded = guarded
+        self.run: Run | None = None
+        self.spec: object = None
+        self.app = app
+        self.budget: float | None = None
+        if steps:
+            self.run, self.spec = steps[0]
+            self.app = _chain(app, steps[1:])
+            if len(steps) == 1 and budget is not None:
+                # The timeout is the only layer: the pipeline calls it with its exchange.
+                self.budget = budget
+
+
+class Pipeline:
+    """The configured layers compiled into one ASGI callable for HTTP requests.
+
+    Websocket and other scopes go through ``chain``, the same layers composed as
+    middleware (their handshake rules are the classes' own, see docs/architecture.md,
+    "Websockets").
+
+    Args:
+        app: the wrapped app.
+        chain: the layers composed by hand, outermost ``ErrorMiddleware``.
+        errors: that ``ErrorMiddleware`` (the error format, the logger).
+        limits, shedding, rate_limit, signature, idempotency, timeout: the configured
+            layers (None: not configured), in the canonical order.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        chain: ASGIApp,
+        errors: ErrorMiddleware,
+        limits: InputLimits | None = None,
+        shedding: ConcurrencyLimit | None = None,
+        rate_limit: RateLimitMiddleware | None = None,
+        signature: SignatureMiddleware | None = None,
+        idempotency: IdempotencyMiddleware | None = None,
+        timeout: TimeoutMiddleware | None = None,
+    ) -> None:
+        self.app = chain
+        self._app = app
+        self._errors = errors
+        self._problem = errors.error_format == "problem"
+        self._limits = limits
+        self._shedding = shedding
+        self._rate_limit = rate_limit
+        self._signature = signature
+        self._idempotency = idempotency
+        self._timeout = timeout
+        self._plans: dict[tuple[str, str], _Plan] = {}
+
+    def _compile(self, method: str, path: str) -> _Plan:
+        """The plan for ``(method, path)``: every layer's own route match, in order."""
+        limits = self._limits
+        json_only = (
+            limits is not None
+            and bool(limits.json_routes)
+            and limits.json_routes.first(method, path) is not None
+        )
+        outer: list[tuple[Run, object]] = []
+        if self._shedding is not None and self._shedding.match(method, path):
+            outer.append((self._shedding.run, None))
+        rate = None if self._rate_limit is None else self._rate_limit.match(method, path)
+        limited: list[tuple[Run, object]] = []
+        if rate is not None:
+            assert self._rate_limit is not None
+            limited.append((self._rate_limit.run, rate))
+        inner: list[tuple[Run, object]] = []
+        for layer in (self._signature, self._idempotency):
+            spec = None if layer is None else layer.match(method, path)
+            if spec is not None:
+                assert layer is not None
+                inner.append((layer.run, spec))
+        budget = None if self._timeout is None else self._timeout.budget_for(method, path)
+        if budget is not None:
+            assert self._timeout is not None
+            inner.append((self._timeout.run, budget))
+        guarded = _chain(self._app, outer + limited + inner)
+        if outer:
+            # The rate limit decides inside the shedding slot, as the classes compose.
+            return _Plan(json_only, None, outer + limited + inner, self._app, guarded, None)
+        return _Plan(json_only, rate, inner, self._app, guarded, budget)
+
+    def _plan(self, method: str, path: str) -> _Plan:
+        """:meth:`_compile`, remembered for short paths."""
+        plan = self._compile(method, path)
+        if len(path) <= _PLAN_CACHE_PATH:
+            plans = self._plans
+            if len(plans) >= _PLAN_CACHE:
+                # Paths with parameters are unbounded: start over rather than grow.
+                plans.clear()
+            plans[method, path] = plan
+        return plan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.other(scope, receive, send)
+            return
+        request_id = ensure_request_id(scope)
+        if self._problem:
+            scope["state"][_STATE_FORMAT] = "problem"
+        method, path = target(scope)
+        plan = self._plans.get((method, path))
+        if plan is None:
+            plan = self._plan(method, path)
+        exchange = _Exchange(send, (b"x-request-id", request_id.encode()))
+        try:
+            limits = self._limits
+            json_ok = None if limits is None else limits.admit(scope, plan.json_only)
+            if json_ok is not None:
+                assert limits is not None
+                await limits.guard(scope, receive, exchange.send, plan.guarded, json_ok)
+            else:
+                if plan.rate is not None:
+                    exchange.added = await self._rate_limit.check(scope, plan.rate)  # type: ignore[union-attr, arg-type]
+                if plan.budget is not None:
+                    # The first layer is the timeout: it reads how far the response got
+                    # from this exchange instead of wrapping send once more.
+                    await self._timeout.run_tracked(  # type: ignore[union-attr]
+                        scope, receive, exchange.send, plan.app, plan.budget, exchange
+                    )
+                elif plan.run is None:
+                    await plan.app(scope, receive, exchange.send)
+                else:
+                    await plan.run(scope, receive, exchange.send, plan.app, plan.spec)
+        except Exception as exc:
+            error = self._errors._error_for(scope, exc)
+            if exchange.complete:
+                # A framework already answered (Starlette renders its 500 page, then
+                # re-raises "so servers can log it"): logged, nothing left to send.
+                return
+            if exchange.started:
+                # A second http.response.start is a protocol error: abort the connection.
+                self._errors.logger.warning(
+                    "aborting response already started [request_id=%s]: %s",
+                    request_id,
+                    error.error,
+                )
+                raise
+            await send_error(scope, send, error)
+
+    async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A websocket, lifespan or other scope: through the composed layers."""
+        await self.app(scope, receive, send)
