@@ -463,7 +463,7 @@ os.register_at_fork(after_in_child=lambda: _ids.seed(secrets.token_bytes(32)))
 
 
 def _new_request_id() -> str:
-    return f"req_{_ids.getrandbits(80):020x}"
+    return "req_" + _ids.randbytes(10).hex()
 
 
 def ensure_request_id(scope: Scope) -> str:

@@ -157,24 +157,27 @@ def armor_config(store: str, prefix: str) -> Any:
     """The full stack: errors, input limits, four rate-limit rules, a timeout."""
     from asgi_armor import ArmorConfig
 
+    return ArmorConfig.from_dict(armor_settings(store, prefix))
+
+
+def armor_settings(store: str, prefix: str) -> dict[str, Any]:
+    """``armor_config``'s settings, as the dict an armor.toml would load to."""
     builds = "POST /api/projects/{project_id}/builds"
-    return ArmorConfig.from_dict(
-        {
-            "store": store,
-            "store_prefix": prefix,
-            "limits": {"max_body_bytes": 65_536, "json_routes": ["POST /api/*"]},
-            "rate_limit": [
-                {"name": "ip", "route": "* /api/*", "rate": RATE, "key": "ip"},
-                {"name": "builds-ip", "route": builds, "rate": RATE, "key": "ip"},
-                {"name": "user", "route": "POST /api/*", "rate": RATE, "key": "user"},
-                {"name": "builds", "route": builds, "rate": RATE, "key": "path:project_id"},
-            ],
-            "rate_limit_exempt": ["GET /healthz"],
-            "timeout": []
-            if os.environ.get("BENCH_NO_TIMEOUT")
-            else [{"route": "* /api/*", "seconds": 5}],
-        }
-    )
+    return {
+        "store": store,
+        "store_prefix": prefix,
+        "limits": {"max_body_bytes": 65_536, "json_routes": ["POST /api/*"]},
+        "rate_limit": [
+            {"name": "ip", "route": "* /api/*", "rate": RATE, "key": "ip"},
+            {"name": "builds-ip", "route": builds, "rate": RATE, "key": "ip"},
+            {"name": "user", "route": "POST /api/*", "rate": RATE, "key": "user"},
+            {"name": "builds", "route": builds, "rate": RATE, "key": "path:project_id"},
+        ],
+        "rate_limit_exempt": ["GET /healthz"],
+        "timeout": []
+        if os.environ.get("BENCH_NO_TIMEOUT")
+        else [{"route": "* /api/*", "seconds": 5}],
+    }
 
 
 def with_slowapi(store: str, prefix: str) -> Any:

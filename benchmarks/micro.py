@@ -935,10 +935,11 @@ def _check_status(app: Any, scope: dict[str, Any], body: bytes, expected: int = 
 
 
 def layers(repeats: int, n: int) -> list[Row]:
-    """Per-request cost of each layer of the served full stack, in-process (no server)."""
+    """Per-request cost of the served seed stack, built up one protection at a time,
+    in-process (no server); and the same stack composed by hand from the public classes."""
     import apps
 
-    from asgi_armor import armor
+    from asgi_armor import ArmorConfig, armor
 
     body = b'{"branch": "main"}'
     headers = [
@@ -947,29 +948,26 @@ def layers(repeats: int, n: int) -> list[Row]:
         (b"authorization", b"Bearer alice-token"),
         (b"content-length", b"18"),
     ]
-    names = {
-        "ErrorMiddleware": "ErrorMiddleware",
-        "InputLimits": "InputLimits",
-        "RateLimitMiddleware": "RateLimitMiddleware (4 rules, memory)",
-        "TimeoutMiddleware": "TimeoutMiddleware",
+    full = apps.armor_settings("memory", "bench:")
+
+    def built(**changes: Any) -> Any:
+        config = ArmorConfig.from_dict({**full, **changes})
+        return armor(apps.asgi_app, config, identify=apps.identify)
+
+    rules = full["rate_limit"]
+    variants: dict[str, Any] = {
+        "layers: bare app (baseline)": apps.asgi_app,
+        "layers: errors (request id, envelope)": built(limits=None, rate_limit=[], timeout=[]),
+        "layers: + input limits": built(rate_limit=[], timeout=[]),
+        "layers: + 1 rate-limit rule (memory)": built(rate_limit=rules[:1], timeout=[]),
+        "layers: + 4 rate-limit rules": built(timeout=[]),
+        "layers: + timeout: the seed's stack (armor)": built(),
     }
-
-    def alone(kind: str) -> Any:
-        armored = armor(
-            apps.asgi_app, apps.armor_config("memory", "bench:"), identify=apps.identify
-        )
-        for layer in armored.layers:
-            if type(layer).__name__ == kind:
-                layer.app = apps.asgi_app  # type: ignore[attr-defined]
-                return layer
-        raise RuntimeError(f"no {kind} in the stack")
-
-    variants: dict[str, Any] = {"layers: bare app (baseline)": apps.asgi_app}
-    for kind, label in names.items():
-        variants[f"layers: {label} alone"] = alone(kind)
-    variants["layers: full stack"] = armor(
-        apps.asgi_app, apps.armor_config("memory", "bench:"), identify=apps.identify
-    )
+    composed: Any = apps.asgi_app
+    for layer in reversed(variants["layers: + timeout: the seed's stack (armor)"].layers):
+        layer.app = composed
+        composed = layer
+    variants["layers: the same classes composed by hand"] = composed
 
     def loop(app: Any) -> Any:
         call = _caller(app)

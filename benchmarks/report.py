@@ -114,16 +114,23 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         core = rl["bucket.decide (pure core, sync)"]["ns"]
         fastest_limits = _fastest(micro, "ratelimit", ("limits",))
         ratio = fastest_limits["ns"] / core
+        api = rl["RateLimiter(MemoryStore()).hit (async)"]["ns"]
         out.append(
             {
-                "target": "rate-limit core decision >= 6x faster than limits' fastest memory "
-                "strategy",
-                "measured": f"{ratio:.1f}x ({core:.0f} ns vs {fastest_limits['case']} "
-                f"{fastest_limits['ns']:.0f} ns)",
-                "met": ratio >= 6,
+                "target": "`await RateLimiter(MemoryStore()).hit()` >= 4x faster than limits' "
+                "fastest memory strategy (issue 16)",
+                "measured": f"{fastest_limits['ns'] / api:.1f}x ({api:.0f} ns vs "
+                f"{fastest_limits['case']} {fastest_limits['ns']:.0f} ns)",
+                "met": fastest_limits["ns"] / api >= 4,
             }
         )
-        api = rl["RateLimiter(MemoryStore()).hit (async)"]["ns"]
+        out.append(
+            {
+                "target": "(also shown) the pure GCRA core vs limits' fastest memory strategy",
+                "measured": f"{ratio:.1f}x ({core:.0f} ns vs {fastest_limits['ns']:.0f} ns)",
+                "met": None,
+            }
+        )
         fastest_aio = _fastest(micro, "ratelimit", ("limits",), "aio")
         out.append(
             {
@@ -145,7 +152,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             peer_label = best_name.split(": ", 1)[1]
             out.append(
                 {
-                    "target": f"breaker overhead ({mode}) >= 3x less than the fastest peer",
+                    "target": f"breaker overhead ({mode}) >= 3x less than the fastest peer "
+                    "(issue 16)",
                     "measured": f"{ratio:.1f}x ({over[ours]:.0f} ns vs {peer_label} "
                     f"{peers[best_name]:.0f} ns)",
                     "met": ratio >= 3,
@@ -158,7 +166,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 ratio = row["ns"] / ours_ns
                 out.append(
                     {
-                        "target": f"validation >= 3x faster than {name}",
+                        "target": f"decode >= 3x faster than {name} (issue 16)",
                         "measured": f"{ratio:.1f}x ({ours_ns / 1000:.2f} us vs "
                         f"{row['ns'] / 1000:.2f} us)",
                         "met": ratio >= 3,
@@ -169,11 +177,16 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     for app, label in (("starlette", "Starlette"), ("asgi", "pure ASGI")):
         row = by_key.get(f"{app}-armor-memory")
         if row:
+            targeted = app == "starlette"
             out.append(
                 {
-                    "target": f"full stack on memory >= 85% of bare requests/s ({label} app)",
+                    "target": (
+                        "the seed's stack on memory >= 90% of bare Starlette requests/s (issue 16)"
+                        if targeted
+                        else f"(also shown) the seed's stack on memory vs bare ({label} app)"
+                    ),
                     "measured": f"{row['vs_bare']:.0%}",
-                    "met": row["vs_bare"] >= 0.85,
+                    "met": row["vs_bare"] >= 0.9 if targeted else None,
                 }
             )
     slow = by_key.get("starlette-slowapi-memory")
@@ -278,7 +291,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{(data.get('macro') or {}).get('load_generator', '-')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
         "",
-        "## Targets (issue 10)",
+        "## Targets (issues 16 and 22)",
         "",
         _table(
             ["target", "measured", "status"],
@@ -488,25 +501,32 @@ def _micro_sections(micro: list[dict[str, Any]]) -> list[str]:
     stack = [row for row in micro if row["group"] == "layers"]
     if stack:
         base = next(row for row in stack if row["impl"] == "baseline")
-        rows = [
-            [
-                row["case"].removeprefix("layers: "),
-                _ns(row["ns"]),
-                "-" if row is base else _ns(row["ns"] - base["ns"]),
-                f"±{row['spread'] / 2:.0%}",
-            ]
-            for row in stack
-        ]
+        rows = []
+        previous = None
+        for row in stack:
+            composed = "by hand" in row["case"]
+            rows.append(
+                [
+                    row["case"].removeprefix("layers: "),
+                    _ns(row["ns"]),
+                    "-" if row is base else _ns(row["ns"] - base["ns"]),
+                    "-" if previous is None or composed else _ns(row["ns"] - previous["ns"]),
+                    f"±{row['spread'] / 2:.0%}",
+                ]
+            )
+            previous = row
         out += [
             "",
-            "## The served stack, layer by layer (in-process, no server)",
+            "## The served stack, one protection at a time (in-process, no server)",
             "",
             "The pure ASGI app of the served benchmark called directly with the benchmarked "
-            "request, bare, behind each layer of the full stack alone, and behind the whole "
-            "stack. Under uvicorn the same Python runs with colder caches between requests, "
-            "and costs roughly twice as much per request.",
+            "request: bare, then behind `armor()` with one more protection of the seed's "
+            "stack in each row, and last the same layers composed by hand from the public "
+            "classes (the façades `armor()`'s pipeline replaces). Under uvicorn the same "
+            "Python runs with colder caches between requests and costs more per request; "
+            "the rate-limit headers also cost the server time to write (see the notes).",
             "",
-            _table(["case", "time per request", "added", "spread"], rows),
+            _table(["case", "time per request", "over the app", "this step", "spread"], rows),
         ]
     return out
 
