@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix, ipv6_group
@@ -14,6 +14,7 @@ from asgi_armor.errors import (
     Overloaded,
     RateLimited,
     ServiceUnavailable,
+    ensure_request_id,
     send_error,
 )
 from asgi_armor.identity import Identify, principal
@@ -32,6 +33,9 @@ from asgi_armor.ratelimit.rules import (
 from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
 from asgi_armor.stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from asgi_armor.metrics import Metrics
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -136,6 +140,7 @@ class RateLimitMiddleware:
         headers: add the rate-limit headers to responses (``Retry-After`` is always sent
             on 429).
         wall_clock: Unix time, used only to express ``X-RateLimit-Reset``.
+        metrics: where each matching rule's decision and store failures are counted.
 
     Raises:
         ConfigError: a bad rule, two rules with one name, a ``"user"`` rule without
@@ -157,6 +162,7 @@ class RateLimitMiddleware:
         on_store_error: OnStoreError = "allow",
         headers: bool = True,
         wall_clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         compiled: list[tuple[Route, _Compiled]] = []
@@ -192,6 +198,8 @@ class RateLimitMiddleware:
         self._identify = identify
         self.headers = headers
         self._wall_clock = wall_clock
+        self._metrics = metrics
+        self.limiter.policy.metrics = metrics
 
     def _address(self, scope: Scope) -> str:
         """The client address as rate limits count it: IPv6 by network."""
@@ -267,8 +275,10 @@ class RateLimitMiddleware:
             else:
                 allowed, now, tats = await self._hit_buckets(keys, specs, 1)
         except StoreError as exc:
+            if self._metrics is not None:
+                _count_rules(self._metrics, rules, "store_error")
             try:
-                self.limiter.store_failed(exc)
+                self.limiter.store_failed(exc, ensure_request_id(scope))
             except ServiceUnavailable as unavailable:
                 await send_error(scope, send, unavailable)
                 return
@@ -312,8 +322,12 @@ class RateLimitMiddleware:
                         best.sf_name,
                     )
                 )
+            if self._metrics is not None:
+                self._metrics.rate_limit(best.rule.name, "limited")
             await send_error(scope, send, RateLimited(h.whole_seconds(waits[index]), headers=extra))
             return
+        if self._metrics is not None:
+            _count_rules(self._metrics, rules, "allowed")
         if not self.headers:
             await self.app(scope, receive, send)
             return
@@ -330,3 +344,9 @@ class RateLimitMiddleware:
 
     def __repr__(self) -> str:
         return f"RateLimitMiddleware(rules={list(self.rules)!r}, store={self.store!r})"
+
+
+def _count_rules(metrics: Metrics, rules: Iterable[_Compiled], result: str) -> None:
+    """Count ``result`` once for each rule of a request (allowed, store_error, ...)."""
+    for rule in rules:
+        metrics.rate_limit(rule.rule.name, result)

@@ -1,0 +1,492 @@
+"""Metrics for every decision: a no-op sink and two exporters (Prometheus, OpenTelemetry).
+
+Every layer that decides takes ``metrics: Metrics | None``; ``None`` (the default) means
+no call at all on the hot path, so an app without metrics pays nothing. ``armor()`` builds
+one sink from ``[metrics] exporter`` (or takes ``armor(..., metrics=...)``) and hands it
+to every layer. Rejections are counted once, where the envelope is rendered
+(``errors.render_for``), under the error's ``layer`` (docs/observability.md).
+
+Labels are bounded by construction: layers, error codes, rule names, breaker names,
+scheme names and configured route patterns. Client keys and raw paths never become labels.
+The exporter libraries are imported only when that exporter is built.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from asgi_armor.errors import _STATE_METRICS, ConfigError
+from asgi_armor.routes import Route, target
+
+if TYPE_CHECKING:
+    from asgi_armor._types import ASGIApp, Message, Receive, Scope, Send
+    from asgi_armor.config import MetricsEntry
+    from asgi_armor.errors import ArmorError
+
+__all__ = [
+    "BREAKER_STATES",
+    "DURATION_BUCKETS",
+    "LAYERS",
+    "OTHER_ROUTE",
+    "STATE_KEY",
+    "Metrics",
+    "OtelMetrics",
+    "PrometheusMetrics",
+    "RequestMetrics",
+    "RouteLabels",
+    "build_metrics",
+    "metrics_of",
+]
+
+#: Where ``ErrorMiddleware`` puts the sink in ``scope["state"]`` for ``render_for``.
+STATE_KEY: Final = _STATE_METRICS
+#: The ``layer`` label values of ``armor_decisions_total``, in stack order.
+LAYERS: Final = (
+    "input_limits",
+    "shedding",
+    "rate_limit",
+    "signature",
+    "idempotency",
+    "timeout",
+    "breaker",
+    "error",
+)
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+#: The ``http_route`` of a request no configured pattern matches (never the raw path).
+OTHER_ROUTE: Final = "other"
+#: OpenTelemetry's recommended buckets for ``http.server.request.duration`` (seconds).
+DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+# The OpenTelemetry HTTP conventions' known methods; any other is "_OTHER", so a client
+# sending "FOO1", "FOO2", ... adds no series.
+_METHODS: Final = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY")
+)
+_STATUS_TEXT: Final = {code: str(code) for code in range(100, 600)}
+
+
+def metrics_of(scope: Scope) -> Metrics | None:
+    """The sink ``ErrorMiddleware`` put in this request's state, if any."""
+    state = scope.get("state")
+    return None if state is None else state.get(STATE_KEY)
+
+
+class Metrics:
+    """The sink every layer reports to; this base is a no-op (exporters override it).
+
+    Components whose value is read rather than pushed (a breaker's state, the shedding
+    gauges) register a refresher with ``watch``; exporters call ``refresh()`` when they
+    are collected, so a breaker whose ``reset_timeout`` has passed reads half_open
+    without waiting for a request.
+    """
+
+    def __init__(self) -> None:
+        self._refreshers: list[Callable[[], object]] = []
+
+    def rejection(self, error: ArmorError, request_id: str, scope: Scope) -> None:
+        """An envelope is being sent for ``error``: ``decision(error.layer, error.error)``."""
+        self.decision(error.layer, error.error)
+
+    def decision(self, layer: str, result: str) -> None:
+        """A layer decided: ``result`` is the error code of a rejection."""
+
+    def rate_limit(self, policy: str, result: str) -> None:
+        """A rate-limit rule ``policy`` decided: allowed, limited, shadow_limited, store_error."""
+
+    def breaker_state(self, breaker: str, state: str) -> None:
+        """Breaker ``breaker`` is now in ``state`` (closed, open, half_open)."""
+
+    def breaker_call(self, breaker: str, result: str) -> None:
+        """A call through ``breaker``: success, failure or rejected."""
+
+    def idempotency(self, result: str) -> None:
+        """An idempotent request: executed, replayed, in_use, reused, missing, invalid."""
+
+    def signature(self, scheme: str, result: str) -> None:
+        """A signature check under ``scheme``: valid, invalid, replayed."""
+
+    def shedding(self, in_flight: int, queued: int) -> None:
+        """The load shedder's gauges now."""
+
+    def store_error(self, concern: str) -> None:
+        """The store failed for ``concern`` (rate_limit, idempotency, signature)."""
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """A request finished: ``route`` is a configured pattern or ``OTHER_ROUTE``."""
+
+    def watch(self, refresher: Callable[[], object]) -> None:
+        """Call ``refresher()`` whenever this sink is collected (it reports through the sink)."""
+        self._refreshers.append(refresher)
+
+    def refresh(self) -> None:
+        """Run every refresher: pull-style values report their current state."""
+        for refresher in tuple(self._refreshers):
+            refresher()
+
+
+class _Gauges(Metrics):
+    """The pull-style values both exporters keep: breaker states and shedding gauges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.breaker_states: dict[str, str] = {}
+        self.in_flight = 0
+        self.queued = 0
+
+    def breaker_state(self, breaker: str, state: str) -> None:
+        self.breaker_states[breaker] = state
+
+    def shedding(self, in_flight: int, queued: int) -> None:
+        self.in_flight = in_flight
+        self.queued = queued
+
+    def _breaker_samples(self) -> Iterator[tuple[str, str, int]]:
+        self.refresh()
+        for name, current in tuple(self.breaker_states.items()):
+            for state in BREAKER_STATES:
+                yield name, state, int(state == current)
+
+
+def _missing(extra: str, module: str) -> ConfigError:
+    return ConfigError(
+        f"metrics.exporter: {extra!r} needs {module}: pip install 'asgi-armor[{extra}]'"
+    )
+
+
+class PrometheusMetrics(_Gauges):
+    """Prometheus exporter (``prometheus_client``), in its own registry unless given one.
+
+    Args:
+        registry: a ``prometheus_client.CollectorRegistry``; None makes a new one, so two
+            armored apps in one process never collide.
+
+    Raises:
+        ConfigError: naming ``metrics.exporter`` when prometheus_client is not installed.
+    """
+
+    def __init__(self, registry: Any = None) -> None:
+        super().__init__()
+        try:
+            import prometheus_client as prom
+            from prometheus_client.core import GaugeMetricFamily
+        except ImportError:
+            raise _missing("prometheus", "prometheus_client") from None
+        self.registry = prom.CollectorRegistry() if registry is None else registry
+        self._prom = prom
+        reg = self.registry
+        self._decisions = prom.Counter(
+            "armor_decisions", "Rejections by layer and error code", ("layer", "result"),
+            registry=reg,
+        )  # fmt: skip
+        self._rate = prom.Counter(
+            "armor_rate_limit_requests", "Rate-limit decisions by rule", ("policy", "result"),
+            registry=reg,
+        )  # fmt: skip
+        self._calls = prom.Counter(
+            "armor_circuit_breaker_calls", "Calls through circuit breakers", ("breaker", "result"),
+            registry=reg,
+        )  # fmt: skip
+        self._idem = prom.Counter(
+            "armor_idempotency_requests", "Idempotency outcomes", ("result",), registry=reg
+        )
+        self._sig = prom.Counter(
+            "armor_signature_verifications", "Signature checks", ("scheme", "result"),
+            registry=reg,
+        )  # fmt: skip
+        self._store = prom.Counter(
+            "armor_store_errors", "Store failures by concern", ("concern",), registry=reg
+        )
+        self._duration = prom.Histogram(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP server requests",
+            ("http_request_method", "http_route", "http_response_status_code"),
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        sink = self
+
+        class _Live:
+            """Breaker states and shedding gauges, read when the registry is collected."""
+
+            def collect(self) -> Iterator[Any]:
+                state = GaugeMetricFamily(
+                    "armor_circuit_breaker_state",
+                    "1 for the breaker's current state, 0 for the others",
+                    labels=("breaker", "state"),
+                )
+                for name, label, value in sink._breaker_samples():
+                    state.add_metric((name, label), value)
+                yield state
+                yield GaugeMetricFamily(
+                    "armor_shedding_in_flight", "Requests in the app", value=sink.in_flight
+                )
+                yield GaugeMetricFamily(
+                    "armor_shedding_queued", "Requests waiting for a slot", value=sink.queued
+                )
+
+            def describe(self) -> list[Any]:
+                return []
+
+        reg.register(_Live())
+        # Labelled children by label tuple, made at first use: a dict lookup per event.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def decision(self, layer: str, result: str) -> None:
+        self._child(self._decisions, (layer, result)).inc()
+
+    def rate_limit(self, policy: str, result: str) -> None:
+        self._child(self._rate, (policy, result)).inc()
+
+    def breaker_call(self, breaker: str, result: str) -> None:
+        self._child(self._calls, (breaker, result)).inc()
+
+    def idempotency(self, result: str) -> None:
+        self._child(self._idem, (result,)).inc()
+
+    def signature(self, scheme: str, result: str) -> None:
+        self._child(self._sig, (scheme, result)).inc()
+
+    def store_error(self, concern: str) -> None:
+        self._child(self._store, (concern,)).inc()
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "_OTHER"
+        self._child(self._duration, (method, route, _STATUS_TEXT.get(status, "0"))).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (what ``GET /metrics`` answers)."""
+        data: bytes = self._prom.generate_latest(self.registry)
+        return data
+
+    #: The ``Content-Type`` of ``exposition()``.
+    CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class OtelMetrics(_Gauges):
+    """OpenTelemetry exporter: instruments on an ``opentelemetry-api`` meter.
+
+    Any SDK, reader and exporter the application installs receives them; without an SDK
+    the API's no-op meter makes every call free.
+
+    Args:
+        meter: the meter to use; else one from ``meter_provider`` (else the global one).
+        meter_provider: where to get the ``asgi_armor`` meter.
+
+    Raises:
+        ConfigError: naming ``metrics.exporter`` when opentelemetry-api is not installed.
+    """
+
+    def __init__(self, meter: Any = None, meter_provider: Any = None) -> None:
+        super().__init__()
+        try:
+            from opentelemetry import metrics as otel
+        except ImportError:
+            raise _missing("otel", "opentelemetry-api") from None
+        if meter is None:
+            provider = otel.get_meter_provider() if meter_provider is None else meter_provider
+            meter = provider.get_meter("asgi_armor")
+        self.meter = meter
+        self._decisions = meter.create_counter("armor.decisions", "1", "Rejections by layer")
+        self._rate = meter.create_counter("armor.rate_limit.requests", "1", "Rate-limit decisions")
+        self._calls = meter.create_counter("armor.circuit_breaker.calls", "1", "Breaker calls")
+        self._idem = meter.create_counter("armor.idempotency.requests", "1", "Idempotency")
+        self._sig = meter.create_counter("armor.signature.verifications", "1", "Signatures")
+        self._store = meter.create_counter("armor.store.errors", "1", "Store failures")
+        self._duration = meter.create_histogram(
+            "http.server.request.duration",
+            "s",
+            "Duration of HTTP server requests",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
+        observation = otel.Observation
+
+        def breaker_states(options: Any) -> Iterable[Any]:
+            return [
+                observation(value, {"breaker": name, "state": state})
+                for name, state, value in self._breaker_samples()
+            ]
+
+        def in_flight(options: Any) -> Iterable[Any]:
+            self.refresh()
+            return [observation(self.in_flight)]
+
+        def queued(options: Any) -> Iterable[Any]:
+            return [observation(self.queued)]
+
+        meter.create_observable_gauge("armor.circuit_breaker.state", [breaker_states], "1")
+        meter.create_observable_gauge("armor.shedding.in_flight", [in_flight], "1")
+        meter.create_observable_gauge("armor.shedding.queued", [queued], "1")
+        # Attribute dicts by label tuple, made once: the SDK keys its series on them.
+        self._attributes: dict[tuple[str, ...], dict[str, str]] = {}
+
+    def _attrs(self, names: Sequence[str], values: tuple[str, ...]) -> dict[str, str]:
+        key = (*names, *values)
+        found = self._attributes.get(key)
+        if found is None:
+            found = self._attributes[key] = dict(zip(names, values, strict=True))
+        return found
+
+    def decision(self, layer: str, result: str) -> None:
+        self._decisions.add(1, self._attrs(("layer", "result"), (layer, result)))
+
+    def rate_limit(self, policy: str, result: str) -> None:
+        self._rate.add(1, self._attrs(("policy", "result"), (policy, result)))
+
+    def breaker_call(self, breaker: str, result: str) -> None:
+        self._calls.add(1, self._attrs(("breaker", "result"), (breaker, result)))
+
+    def idempotency(self, result: str) -> None:
+        self._idem.add(1, self._attrs(("result",), (result,)))
+
+    def signature(self, scheme: str, result: str) -> None:
+        self._sig.add(1, self._attrs(("scheme", "result"), (scheme, result)))
+
+    def store_error(self, concern: str) -> None:
+        self._store.add(1, self._attrs(("concern",), (concern,)))
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "_OTHER"
+        attributes = self._attrs(_HTTP_ATTRIBUTES, (method, route, _STATUS_TEXT.get(status, "0")))
+        self._duration.record(seconds, attributes)
+
+
+_HTTP_ATTRIBUTES: Final = ("http.request.method", "http.route", "http.response.status_code")
+
+
+def build_metrics(entry: MetricsEntry | None) -> Metrics | None:
+    """The sink ``[metrics] exporter`` names, or None when there is no ``[metrics]``.
+
+    Raises:
+        ConfigError: naming ``metrics.exporter``: unknown, or its extra is not installed.
+    """
+    if entry is None:
+        return None
+    if entry.exporter == "prometheus":
+        return PrometheusMetrics()
+    if entry.exporter == "otel":
+        return OtelMetrics()
+    raise ConfigError(f"metrics.exporter: {entry.exporter!r} is not 'prometheus' or 'otel'")
+
+
+_LABEL_CACHE: Final = 4096
+_LABEL_CACHE_PATH: Final = 256
+
+
+class RouteLabels:
+    """The ``http_route`` label of a request: the best configured pattern, or ``OTHER_ROUTE``.
+
+    The most specific pattern wins: literal paths, then patterns with parameters, then
+    prefixes (longer first), then ``*``; a request none matches is ``OTHER_ROUTE``.
+
+    Args:
+        patterns: route patterns (``"GET /api/users/{user_id}"``); duplicates are ignored.
+
+    Raises:
+        ConfigError: a pattern is invalid.
+    """
+
+    __slots__ = ("_cache", "_routes")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        routes = [Route(p) for p in dict.fromkeys(patterns)]
+
+        def specificity(route: Route) -> tuple[int, int, int]:
+            path = route.pattern.strip().rpartition(" ")[2]
+            kind = 3 if path == "*" else 2 if path.endswith("/*") else 1 if route.params else 0
+            return kind, -len(path), route.methods is None
+
+        self._routes = tuple(sorted(routes, key=specificity))
+        self._cache: dict[tuple[str, str], str] = {}
+
+    def label(self, method: str, path: str) -> str:
+        """The label for ``(method, path)`` (the canonical target)."""
+        key = (method, path)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        found = OTHER_ROUTE
+        for route in self._routes:
+            if route.match(method, path) is not None:
+                found = route.pattern
+                break
+        if len(path) <= _LABEL_CACHE_PATH:
+            if len(self._cache) >= _LABEL_CACHE:
+                # Paths with parameters are unbounded: start over rather than grow.
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+
+class RequestMetrics:
+    """Outermost layer (only with metrics): ``http.server.request.duration`` per request.
+
+    Args:
+        app: the ASGI app to wrap (``ErrorMiddleware`` and the rest).
+        metrics: the sink.
+        routes: the route patterns requests are labelled with.
+        clock: monotonic seconds.
+    """
+
+    __slots__ = ("_clock", "_labels", "app", "metrics")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        routes: Iterable[str] = (),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self._labels = RouteLabels(routes)
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = self._clock()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            method, path = target(scope)
+            self.metrics.request(
+                method, self._labels.label(method, path), status, self._clock() - start
+            )
+
+    def __repr__(self) -> str:
+        return f"RequestMetrics(metrics={type(self.metrics).__name__})"
