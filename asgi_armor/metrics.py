@@ -246,6 +246,8 @@ class PrometheusMetrics(_Gauges):
         reg.register(_Live())
         # Labelled children by label tuple, made at first use: a dict lookup per event.
         self._children: dict[tuple[object, ...], Any] = {}
+        self._rate_children: dict[str, dict[str, Callable[[], None]]] = {}
+        self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (metric, *labels)
@@ -258,7 +260,14 @@ class PrometheusMetrics(_Gauges):
         self._child(self._decisions, (layer, result)).inc()
 
     def rate_limit(self, policy: str, result: str) -> None:
-        self._child(self._rate, (policy, result)).inc()
+        # Inlined two-level lookup: called once per matching rule of every request.
+        by_result = self._rate_children.get(policy)
+        if by_result is None:
+            by_result = self._rate_children[policy] = {}
+        inc = by_result.get(result)
+        if inc is None:
+            inc = by_result[result] = self._rate.labels(policy, result).inc
+        inc()
 
     def breaker_call(self, breaker: str, result: str) -> None:
         self._child(self._calls, (breaker, result)).inc()
@@ -273,9 +282,17 @@ class PrometheusMetrics(_Gauges):
         self._child(self._store, (concern,)).inc()
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
-        if method not in _METHODS:
-            method = "_OTHER"
-        self._child(self._duration, (method, route, _STATUS_TEXT.get(status, "0"))).observe(seconds)
+        key = (method, route, status)
+        observe = self._observers.get(key)
+        if observe is None:
+            if len(self._observers) >= 4096:
+                # Unknown methods share one label, "_OTHER", but each spelling is a key
+                # here: bounded like the route cache.
+                self._observers.clear()
+            label = method if method in _METHODS else "_OTHER"
+            child = self._duration.labels(label, route, _STATUS_TEXT.get(status, "0"))
+            observe = self._observers[key] = child.observe
+        observe(seconds)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (what ``GET /metrics`` answers)."""

@@ -934,11 +934,15 @@ def _check_status(app: Any, scope: dict[str, Any], body: bytes, expected: int = 
         raise RuntimeError(f"middleware benchmark misconfigured: status {statuses}")
 
 
+#: The full stack reporting every decision to a Prometheus sink (issue 19).
+METRICS_CASE = "layers: full stack + Prometheus metrics"
+
+
 def layers(repeats: int, n: int) -> list[Row]:
     """Per-request cost of each layer of the served full stack, in-process (no server)."""
     import apps
 
-    from asgi_armor import armor
+    from asgi_armor import PrometheusMetrics, armor
 
     body = b'{"branch": "main"}'
     headers = [
@@ -969,6 +973,12 @@ def layers(repeats: int, n: int) -> list[Row]:
         variants[f"layers: {label} alone"] = alone(kind)
     variants["layers: full stack"] = armor(
         apps.asgi_app, apps.armor_config("memory", "bench:"), identify=apps.identify
+    )
+    variants[METRICS_CASE] = armor(
+        apps.asgi_app,
+        apps.armor_config("memory", "bench:"),
+        identify=apps.identify,
+        metrics=PrometheusMetrics(),
     )
 
     def loop(app: Any) -> Any:
