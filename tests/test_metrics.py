@@ -3,10 +3,12 @@ series per client, the exporters' lazy imports and the located config errors."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -345,3 +347,43 @@ async def test_otel_exporter_uses_dotted_names_and_http_attributes(clock: FakeCl
         "http.response.status_code": "500",
     }
     assert point.count == 1
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _exported_names() -> set[str]:
+    text = PrometheusMetrics().exposition().decode()
+    names = set(re.findall(r"^# TYPE (\S+) (?:counter|gauge|histogram)$", text, re.MULTILINE))
+    # Counters are exposed as NAME_total, histograms as NAME_bucket/_count/_sum.
+    return {n for n in names if not n.endswith("_created")}
+
+
+def test_the_docs_and_the_grafana_dashboard_name_only_real_metrics() -> None:
+    names = _exported_names()
+    assert names == {
+        "armor_decisions_total",
+        "armor_rate_limit_requests_total",
+        "armor_circuit_breaker_calls_total",
+        "armor_idempotency_requests_total",
+        "armor_signature_verifications_total",
+        "armor_store_errors_total",
+        "http_server_request_duration_seconds",
+        "armor_circuit_breaker_state",
+        "armor_shedding_in_flight",
+        "armor_shedding_queued",
+    }
+    page = (DOCS / "observability.md").read_text()
+    assert [n for n in sorted(names) if f"`{n}`" not in page] == []
+    dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(?:armor|http_server)_[a-z_]+", target["expr"])
+    }
+    histogram = "http_server_request_duration_seconds"
+    known = names | {f"{histogram}_bucket", f"{histogram}_count", f"{histogram}_sum"}
+    assert used - known == set()
+    # Every family is on the dashboard.
+    assert {n for n in names if not any(u.startswith(n) for u in used)} == set()
