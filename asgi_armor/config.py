@@ -147,10 +147,13 @@ class MetricsEntry(_Entry):
     ``exporter`` is ``"prometheus"`` (extra ``prometheus``) or ``"otel"`` (extra
     ``otel``). ``routes`` are extra route patterns for the ``http_route`` label, besides
     those the other entries name; a request matching none is labelled ``"other"``.
+    ``path`` (Prometheus only, e.g. ``"/metrics"``) serves the scrape endpoint from the
+    armored app itself, before every protection (``asgi-armor run`` has no other way).
     """
 
     exporter: Literal["prometheus", "otel"]
     routes: list[str] = msgspec.field(default_factory=list)
+    path: str | None = None
 
 
 class ArmorConfig(_Entry):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
-from asgi_armor.errors import _STATE_METRICS, ConfigError
+from asgi_armor.errors import _STATE_METRICS, ConfigError, MethodNotAllowed, send_error
 from asgi_armor.routes import Route, target
 
 if TYPE_CHECKING:
@@ -466,27 +466,45 @@ class RequestMetrics:
         app: the ASGI app to wrap (``ErrorMiddleware`` and the rest).
         metrics: the sink.
         routes: the route patterns requests are labelled with.
+        path: serve ``GET path`` as the Prometheus text, before every protection (the
+            sink must be a ``PrometheusMetrics``).
         clock: monotonic seconds.
+
+    Raises:
+        ConfigError: ``path`` is not a path, or the sink cannot render the text format.
     """
 
-    __slots__ = ("_clock", "_labels", "app", "metrics")
+    __slots__ = ("_clock", "_labels", "_path", "app", "metrics")
 
     def __init__(
         self,
         app: ASGIApp,
         *,
         metrics: Metrics,
-        routes: Iterable[str] = (),
+        routes: Iterable[str] | RouteLabels = (),
+        path: str | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        if path is not None:
+            if not path.startswith("/"):
+                raise ConfigError(f"metrics.path: {path!r} must start with '/'")
+            if not isinstance(metrics, PrometheusMetrics):
+                raise ConfigError(
+                    "metrics.path: only the prometheus exporter serves a scrape endpoint "
+                    "(OpenTelemetry exports through the SDK's reader)"
+                )
         self.app = app
         self.metrics = metrics
-        self._labels = RouteLabels(routes)
+        self._labels = routes if isinstance(routes, RouteLabels) else RouteLabels(routes)
+        self._path = path
         self._clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self._path is not None and scope["path"] == self._path:
+            await self._scrape(scope, send)
             return
         start = self._clock()
         status = 500
@@ -504,6 +522,21 @@ class RequestMetrics:
             self.metrics.request(
                 method, self._labels.label(method, path), status, self._clock() - start
             )
+
+    async def _scrape(self, scope: Scope, send: Send) -> None:
+        """The Prometheus text for ``GET``; 405 (the envelope) for another method."""
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_error(scope, send, MethodNotAllowed(["GET", "HEAD"]))
+            return
+        body = cast("PrometheusMetrics", self.metrics).exposition()
+        headers = [
+            (b"content-type", PrometheusMetrics.CONTENT_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if scope["method"] == "HEAD":
+            body = b""
+        await send({"type": "http.response.body", "body": body})
 
     def __repr__(self) -> str:
         return f"RequestMetrics(metrics={type(self.metrics).__name__})"

@@ -25,7 +25,7 @@ from asgi_armor.config import ArmorConfig, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
-from asgi_armor.metrics import Metrics, RequestMetrics, build_metrics
+from asgi_armor.metrics import Metrics, RequestMetrics, RouteLabels, build_metrics
 from asgi_armor.ratelimit import RateLimitMiddleware, Rule
 from asgi_armor.ratelimit.rules import KEY_USER
 from asgi_armor.routes import Route
@@ -392,7 +392,10 @@ def armor(
     add(ErrorMiddleware, error_format=config.error_format, metrics=metrics)
     if metrics is not None:
         with _entry("metrics.routes"):
-            add(RequestMetrics, metrics=metrics, routes=_label_routes(config))
+            labels = RouteLabels(_label_routes(config))
+        with _entry("metrics"):
+            scrape_path = config.metrics.path if config.metrics else None
+            add(RequestMetrics, metrics=metrics, routes=labels, path=scrape_path)
     layers.reverse()
     return Armored(app, config, store, layers, metrics)
 

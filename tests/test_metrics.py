@@ -387,3 +387,37 @@ def test_the_docs_and_the_grafana_dashboard_name_only_real_metrics() -> None:
     assert used - known == set()
     # Every family is on the dashboard.
     assert {n for n in names if not any(u.startswith(n) for u in used)} == set()
+
+
+async def test_the_scrape_path_is_served_before_every_protection() -> None:
+    config = ArmorConfig.from_dict(
+        {
+            "metrics": {"exporter": "prometheus", "path": "/metrics"},
+            "rate_limit": [{"route": "* /*", "rate": "1/minute", "name": "all"}],
+            "shedding": {"max_concurrent": 1},
+        }
+    )
+    app = armor(ok_app, config)
+    async with client(app) as c:
+        assert (await c.get("/anything")).status_code == 200
+        assert (await c.get("/anything")).status_code == 429
+        scrapes = [await c.get("/metrics") for _ in range(3)]
+        refused = await c.post("/metrics")
+        head = await c.head("/metrics")
+    assert [r.status_code for r in scrapes] == [200, 200, 200]
+    assert "ratelimit" not in {k.lower() for k in scrapes[0].headers}
+    assert scrapes[0].headers["content-type"] == PrometheusMetrics.CONTENT_TYPE
+    samples = scrape(scrapes[-1].text)
+    assert value(samples, "armor_decisions_total", layer="rate_limit", result="rate_limited") == 1
+    assert refused.status_code == 405
+    assert refused.json()["error"] == "method_not_allowed"
+    assert refused.headers["allow"] == "GET, HEAD"
+    assert head.status_code == 200
+    assert head.content == b""
+    with pytest.raises(ConfigError, match=r"^metrics.path: only the prometheus exporter"):
+        armor(ok_app, ArmorConfig.from_dict({"metrics": {"exporter": "otel", "path": "/m"}}))
+    with pytest.raises(ConfigError, match=r"^metrics.path: 'metrics' must start with '/'$"):
+        armor(
+            ok_app,
+            ArmorConfig.from_dict({"metrics": {"exporter": "prometheus", "path": "metrics"}}),
+        )
