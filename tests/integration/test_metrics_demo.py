@@ -141,6 +141,9 @@ async def drive(
         # Every other task is blocked: the search is asleep in the app, holding the slot.
         await anyio.wait_all_tasks_blocked()
         assert limit.in_flight == 1
+        # The dashboard's routes are exempt from shedding: served while the API sheds.
+        for path in ("/metrics", "/demo/state", "/"):
+            assert (await client.get(path)).status_code == 200
         responses["shed"] = await client.get("/api/users/2")
     assert_envelope(responses["search"], 504, "timeout")
     assert_envelope(responses["shed"], 503, "overloaded")
