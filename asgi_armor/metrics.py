@@ -13,6 +13,8 @@ The exporter libraries are imported only when that exporter is built.
 
 from __future__ import annotations
 
+import bisect
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -169,8 +171,25 @@ def _missing(extra: str, module: str) -> ConfigError:
     )
 
 
+# The counters of the Prometheus exporter: (name, help, label names).
+_COUNTERS: Final = (
+    ("armor_decisions", "Rejections by layer and error code", ("layer", "result")),
+    ("armor_rate_limit_requests", "Rate-limit decisions by rule", ("policy", "result")),
+    ("armor_circuit_breaker_calls", "Calls through circuit breakers", ("breaker", "result")),
+    ("armor_idempotency_requests", "Idempotency outcomes", ("result",)),
+    ("armor_signature_verifications", "Signature checks", ("scheme", "result")),
+    ("armor_store_errors", "Store failures by concern", ("concern",)),
+)
+_DURATION_LABELS: Final = ("http_request_method", "http_route", "http_response_status_code")
+_BUCKET_TEXT: Final = tuple(repr(bound) for bound in DURATION_BUCKETS)
+
+
 class PrometheusMetrics(_Gauges):
     """Prometheus exporter (``prometheus_client``), in its own registry unless given one.
+
+    The values are plain numbers behind one lock, rendered by a collector when the
+    registry is collected: a ``prometheus_client`` labelled child takes a lock per value
+    (a histogram observation two), which cost about three times as much per request.
 
     Args:
         registry: a ``prometheus_client.CollectorRegistry``; None makes a new one, so two
@@ -180,51 +199,50 @@ class PrometheusMetrics(_Gauges):
         ConfigError: naming ``metrics.exporter`` when prometheus_client is not installed.
     """
 
+    #: The ``Content-Type`` of ``exposition()``.
+    CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
     def __init__(self, registry: Any = None) -> None:
         super().__init__()
         try:
             import prometheus_client as prom
-            from prometheus_client.core import GaugeMetricFamily
+            from prometheus_client.core import (
+                CounterMetricFamily,
+                GaugeMetricFamily,
+                HistogramMetricFamily,
+            )
         except ImportError:
             raise _missing("prometheus", "prometheus_client") from None
         self.registry = prom.CollectorRegistry() if registry is None else registry
         self._prom = prom
-        reg = self.registry
-        self._decisions = prom.Counter(
-            "armor_decisions", "Rejections by layer and error code", ("layer", "result"),
-            registry=reg,
-        )  # fmt: skip
-        self._rate = prom.Counter(
-            "armor_rate_limit_requests", "Rate-limit decisions by rule", ("policy", "result"),
-            registry=reg,
-        )  # fmt: skip
-        self._calls = prom.Counter(
-            "armor_circuit_breaker_calls", "Calls through circuit breakers", ("breaker", "result"),
-            registry=reg,
-        )  # fmt: skip
-        self._idem = prom.Counter(
-            "armor_idempotency_requests", "Idempotency outcomes", ("result",), registry=reg
-        )
-        self._sig = prom.Counter(
-            "armor_signature_verifications", "Signature checks", ("scheme", "result"),
-            registry=reg,
-        )  # fmt: skip
-        self._store = prom.Counter(
-            "armor_store_errors", "Store failures by concern", ("concern",), registry=reg
-        )
-        self._duration = prom.Histogram(
-            "http_server_request_duration_seconds",
-            "Duration of HTTP server requests",
-            ("http_request_method", "http_route", "http_response_status_code"),
-            buckets=DURATION_BUCKETS,
-            registry=reg,
-        )
+        # Threads may share the sink (a breaker used from worker threads): one lock,
+        # held for an increment only, never across an await.
+        self._lock = threading.Lock()
+        # counter name -> label values -> [count]; made at first use of each label set.
+        self._counts: dict[str, dict[tuple[str, ...], list[int]]] = {
+            name: {} for name, _, _ in _COUNTERS
+        }
+        self._decision_cells = self._counts["armor_decisions"]
+        self._rate_cells: dict[str, dict[str, list[int]]] = {}
+        # (method, route, status) -> [sum, count per bucket..., count above the last]
+        self._durations: dict[tuple[str, str, int], list[float]] = {}
         sink = self
 
-        class _Live:
-            """Breaker states and shedding gauges, read when the registry is collected."""
+        class _Collector:
+            """Everything the sink holds, rendered when the registry is collected."""
 
             def collect(self) -> Iterator[Any]:
+                with sink._lock:
+                    counts = {
+                        name: [(key, cell[0]) for key, cell in cells.items()]
+                        for name, cells in sink._counts.items()
+                    }
+                    durations = [(key, list(cell)) for key, cell in sink._durations.items()]
+                for name, documentation, labels in _COUNTERS:
+                    family = CounterMetricFamily(name, documentation, labels=labels)
+                    for key, count in counts[name]:
+                        family.add_metric(key, count)
+                    yield family
                 state = GaugeMetricFamily(
                     "armor_circuit_breaker_state",
                     "1 for the breaker's current state, 0 for the others",
@@ -239,68 +257,78 @@ class PrometheusMetrics(_Gauges):
                 yield GaugeMetricFamily(
                     "armor_shedding_queued", "Requests waiting for a slot", value=sink.queued
                 )
+                histogram = HistogramMetricFamily(
+                    "http_server_request_duration_seconds",
+                    "Duration of HTTP server requests",
+                    labels=_DURATION_LABELS,
+                )
+                for (method, route, status), cell in durations:
+                    running = 0.0
+                    buckets: list[tuple[str, float]] = []
+                    for text, hits in zip((*_BUCKET_TEXT, "+Inf"), cell[1:], strict=True):
+                        running += hits
+                        buckets.append((text, running))
+                    values = (method, route, _STATUS_TEXT.get(status, "0"))
+                    histogram.add_metric(values, buckets, sum_value=cell[0])
+                yield histogram
 
             def describe(self) -> list[Any]:
                 return []
 
-        reg.register(_Live())
-        # Labelled children by label tuple, made at first use: a dict lookup per event.
-        self._children: dict[tuple[object, ...], Any] = {}
-        self._rate_children: dict[str, dict[str, Callable[[], None]]] = {}
-        self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
+        self.registry.register(_Collector())
 
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def _inc(self, name: str, key: tuple[str, ...]) -> None:
+        cells = self._counts[name]
+        cell = cells.get(key)
+        if cell is None:
+            cell = cells.setdefault(key, [0])
+        with self._lock:
+            cell[0] += 1
 
     def decision(self, layer: str, result: str) -> None:
-        self._child(self._decisions, (layer, result)).inc()
+        self._inc("armor_decisions", (layer, result))
 
     def rate_limit(self, policy: str, result: str) -> None:
         # Inlined two-level lookup: called once per matching rule of every request.
-        by_result = self._rate_children.get(policy)
+        by_result = self._rate_cells.get(policy)
         if by_result is None:
-            by_result = self._rate_children[policy] = {}
-        inc = by_result.get(result)
-        if inc is None:
-            inc = by_result[result] = self._rate.labels(policy, result).inc
-        inc()
+            by_result = self._rate_cells.setdefault(policy, {})
+        cell = by_result.get(result)
+        if cell is None:
+            cells = self._counts["armor_rate_limit_requests"]
+            cell = by_result.setdefault(result, cells.setdefault((policy, result), [0]))
+        with self._lock:
+            cell[0] += 1
 
     def breaker_call(self, breaker: str, result: str) -> None:
-        self._child(self._calls, (breaker, result)).inc()
+        self._inc("armor_circuit_breaker_calls", (breaker, result))
 
     def idempotency(self, result: str) -> None:
-        self._child(self._idem, (result,)).inc()
+        self._inc("armor_idempotency_requests", (result,))
 
     def signature(self, scheme: str, result: str) -> None:
-        self._child(self._sig, (scheme, result)).inc()
+        self._inc("armor_signature_verifications", (scheme, result))
 
     def store_error(self, concern: str) -> None:
-        self._child(self._store, (concern,)).inc()
+        self._inc("armor_store_errors", (concern,))
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "_OTHER"  # any other spelling is one series, and one key here
         key = (method, route, status)
-        observe = self._observers.get(key)
-        if observe is None:
-            if len(self._observers) >= 4096:
-                # Unknown methods share one label, "_OTHER", but each spelling is a key
-                # here: bounded like the route cache.
-                self._observers.clear()
-            label = method if method in _METHODS else "_OTHER"
-            child = self._duration.labels(label, route, _STATUS_TEXT.get(status, "0"))
-            observe = self._observers[key] = child.observe
-        observe(seconds)
+        cell = self._durations.get(key)
+        if cell is None:
+            cell = self._durations.setdefault(key, [0.0] * (len(DURATION_BUCKETS) + 2))
+        # The bucket's index, plus one: cell[0] is the sum.
+        index = bisect.bisect_left(DURATION_BUCKETS, seconds) + 1
+        with self._lock:
+            cell[0] += seconds
+            cell[index] += 1
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (what ``GET /metrics`` answers)."""
         data: bytes = self._prom.generate_latest(self.registry)
         return data
-
-    #: The ``Content-Type`` of ``exposition()``.
-    CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class OtelMetrics(_Gauges):
