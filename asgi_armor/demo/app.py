@@ -221,6 +221,7 @@ class Demo:
 
 _BANNER = """\
 asgi_armor demo: {url}  (store: {store})
+live dashboard: {url}/   Prometheus metrics: {url}/metrics
 
   curl -i {url}/healthz
   curl -i -X POST {url}/api/users -H 'Content-Type: application/json' \\
