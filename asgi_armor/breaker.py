@@ -243,7 +243,11 @@ class CircuitBreaker:
 
     @property
     def metrics(self) -> Metrics | None:
-        """The sink this breaker reports to (None: none)."""
+        """The sink this breaker reports to (None: none).
+
+        Setting it reports the current state and registers the breaker with the sink, which
+        reads its state when collected (and so keeps it alive as long as the sink lives).
+        """
         return self._metrics
 
     @metrics.setter

@@ -33,6 +33,7 @@ from asgi_armor._store_policy import StorePolicy
 from asgi_armor.config import MetricsEntry, SheddingConfig
 from asgi_armor.metrics import LAYERS, OTHER_ROUTE, RequestMetrics, RouteLabels, build_metrics
 from asgi_armor.stores.base import StoreError
+from asgi_armor.stores.memory import MemoryStore
 from tests.conftest import FakeClock
 from tests.metrics_helpers import by_label, otel_points, otel_sum_by, scrape, series, value
 
@@ -421,3 +422,44 @@ async def test_the_scrape_path_is_served_before_every_protection() -> None:
             ok_app,
             ArmorConfig.from_dict({"metrics": {"exporter": "prometheus", "path": "metrics"}}),
         )
+
+
+class DownStore(MemoryStore):
+    """A rate-limit store that cannot answer."""
+
+    async def hit_buckets(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreError("connection refused")
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_a_failing_rate_limit_store_is_counted_logged_and_labelled(
+    policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = PrometheusMetrics()
+    config = ArmorConfig.from_dict(
+        {
+            "rate_limit": [
+                {"route": "* /api/*", "rate": "10/minute", "name": "ip"},
+                {"route": "GET /api/x", "rate": "10/minute", "name": "x"},
+            ],
+            "rate_limit_on_store_error": policy,
+        }
+    )
+    app = armor(ok_app, config, metrics=sink, store=DownStore())
+    with caplog.at_level(logging.WARNING, "asgi_armor"):
+        async with client(app) as c:
+            response = await c.get("/api/x")
+    samples = scrape(sink.exposition().decode())
+    assert value(samples, "armor_rate_limit_requests_total", policy="ip", result="store_error") == 1
+    assert value(samples, "armor_rate_limit_requests_total", policy="x", result="store_error") == 1
+    assert value(samples, "armor_store_errors_total", concern="rate_limit") == 1
+    request_id = response.headers["x-request-id"]
+    [line] = [r.getMessage() for r in caplog.records if "rate-limit store" in r.getMessage()]
+    assert f"[request_id={request_id}]" in line
+    decisions = by_label(samples, "armor_decisions_total", "layer")
+    if policy == "allow":
+        assert response.status_code == 200
+        assert decisions == {}
+    else:
+        assert response.status_code == 503
+        assert decisions == {"rate_limit": 1}
