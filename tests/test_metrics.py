@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -463,3 +464,45 @@ async def test_a_failing_rate_limit_store_is_counted_logged_and_labelled(
     else:
         assert response.status_code == 503
         assert decisions == {"rate_limit": 1}
+
+
+async def test_idempotency_outcomes_include_the_key_in_use() -> None:
+    sink = PrometheusMetrics()
+    entered, release = anyio.Event(), anyio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        entered.set()
+        await release.wait()
+        await ok_app(scope, receive, send)
+
+    config = ArmorConfig.from_dict({"idempotency": [{"route": "POST /pay"}]})
+    app = armor(slow_app, config, metrics=sink)
+    headers = {"Idempotency-Key": "k1", "content-type": "application/json"}
+    statuses: list[int] = []
+    async with client(app) as c:
+
+        async def first() -> None:
+            statuses.append((await c.post("/pay", content=b"{}", headers=headers)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await entered.wait()
+            second = await c.post("/pay", content=b"{}", headers=headers)
+            release.set()
+        replay = await c.post("/pay", content=b"{}", headers=headers)
+        invalid = await c.post("/pay", content=b"{}", headers={"Idempotency-Key": ""})
+    assert second.status_code == 409
+    assert statuses == [200]
+    assert replay.status_code == 200
+    assert invalid.status_code == 400
+    samples = scrape(sink.exposition().decode())
+    assert by_label(samples, "armor_idempotency_requests_total", "result") == {
+        "executed": 1,
+        "in_use": 1,
+        "replayed": 1,
+        "invalid": 1,
+    }
+    assert by_label(samples, "armor_decisions_total", "result") == {
+        "idempotency_key_in_use": 1,
+        "idempotency_key_invalid": 1,
+    }
