@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from asgi_armor.errors import _STATE_METRICS, ConfigError, MethodNotAllowed, send_error
@@ -142,14 +142,47 @@ class Metrics:
             refresher()
 
 
-class _Gauges(Metrics):
-    """The pull-style values both exporters keep: breaker states and shedding gauges."""
+# The counters both exporters keep: Prometheus name, OpenTelemetry name, help, labels.
+_COUNTERS: Final = (
+    ("armor_decisions", "armor.decisions", "Rejections by layer and error code",
+     ("layer", "result")),
+    ("armor_rate_limit_requests", "armor.rate_limit.requests", "Rate-limit decisions by rule",
+     ("policy", "result")),
+    ("armor_circuit_breaker_calls", "armor.circuit_breaker.calls",
+     "Calls through circuit breakers", ("breaker", "result")),
+    ("armor_idempotency_requests", "armor.idempotency.requests", "Idempotency outcomes",
+     ("result",)),
+    ("armor_signature_verifications", "armor.signature.verifications", "Signature checks",
+     ("scheme", "result")),
+    ("armor_store_errors", "armor.store.errors", "Store failures by concern", ("concern",)),
+)  # fmt: skip
+_DURATION_LABELS: Final = ("http_request_method", "http_route", "http_response_status_code")
+_HTTP_ATTRIBUTES: Final = ("http.request.method", "http.route", "http.response.status_code")
+_BUCKET_TEXT: Final = tuple(repr(bound) for bound in DURATION_BUCKETS)
+
+
+class _Local(Metrics):
+    """What both exporters keep in the process and hand over when collected.
+
+    Counters are plain numbers behind one lock: an exporter library's own counter costs
+    several times more per call (prometheus_client takes a lock per labelled value; the
+    OpenTelemetry SDK hashes the attributes of every ``add``, about 5 us). Breaker states
+    and the shedding gauges are read (``refresh()``) at collection.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.breaker_states: dict[str, str] = {}
         self.in_flight = 0
         self.queued = 0
+        # Threads may share the sink (a breaker used from worker threads): one lock,
+        # held for an increment only, never across an await.
+        self._lock = threading.Lock()
+        # counter name -> label values -> [count]; made at first use of each label set.
+        self._counts: dict[str, dict[tuple[str, ...], list[int]]] = {
+            name: {} for name, _, _, _ in _COUNTERS
+        }
+        self._rate_cells: dict[str, dict[str, list[int]]] = {}
 
     def breaker_state(self, breaker: str, state: str) -> None:
         self.breaker_states[breaker] = state
@@ -157,6 +190,48 @@ class _Gauges(Metrics):
     def shedding(self, in_flight: int, queued: int) -> None:
         self.in_flight = in_flight
         self.queued = queued
+
+    def _inc(self, name: str, key: tuple[str, ...]) -> None:
+        cells = self._counts[name]
+        cell = cells.get(key)
+        if cell is None:
+            cell = cells.setdefault(key, [0])
+        with self._lock:
+            cell[0] += 1
+
+    def decision(self, layer: str, result: str) -> None:
+        self._inc("armor_decisions", (layer, result))
+
+    def rate_limit(self, policy: str, result: str) -> None:
+        # Inlined two-level lookup: called once per matching rule of every request.
+        by_result = self._rate_cells.get(policy)
+        if by_result is None:
+            by_result = self._rate_cells.setdefault(policy, {})
+        cell = by_result.get(result)
+        if cell is None:
+            cells = self._counts["armor_rate_limit_requests"]
+            cell = by_result.setdefault(result, cells.setdefault((policy, result), [0]))
+        with self._lock:
+            cell[0] += 1
+
+    def breaker_call(self, breaker: str, result: str) -> None:
+        self._inc("armor_circuit_breaker_calls", (breaker, result))
+
+    def idempotency(self, result: str) -> None:
+        self._inc("armor_idempotency_requests", (result,))
+
+    def signature(self, scheme: str, result: str) -> None:
+        self._inc("armor_signature_verifications", (scheme, result))
+
+    def store_error(self, concern: str) -> None:
+        self._inc("armor_store_errors", (concern,))
+
+    def _counter_values(self) -> dict[str, list[tuple[tuple[str, ...], int]]]:
+        with self._lock:
+            return {
+                name: [(key, cell[0]) for key, cell in cells.items()]
+                for name, cells in self._counts.items()
+            }
 
     def _breaker_samples(self) -> Iterator[tuple[str, str, int]]:
         self.refresh()
@@ -171,25 +246,11 @@ def _missing(extra: str, module: str) -> ConfigError:
     )
 
 
-# The counters of the Prometheus exporter: (name, help, label names).
-_COUNTERS: Final = (
-    ("armor_decisions", "Rejections by layer and error code", ("layer", "result")),
-    ("armor_rate_limit_requests", "Rate-limit decisions by rule", ("policy", "result")),
-    ("armor_circuit_breaker_calls", "Calls through circuit breakers", ("breaker", "result")),
-    ("armor_idempotency_requests", "Idempotency outcomes", ("result",)),
-    ("armor_signature_verifications", "Signature checks", ("scheme", "result")),
-    ("armor_store_errors", "Store failures by concern", ("concern",)),
-)
-_DURATION_LABELS: Final = ("http_request_method", "http_route", "http_response_status_code")
-_BUCKET_TEXT: Final = tuple(repr(bound) for bound in DURATION_BUCKETS)
-
-
-class PrometheusMetrics(_Gauges):
+class PrometheusMetrics(_Local):
     """Prometheus exporter (``prometheus_client``), in its own registry unless given one.
 
-    The values are plain numbers behind one lock, rendered by a collector when the
-    registry is collected: a ``prometheus_client`` labelled child takes a lock per value
-    (a histogram observation two), which cost about three times as much per request.
+    The values live in the sink and are rendered by a collector when the registry is
+    collected (a scrape, ``exposition()``).
 
     Args:
         registry: a ``prometheus_client.CollectorRegistry``; None makes a new one, so two
@@ -215,15 +276,6 @@ class PrometheusMetrics(_Gauges):
             raise _missing("prometheus", "prometheus_client") from None
         self.registry = prom.CollectorRegistry() if registry is None else registry
         self._prom = prom
-        # Threads may share the sink (a breaker used from worker threads): one lock,
-        # held for an increment only, never across an await.
-        self._lock = threading.Lock()
-        # counter name -> label values -> [count]; made at first use of each label set.
-        self._counts: dict[str, dict[tuple[str, ...], list[int]]] = {
-            name: {} for name, _, _ in _COUNTERS
-        }
-        self._decision_cells = self._counts["armor_decisions"]
-        self._rate_cells: dict[str, dict[str, list[int]]] = {}
         # (method, route, status) -> [sum, count per bucket..., count above the last]
         self._durations: dict[tuple[str, str, int], list[float]] = {}
         sink = self
@@ -232,13 +284,10 @@ class PrometheusMetrics(_Gauges):
             """Everything the sink holds, rendered when the registry is collected."""
 
             def collect(self) -> Iterator[Any]:
+                counts = sink._counter_values()
                 with sink._lock:
-                    counts = {
-                        name: [(key, cell[0]) for key, cell in cells.items()]
-                        for name, cells in sink._counts.items()
-                    }
                     durations = [(key, list(cell)) for key, cell in sink._durations.items()]
-                for name, documentation, labels in _COUNTERS:
+                for name, _, documentation, labels in _COUNTERS:
                     family = CounterMetricFamily(name, documentation, labels=labels)
                     for key, count in counts[name]:
                         family.add_metric(key, count)
@@ -277,41 +326,6 @@ class PrometheusMetrics(_Gauges):
 
         self.registry.register(_Collector())
 
-    def _inc(self, name: str, key: tuple[str, ...]) -> None:
-        cells = self._counts[name]
-        cell = cells.get(key)
-        if cell is None:
-            cell = cells.setdefault(key, [0])
-        with self._lock:
-            cell[0] += 1
-
-    def decision(self, layer: str, result: str) -> None:
-        self._inc("armor_decisions", (layer, result))
-
-    def rate_limit(self, policy: str, result: str) -> None:
-        # Inlined two-level lookup: called once per matching rule of every request.
-        by_result = self._rate_cells.get(policy)
-        if by_result is None:
-            by_result = self._rate_cells.setdefault(policy, {})
-        cell = by_result.get(result)
-        if cell is None:
-            cells = self._counts["armor_rate_limit_requests"]
-            cell = by_result.setdefault(result, cells.setdefault((policy, result), [0]))
-        with self._lock:
-            cell[0] += 1
-
-    def breaker_call(self, breaker: str, result: str) -> None:
-        self._inc("armor_circuit_breaker_calls", (breaker, result))
-
-    def idempotency(self, result: str) -> None:
-        self._inc("armor_idempotency_requests", (result,))
-
-    def signature(self, scheme: str, result: str) -> None:
-        self._inc("armor_signature_verifications", (scheme, result))
-
-    def store_error(self, concern: str) -> None:
-        self._inc("armor_store_errors", (concern,))
-
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         if method not in _METHODS:
             method = "_OTHER"  # any other spelling is one series, and one key here
@@ -331,11 +345,13 @@ class PrometheusMetrics(_Gauges):
         return data
 
 
-class OtelMetrics(_Gauges):
+class OtelMetrics(_Local):
     """OpenTelemetry exporter: instruments on an ``opentelemetry-api`` meter.
 
     Any SDK, reader and exporter the application installs receives them; without an SDK
-    the API's no-op meter makes every call free.
+    the API's no-op meter makes every call free. The counters are observable counters
+    (the sink counts, the SDK reads the totals when it collects); the request duration
+    is a histogram, recorded per request.
 
     Args:
         meter: the meter to use; else one from ``meter_provider`` (else the global one).
@@ -355,23 +371,30 @@ class OtelMetrics(_Gauges):
             provider = otel.get_meter_provider() if meter_provider is None else meter_provider
             meter = provider.get_meter("asgi_armor")
         self.meter = meter
-        self._decisions = meter.create_counter("armor.decisions", "1", "Rejections by layer")
-        self._rate = meter.create_counter("armor.rate_limit.requests", "1", "Rate-limit decisions")
-        self._calls = meter.create_counter("armor.circuit_breaker.calls", "1", "Breaker calls")
-        self._idem = meter.create_counter("armor.idempotency.requests", "1", "Idempotency")
-        self._sig = meter.create_counter("armor.signature.verifications", "1", "Signatures")
-        self._store = meter.create_counter("armor.store.errors", "1", "Store failures")
-        self._duration = meter.create_histogram(
-            "http.server.request.duration",
-            "s",
-            "Duration of HTTP server requests",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
-        )
         observation = otel.Observation
+        # Attribute dicts by label values, made once: the SDK keys its series on them.
+        attributes: dict[tuple[str, ...], dict[str, str]] = {}
+
+        def attrs(names: tuple[str, ...], values: tuple[str, ...]) -> dict[str, str]:
+            key = (*names, *values)
+            found = attributes.get(key)
+            if found is None:
+                found = attributes[key] = dict(zip(names, values, strict=True))
+            return found
+
+        def counter(name: str, labels: tuple[str, ...]) -> Callable[[Any], Iterable[Any]]:
+            def observe(options: Any) -> Iterable[Any]:
+                values = self._counter_values()[name]
+                return [observation(count, attrs(labels, key)) for key, count in values]
+
+            return observe
+
+        for name, otel_name, documentation, labels in _COUNTERS:
+            meter.create_observable_counter(otel_name, [counter(name, labels)], "1", documentation)
 
         def breaker_states(options: Any) -> Iterable[Any]:
             return [
-                observation(value, {"breaker": name, "state": state})
+                observation(value, attrs(("breaker", "state"), (name, state)))
                 for name, state, value in self._breaker_samples()
             ]
 
@@ -385,42 +408,23 @@ class OtelMetrics(_Gauges):
         meter.create_observable_gauge("armor.circuit_breaker.state", [breaker_states], "1")
         meter.create_observable_gauge("armor.shedding.in_flight", [in_flight], "1")
         meter.create_observable_gauge("armor.shedding.queued", [queued], "1")
-        # Attribute dicts by label tuple, made once: the SDK keys its series on them.
-        self._attributes: dict[tuple[str, ...], dict[str, str]] = {}
-
-    def _attrs(self, names: Sequence[str], values: tuple[str, ...]) -> dict[str, str]:
-        key = (*names, *values)
-        found = self._attributes.get(key)
-        if found is None:
-            found = self._attributes[key] = dict(zip(names, values, strict=True))
-        return found
-
-    def decision(self, layer: str, result: str) -> None:
-        self._decisions.add(1, self._attrs(("layer", "result"), (layer, result)))
-
-    def rate_limit(self, policy: str, result: str) -> None:
-        self._rate.add(1, self._attrs(("policy", "result"), (policy, result)))
-
-    def breaker_call(self, breaker: str, result: str) -> None:
-        self._calls.add(1, self._attrs(("breaker", "result"), (breaker, result)))
-
-    def idempotency(self, result: str) -> None:
-        self._idem.add(1, self._attrs(("result",), (result,)))
-
-    def signature(self, scheme: str, result: str) -> None:
-        self._sig.add(1, self._attrs(("scheme", "result"), (scheme, result)))
-
-    def store_error(self, concern: str) -> None:
-        self._store.add(1, self._attrs(("concern",), (concern,)))
+        self._duration = meter.create_histogram(
+            "http.server.request.duration",
+            "s",
+            "Duration of HTTP server requests",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
+        self._http_attributes: dict[tuple[str, str, int], dict[str, str]] = {}
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         if method not in _METHODS:
             method = "_OTHER"
-        attributes = self._attrs(_HTTP_ATTRIBUTES, (method, route, _STATUS_TEXT.get(status, "0")))
-        self._duration.record(seconds, attributes)
-
-
-_HTTP_ATTRIBUTES: Final = ("http.request.method", "http.route", "http.response.status_code")
+        key = (method, route, status)
+        found = self._http_attributes.get(key)
+        if found is None:
+            values = (method, route, _STATUS_TEXT.get(status, "0"))
+            found = self._http_attributes[key] = dict(zip(_HTTP_ATTRIBUTES, values, strict=True))
+        self._duration.record(seconds, found)
 
 
 def build_metrics(entry: MetricsEntry | None) -> Metrics | None:
