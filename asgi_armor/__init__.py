@@ -12,6 +12,7 @@ from asgi_armor.config import (
     ArmorConfig,
     IdempotencyEntry,
     LimitsConfig,
+    MetricsEntry,
     RateLimitEntry,
     SheddingConfig,
     SignatureEntry,
@@ -47,6 +48,7 @@ from asgi_armor.errors import (
     ValidationFailed,
 )
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
+from asgi_armor.metrics import Metrics, OtelMetrics, PrometheusMetrics
 from asgi_armor.ratelimit import Decision, Rate, RateLimiter, RateLimitMiddleware, Rule
 from asgi_armor.routes import Route, RouteMap
 from asgi_armor.shedding import ConcurrencyLimit, ConcurrencyLimiter
@@ -120,12 +122,16 @@ __all__ = [
     "LimitsConfig",
     "MemoryStore",
     "MethodNotAllowed",
+    "Metrics",
+    "MetricsEntry",
     "Name",
     "Normalize",
     "NotFound",
+    "OtelMetrics",
     "Overloaded",
     "Partial",
     "PayloadTooLarge",
+    "PrometheusMetrics",
     "Rate",
     "RateLimitEntry",
     "RateLimitMiddleware",

@@ -26,6 +26,7 @@ from asgi_armor.timeout import Progress
 if TYPE_CHECKING:
     from asgi_armor._types import ASGIApp, Message, Receive, Scope, Send
     from asgi_armor.idempotency import IdempotencyMiddleware
+    from asgi_armor.metrics import RequestMetrics
     from asgi_armor.ratelimit.middleware import RateLimitMiddleware
     from asgi_armor.shedding import ConcurrencyLimit
     from asgi_armor.signing import SignatureMiddleware
@@ -68,11 +69,12 @@ class _Exchange(Progress):
     """One request's response on its way out: the request id and the rate-limit headers
     added to it, and how far it got."""
 
-    __slots__ = ("_send", "added", "id_header")
+    __slots__ = ("_send", "added", "id_header", "status")
 
     def __init__(self, send: Send, id_header: tuple[bytes, bytes]) -> None:
         self.started = False
         self.complete = False
+        self.status = 500
         self._send = send
         self.id_header = id_header
         self.added: list[tuple[bytes, bytes]] | None = None
@@ -80,6 +82,7 @@ class _Exchange(Progress):
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            self.status = message["status"]
             headers = _with_id(message.get("headers", ()), self.id_header)
             if self.added is not None:
                 headers += self.added
@@ -134,7 +137,9 @@ class Pipeline:
     Args:
         app: the wrapped app.
         chain: the layers composed by hand, outermost ``ErrorMiddleware``.
-        errors: that ``ErrorMiddleware`` (the error format, the logger).
+        errors: that ``ErrorMiddleware`` (the error format, the logger, the metrics sink).
+        measure: ``RequestMetrics`` when metrics are on: the request duration and the
+            scrape endpoint.
         limits, shedding, rate_limit, signature, idempotency, timeout: the configured
             layers (None: not configured), in the canonical order.
     """
@@ -145,6 +150,7 @@ class Pipeline:
         *,
         chain: ASGIApp,
         errors: ErrorMiddleware,
+        measure: RequestMetrics | None = None,
         limits: InputLimits | None = None,
         shedding: ConcurrencyLimit | None = None,
         rate_limit: RateLimitMiddleware | None = None,
@@ -155,6 +161,7 @@ class Pipeline:
         self.app = chain
         self._app = app
         self._errors = errors
+        self._measure = measure
         self._problem = errors.error_format == "problem"
         self._limits = limits
         self._shedding = shedding
@@ -210,10 +217,32 @@ class Pipeline:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.other(scope, receive, send)
+        elif self._measure is None:
+            await self._handle(scope, receive, send)
+        else:
+            await self._measured(self._measure, scope, receive, send)
+
+    async def _measured(
+        self, measure: RequestMetrics, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """:meth:`_handle`, timed and counted by its route pattern and status."""
+        if measure.serves(scope):
+            await measure.scrape(scope, send)
             return
+        start = measure.start()
+        status = 500
+        try:
+            status = await self._handle(scope, receive, send)
+        finally:
+            measure.observe(scope, status, start)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """One HTTP request through the plan of its target; returns the status answered."""
         request_id = ensure_request_id(scope)
         if self._problem:
             scope["state"][_STATE_FORMAT] = "problem"
+        if self._errors.metrics is not None:
+            self._errors._with_metrics(scope, request_id)
         method, path = target(scope)
         plan = self._plans.get((method, path))
         if plan is None:
@@ -243,7 +272,7 @@ class Pipeline:
             if exchange.complete:
                 # A framework already answered (Starlette renders its 500 page, then
                 # re-raises "so servers can log it"): logged, nothing left to send.
-                return
+                return exchange.status
             if exchange.started:
                 # A second http.response.start is a protocol error: abort the connection.
                 self._errors.logger.warning(
@@ -253,6 +282,8 @@ class Pipeline:
                 )
                 raise
             await send_error(scope, send, error)
+            return error.status
+        return exchange.status
 
     async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A websocket, lifespan or other scope: through the composed layers."""

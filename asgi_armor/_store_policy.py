@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from asgi_armor.errors import ConfigError, ServiceUnavailable
 
 if TYPE_CHECKING:
+    from asgi_armor.metrics import Metrics
     from asgi_armor.stores.base import OnStoreError
 
 __all__ = ["StorePolicy", "check_policy"]
@@ -47,6 +48,9 @@ class StorePolicy:
         logger: where failures are reported.
         warn_every: seconds between two warnings.
         clock: monotonic seconds, only for spacing the warnings.
+        concern: the ``concern`` label of ``armor_store_errors_total`` and the ``layer`` of
+            the 503 under ``"deny"`` (rate_limit, idempotency, signature).
+        metrics: where failures are counted (the owning layer sets it).
 
     Raises:
         ConfigError: ``on_store_error`` is not ``"allow"`` or ``"deny"``.
@@ -56,9 +60,11 @@ class StorePolicy:
         "_last_warning",
         "allowing",
         "clock",
+        "concern",
         "denying",
         "failures",
         "logger",
+        "metrics",
         "on_store_error",
         "warn_every",
         "what",
@@ -75,8 +81,12 @@ class StorePolicy:
         logger: logging.Logger,
         warn_every: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        concern: str = "store",
+        metrics: Metrics | None = None,
     ) -> None:
         self.on_store_error = check_policy(on_store_error, entry)
+        self.concern = concern
+        self.metrics = metrics
         self.what = what
         self.allowing = allowing
         self.denying = denying
@@ -95,6 +105,8 @@ class StorePolicy:
                 store's breaker lets a trial call through after about a second).
         """
         self.failures += 1
+        if self.metrics is not None:
+            self.metrics.store_error(self.concern)
         now = self.clock()
         deny = self.on_store_error == "deny"
         if now - self._last_warning >= self.warn_every:
@@ -109,4 +121,8 @@ class StorePolicy:
                 exc,
             )
         if deny:
-            raise ServiceUnavailable(retry_after=1.0) from exc
+            unavailable = ServiceUnavailable(retry_after=1.0)
+            if self.concern != "store":
+                # Counted under the layer that refused, not the generic "error" layer.
+                unavailable.layer = self.concern  # type: ignore[misc]
+            raise unavailable from exc

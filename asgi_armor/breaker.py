@@ -26,12 +26,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import msgspec
 
 from asgi_armor import _checks
-from asgi_armor.errors import CircuitOpenError, ConfigError
+from asgi_armor.errors import CircuitOpenError, ConfigError, current_request_id
+
+if TYPE_CHECKING:
+    from asgi_armor.metrics import Metrics
 
 __all__ = [
     "BreakerState",
@@ -128,6 +131,8 @@ class CircuitBreaker:
         listeners: ``listener(breaker, old_state, new_state)`` callables told of every
             transition; one that raises is logged and ignored.
         clock: monotonic seconds, used by the façades and by ``state``.
+        metrics: the sink told of every transition and every call (success, failure,
+            rejected); its breaker-state gauge reads this breaker when collected.
 
     Raises:
         ConfigError: a parameter is out of range; the message names it.
@@ -144,6 +149,7 @@ class CircuitBreaker:
         "_failures",
         "_half_open_max",
         "_listeners",
+        "_metrics",
         "_min_calls",
         "_open_until",
         "_rate",
@@ -174,6 +180,7 @@ class CircuitBreaker:
         exclude: tuple[type[BaseException], ...] = (),
         listeners: Iterable[Listener] = (),
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         where = f"CircuitBreaker({name!r})" if name else "CircuitBreaker"
         if fail_max is not None:
@@ -230,6 +237,26 @@ class CircuitBreaker:
         self._rejections = 0
         self._cancellations = 0
         self._state_changes = 0
+        self._metrics: Metrics | None = None
+        if metrics is not None:
+            self.metrics = metrics
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """The sink this breaker reports to (None: none).
+
+        Setting it reports the current state and registers the breaker with the sink, which
+        reads its state when collected (and so keeps it alive as long as the sink lives).
+        """
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics | None) -> None:
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.breaker_state(self.name, self._state.value)
+            # Collecting reads the state, which applies a due open -> half_open.
+            metrics.watch(lambda: self.state)
 
     # ------------------------------------------------------------------ observation
 
@@ -319,6 +346,8 @@ class CircuitBreaker:
             self.record_failure(now, epoch=epoch)
             return
         self._successes += 1
+        if self._metrics is not None:
+            self._metrics.breaker_call(self.name, "success")
         state = self.state_at(now)
         if epoch is not None and epoch != self._epoch:
             return
@@ -340,6 +369,8 @@ class CircuitBreaker:
         epoch are counted in ``stats`` only. None means the current epoch.
         """
         self._failures += 1
+        if self._metrics is not None:
+            self._metrics.breaker_call(self.name, "failure")
         state = self.state_at(now)
         if epoch is not None and epoch != self._epoch:
             return
@@ -392,6 +423,8 @@ class CircuitBreaker:
             self._calls += 1
             return self._epoch
         self._rejections += 1
+        if self._metrics is not None:
+            self._metrics.breaker_call(self.name, "rejected")
         return -1
 
     def _rate_exceeded(self, window: deque[bool]) -> bool:
@@ -421,12 +454,21 @@ class CircuitBreaker:
         if old is new and force:
             return
         self._state_changes += 1
+        # With metrics on, the id of the request whose call moved the breaker. An open
+        # breaker stays open for reset_timeout, which spaces these lines out already.
+        request_id = current_request_id()
+        suffix = "" if request_id is None else f" [request_id={request_id}]"
         if new is _OPEN:
             logger.warning(
-                "circuit breaker %r opened; rejecting calls for %gs", self.name, self._reset_timeout
+                "circuit breaker %r opened; rejecting calls for %gs%s",
+                self.name,
+                self._reset_timeout,
+                suffix,
             )
         else:
-            logger.info("circuit breaker %r is %s", self.name, new.value)
+            logger.info("circuit breaker %r is %s%s", self.name, new.value, suffix)
+        if self._metrics is not None:
+            self._metrics.breaker_state(self.name, new.value)
         # Listeners run after the update is complete, so one that reads the breaker sees
         # the new state; one that raises must not break the breaker.
         for listener in tuple(self._listeners):
@@ -458,6 +500,8 @@ class CircuitBreaker:
         ):
             self._successes += 1
             self._consecutive = 0
+            if self._metrics is not None:
+                self._metrics.breaker_call(self.name, "success")
             return True
         return False
 

@@ -23,6 +23,7 @@ __all__ = [
     "Duration",
     "IdempotencyEntry",
     "LimitsConfig",
+    "MetricsEntry",
     "RateLimitEntry",
     "SheddingConfig",
     "SignatureEntry",
@@ -140,6 +141,21 @@ class SignatureEntry(_Entry):
     replay_protection: bool = True
 
 
+class MetricsEntry(_Entry):
+    """``[metrics]``: count every decision (docs/observability.md).
+
+    ``exporter`` is ``"prometheus"`` (extra ``prometheus``) or ``"otel"`` (extra
+    ``otel``). ``routes`` are extra route patterns for the ``http_route`` label, besides
+    those the other entries name; a request matching none is labelled ``"other"``.
+    ``path`` (Prometheus only, e.g. ``"/metrics"``) serves the scrape endpoint from the
+    armored app itself, before every protection (``asgi-armor run`` has no other way).
+    """
+
+    exporter: Literal["prometheus", "otel"]
+    routes: list[str] = msgspec.field(default_factory=list)
+    path: str | None = None
+
+
 class ArmorConfig(_Entry):
     """Everything ``armor(app, config)`` builds; every part is optional.
 
@@ -170,6 +186,7 @@ class ArmorConfig(_Entry):
     default_timeout: Duration | None = None
     signature: list[SignatureEntry] = msgspec.field(default_factory=list)
     signature_on_store_error: Literal["allow", "deny"] = "deny"
+    metrics: MetricsEntry | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> ArmorConfig:

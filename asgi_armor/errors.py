@@ -15,6 +15,7 @@ import random
 import re
 import secrets
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -22,6 +23,7 @@ import msgspec
 
 if TYPE_CHECKING:
     from asgi_armor._types import ASGIApp, Message, Receive, Scope, Send
+    from asgi_armor.metrics import Metrics
 
 __all__ = [
     "ArmorError",
@@ -53,6 +55,7 @@ __all__ = [
     "UnsupportedMediaType",
     "ValidationFailed",
     "armor_error_in",
+    "current_request_id",
     "ensure_request_id",
     "log_unhandled",
     "render",
@@ -114,6 +117,8 @@ class ArmorError(Exception):
     status: ClassVar[int] = 500
     error: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "An internal error occurred"
+    #: The ``layer`` label this rejection is counted under (docs/observability.md).
+    layer: ClassVar[str] = "error"
 
     def __init__(
         self,
@@ -138,6 +143,7 @@ class ValidationFailed(ArmorError):
     status = 422
     error = "validation_error"
     default_message = "Invalid request parameters"
+    layer = "input_limits"
 
 
 class InvalidJSON(ArmorError):
@@ -146,6 +152,7 @@ class InvalidJSON(ArmorError):
     status = 400
     error = "invalid_json"
     default_message = "Request body is not valid JSON"
+    layer = "input_limits"
 
 
 class PayloadTooLarge(ArmorError):
@@ -154,6 +161,7 @@ class PayloadTooLarge(ArmorError):
     status = 413
     error = "payload_too_large"
     default_message = "Request body is too large"
+    layer = "input_limits"
 
     def __init__(self, message: str | None = None, *, max_bytes: int | None = None) -> None:
         if message is None and max_bytes is not None:
@@ -167,6 +175,7 @@ class URITooLong(ArmorError):
     status = 414
     error = "uri_too_long"
     default_message = "Request URI is too long"
+    layer = "input_limits"
 
 
 class HeadersTooLarge(ArmorError):
@@ -175,6 +184,7 @@ class HeadersTooLarge(ArmorError):
     status = 431
     error = "headers_too_large"
     default_message = "Request headers are too large"
+    layer = "input_limits"
 
 
 class UnsupportedMediaType(ArmorError):
@@ -183,6 +193,7 @@ class UnsupportedMediaType(ArmorError):
     status = 415
     error = "unsupported_media_type"
     default_message = "Content-Type must be application/json"
+    layer = "input_limits"
 
 
 class RateLimited(ArmorError):
@@ -191,6 +202,7 @@ class RateLimited(ArmorError):
     status = 429
     error = "rate_limited"
     default_message = "Rate limit exceeded"
+    layer = "rate_limit"
 
     def __init__(
         self,
@@ -209,6 +221,7 @@ class IdempotencyKeyMissing(ArmorError):
     status = 400
     error = "idempotency_key_missing"
     default_message = "This endpoint requires an Idempotency-Key header"
+    layer = "idempotency"
 
 
 class IdempotencyKeyInvalid(ArmorError):
@@ -217,6 +230,7 @@ class IdempotencyKeyInvalid(ArmorError):
     status = 400
     error = "idempotency_key_invalid"
     default_message = "Idempotency-Key must be 1 to 255 printable ASCII characters"
+    layer = "idempotency"
 
 
 class IdempotencyKeyInUse(ArmorError):
@@ -225,6 +239,7 @@ class IdempotencyKeyInUse(ArmorError):
     status = 409
     error = "idempotency_key_in_use"
     default_message = "A request with this Idempotency-Key is still being processed"
+    layer = "idempotency"
 
     def __init__(self, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
@@ -237,6 +252,7 @@ class IdempotencyKeyReused(ArmorError):
     status = 422
     error = "idempotency_key_reused"
     default_message = "This Idempotency-Key was already used with a different request"
+    layer = "idempotency"
 
 
 class ServiceUnavailable(ArmorError):
@@ -256,6 +272,7 @@ class CircuitOpenError(ServiceUnavailable):
     """503: a circuit breaker is open; ``retry_after`` seconds until it admits a trial call."""
 
     retry_after: float
+    layer = "breaker"
 
     def __init__(self, retry_after: float, *, name: str = "") -> None:
         self.name = name
@@ -268,6 +285,7 @@ class Overloaded(ArmorError):
     status = 503
     error = "overloaded"
     default_message = "Server is overloaded, retry later"
+    layer = "shedding"
 
     def __init__(self, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
@@ -280,6 +298,7 @@ class RequestTimeout(ArmorError):
     status = 504
     error = "timeout"
     default_message = "Request timed out"
+    layer = "timeout"
 
     def __init__(self, seconds: float | None = None) -> None:
         self.seconds = seconds
@@ -332,6 +351,7 @@ class InvalidSignature(ArmorError):
     status = 401
     error = "invalid_signature"
     default_message = "Request signature is invalid"
+    layer = "signature"
 
     _messages: ClassVar[dict[str, str]] = {
         "missing_signature": "The signature header is missing",
@@ -422,6 +442,16 @@ class InternalError(ArmorError):
 _encoder = msgspec.json.Encoder()
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _STATE_FORMAT = "armor_error_format"
+#: Where ``ErrorMiddleware(metrics=...)`` puts the sink in scope state (``metrics.STATE_KEY``).
+_STATE_METRICS = "asgi_armor.metrics"
+# Set by ErrorMiddleware when metrics are on, so that log lines written far from the
+# scope (a breaker's transition inside the app) name the request that caused them.
+_REQUEST_ID: ContextVar[str | None] = ContextVar("asgi_armor_request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    """The id of the request this task is serving (set only when metrics are on)."""
+    return _REQUEST_ID.get()
 
 
 def render(
@@ -489,9 +519,16 @@ def ensure_request_id(scope: Scope) -> str:
 
 
 def render_for(scope: Scope, exc: ArmorError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """``render`` with this request's id and the format ``ErrorMiddleware`` was given."""
+    """``render`` with this request's id and the format ``ErrorMiddleware`` was given.
+
+    Every envelope goes through here once, so this is where rejections are counted.
+    """
     request_id = ensure_request_id(scope)
-    return render(exc, request_id, scope["state"].get(_STATE_FORMAT, "json"))
+    state = scope["state"]
+    metrics = state.get(_STATE_METRICS)
+    if metrics is not None:
+        metrics.rejection(exc, request_id, scope)
+    return render(exc, request_id, state.get(_STATE_FORMAT, "json"))
 
 
 #: Close codes for a refused websocket handshake on servers without the denial-response
@@ -565,6 +602,7 @@ class ErrorMiddleware:
         app: the ASGI app to wrap.
         error_format: ``"json"`` (the envelope) or ``"problem"`` (RFC 9457).
         logger: where unexpected exceptions are logged with their request id.
+        metrics: the sink rejections are counted in (put in scope state for ``render_for``).
     """
 
     def __init__(
@@ -573,12 +611,14 @@ class ErrorMiddleware:
         *,
         error_format: ErrorFormat = "json",
         logger: logging.Logger = logger,
+        metrics: Metrics | None = None,
     ) -> None:
         if error_format not in ("json", "problem"):
             raise ConfigError(f"error_format: {error_format!r} is not 'json' or 'problem'")
         self.app = app
         self.error_format: ErrorFormat = error_format
         self.logger = logger
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -589,6 +629,8 @@ class ErrorMiddleware:
             return
         request_id = ensure_request_id(scope)
         scope["state"][_STATE_FORMAT] = self.error_format
+        if self.metrics is not None:
+            self._with_metrics(scope, request_id)
         id_header = (b"x-request-id", request_id.encode())
         response_started = response_complete = False
 
@@ -620,6 +662,11 @@ class ErrorMiddleware:
                 raise
             await send_error(scope, send, error)
 
+    def _with_metrics(self, scope: Scope, request_id: str) -> None:
+        """The metrics hook: the sink for ``render_for``, the id for log lines."""
+        scope["state"][_STATE_METRICS] = self.metrics
+        _REQUEST_ID.set(request_id)
+
     def _error_for(self, scope: Scope, exc: Exception) -> ArmorError:
         """The error to answer with: ``exc``'s own, or a logged, opaque internal error."""
         error = armor_error_in(exc)
@@ -632,6 +679,8 @@ class ErrorMiddleware:
         """A handshake gets a request id; an error before ``websocket.accept`` the envelope."""
         request_id = ensure_request_id(scope)
         scope["state"][_STATE_FORMAT] = self.error_format
+        if self.metrics is not None:
+            self._with_metrics(scope, request_id)
         id_header = (b"x-request-id", request_id.encode())
         answered = False
 

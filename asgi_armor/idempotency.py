@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -63,6 +63,9 @@ from asgi_armor.errors import (
 from asgi_armor.identity import Identify, principal
 from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import IdempotencyStore, OnStoreError, StoreError, make_key
+
+if TYPE_CHECKING:
+    from asgi_armor.metrics import Metrics
 
 __all__ = ["IdempotencyMiddleware", "IdempotencyOptions", "parse_idempotency_key"]
 
@@ -252,6 +255,8 @@ class IdempotencyMiddleware:
             and its key stays locked until the lease expires.
         max_pending_bytes: most bytes of such held responses.
         clock: monotonic seconds, to notice handlers that outlive their lease.
+        metrics: where outcomes (executed, replayed, in_use, reused, missing, invalid) and
+            store failures are counted.
 
     Raises:
         ConfigError: a route, option or setting is not acceptable; the message names it.
@@ -275,7 +280,9 @@ class IdempotencyMiddleware:
         max_pending: int = 10_000,
         max_pending_bytes: int = 64 * 1_048_576,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         if isinstance(routes, str | Route):
             raise ConfigError("idempotency routes: expected a list of routes, not one string")
         if not routes:
@@ -287,6 +294,8 @@ class IdempotencyMiddleware:
             denying="request denied (503)",
             entry="idempotency on_store_error",
             logger=logger,
+            concern="idempotency",
+            metrics=metrics,
         )
         if not header or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", header):
             raise ConfigError(f"idempotency header: {header!r} is not a valid header name")
@@ -366,6 +375,7 @@ class IdempotencyMiddleware:
         values = [value for name, value in scope["headers"] if name == self._header_name]
         if not values:
             if config.required:
+                self._count("missing")
                 await send_error(scope, send, IdempotencyKeyMissing())
                 return
             await app(scope, receive, send)
@@ -373,6 +383,7 @@ class IdempotencyMiddleware:
         # Several fields are ambiguous: which one would a retry repeat?
         key = parse_idempotency_key(values[0]) if len(values) == 1 else None
         if key is None:
+            self._count("invalid")
             await send_error(scope, send, IdempotencyKeyInvalid())
             return
 
@@ -415,8 +426,10 @@ class IdempotencyMiddleware:
                 # Answered from here, never from the store: while it could not be reached
                 # our lease may have lapsed there, and taking it anew would run the app twice.
                 if held.record.fingerprint != fingerprint:
+                    self._count("reused")
                     await send_error(scope, send, IdempotencyKeyReused())
                 else:
+                    self._count("replayed")
                     await _replay(send, held.record)
                 return
         lease = _encoder.encode(_InFlight(fingerprint, secrets.token_bytes(16)))
@@ -440,14 +453,24 @@ class IdempotencyMiddleware:
             return
 
         if existing is None:
+            if self._metrics is not None:
+                self._metrics.idempotency("executed")
             await self._run_once(scope, receive, send, app, config, record_key, lease, fingerprint)
             return
         if existing.fingerprint != fingerprint:
+            self._count("reused")
             await send_error(scope, send, IdempotencyKeyReused())
         elif isinstance(existing, _InFlight):
+            self._count("in_use")
             await send_error(scope, send, IdempotencyKeyInUse(IN_USE_RETRY_AFTER))
         else:
+            self._count("replayed")
             await _replay(send, existing)
+
+    def _count(self, result: str) -> None:
+        """The metrics hook for an outcome off the hot path."""
+        if self._metrics is not None:
+            self._metrics.idempotency(result)
 
     async def _run_once(
         self,

@@ -26,6 +26,7 @@ from asgi_armor.routes import RouteMap, target
 
 if TYPE_CHECKING:
     from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send
+    from asgi_armor.metrics import Metrics
 
 __all__ = ["AIMDLimit", "ConcurrencyLimit", "ConcurrencyLimiter"]
 
@@ -282,6 +283,8 @@ class ConcurrencyLimit:
         exempt: route patterns that bypass the limit.
         adaptive: an optional ``AIMDLimit`` (``max_concurrent`` stays the ceiling).
         clock: monotonic seconds, used to measure latency for ``adaptive``.
+        metrics: the sink whose ``armor_shedding_in_flight`` / ``armor_shedding_queued``
+            gauges read this limit when collected (no cost per request).
 
     Raises:
         ConfigError: a setting is out of range or an exempt pattern is invalid.
@@ -298,6 +301,7 @@ class ConcurrencyLimit:
         exempt: Iterable[str] = ("GET /healthz",),
         adaptive: AIMDLimit | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         if isinstance(exempt, str):
             raise ConfigError(f"exempt: {exempt!r} must be a list of route patterns, not a string")
@@ -312,6 +316,10 @@ class ConcurrencyLimit:
         )
         self.exempt: RouteMap[bool] = RouteMap((pattern, True) for pattern in exempt)
         self.clock = clock
+        if metrics is not None:
+            limiter = self.limiter
+            # Read when the sink is collected, so the gauges cost nothing per request.
+            metrics.watch(lambda: metrics.shedding(limiter.in_flight, limiter.queued))
 
     @property
     def in_flight(self) -> int:

@@ -29,7 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeAlias
+from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 import anyio
 
@@ -58,6 +58,9 @@ from asgi_armor.errors import (
 )
 from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import NonceStore, OnStoreError, make_key
+
+if TYPE_CHECKING:
+    from asgi_armor.metrics import Metrics
 
 __all__ = [
     "SCHEMES",
@@ -798,6 +801,11 @@ class _Intent:
     owner: object | None
 
 
+def _count_invalid(metrics: Metrics, scheme: Scheme, exc: InvalidSignature) -> None:
+    """The metrics hook for a refused signature: replayed, or invalid."""
+    metrics.signature(scheme.name, "replayed" if exc.code == "replayed" else "invalid")
+
+
 class SignatureMiddleware:
     """Verify request signatures on configured routes before the app sees the request.
 
@@ -822,6 +830,8 @@ class SignatureMiddleware:
             drop is logged and counted in ``pending_dropped``.
         wall_clock: current Unix time (``time.time``); inject a fake one in tests.
         logger: where store failures are logged.
+        metrics: where verifications (valid, invalid, replayed) and store failures are
+            counted.
 
     Raises:
         ConfigError: no routes, a route with no (or an empty) secret, a bad pattern,
@@ -842,7 +852,9 @@ class SignatureMiddleware:
         max_pending: int = 10_000,
         wall_clock: Callable[[], float] = time.time,
         logger: logging.Logger = logger,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         _check_tolerance(tolerance, "signature tolerance")
         _checks.count(max_pending, "signature max_pending", minimum=0)
         _checks.count(max_body_bytes, "signature max_body_bytes")
@@ -853,6 +865,8 @@ class SignatureMiddleware:
             denying="delivery refused (503)",
             entry="signature on_store_error",
             logger=logger,
+            concern="signature",
+            metrics=metrics,
         )
         entries = routes.items() if isinstance(routes, Mapping) else routes
         compiled: list[tuple[Route, _Compiled]] = []
@@ -936,8 +950,12 @@ class SignatureMiddleware:
             except ArmorError as exc:
                 if isinstance(exc, InvalidSignature):
                     exc.headers["WWW-Authenticate"] = route.scheme.challenge()
+                    if self._metrics is not None:
+                        _count_invalid(self._metrics, route.scheme, exc)
                 await send_error(scope, send, exc)
                 return
+            if self._metrics is not None:
+                self._metrics.signature(route.scheme.name, "valid")
             scope_state(scope)["signature"] = message
             if nonce is None:
                 await app(scope, replay_body(body, receive), send)

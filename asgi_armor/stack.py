@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
 from asgi_armor._pipeline import Pipeline
@@ -26,6 +26,7 @@ from asgi_armor.config import ArmorConfig, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
+from asgi_armor.metrics import Metrics, RequestMetrics, RouteLabels, build_metrics
 from asgi_armor.ratelimit import RateLimitMiddleware, Rule
 from asgi_armor.ratelimit.rules import KEY_USER
 from asgi_armor.routes import Route
@@ -191,21 +192,29 @@ class Armored(Pipeline):
         app: the wrapped app.
         config: what it was built from.
         store: the shared store (``await armored.aclose()`` releases it).
-        layers: the layer objects, outermost (``ErrorMiddleware``) first.
+        layers: the layer objects, outermost first (``RequestMetrics`` with metrics on,
+            then ``ErrorMiddleware``).
+        metrics: the sink every layer reports to, or None.
     """
 
     def __init__(
-        self, app: ASGIApp, config: ArmorConfig, store: Store, layers: list[object]
+        self,
+        app: ASGIApp,
+        config: ArmorConfig,
+        store: Store,
+        layers: list[object],
+        metrics: Metrics | None = None,
     ) -> None:
         def layer(kind: type[_Layer]) -> _Layer | None:
             return next((each for each in layers if isinstance(each, kind)), None)
 
-        errors = layers[0]
-        assert isinstance(errors, ErrorMiddleware)
+        errors = layer(ErrorMiddleware)
+        assert errors is not None
         super().__init__(
             app,
-            chain=errors,
+            chain=cast("ASGIApp", layers[0]),
             errors=errors,
+            measure=layer(RequestMetrics),
             limits=layer(InputLimits),
             shedding=layer(ConcurrencyLimit),
             rate_limit=layer(RateLimitMiddleware),
@@ -216,6 +225,7 @@ class Armored(Pipeline):
         self.config = config
         self.store = store
         self.layers = layers
+        self.metrics = metrics
 
     async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -250,6 +260,7 @@ def armor(
     *,
     identify: Identify | None = None,
     store: Store | None = None,
+    metrics: Metrics | None = None,
 ) -> Armored:
     """Wrap ``app`` in every protection ``config`` describes.
 
@@ -259,6 +270,8 @@ def armor(
         identify: ``(scope) -> principal | None`` (sync or async) for per-user rate limits
             and idempotency scoping; overrides ``config.identify``.
         store: a store object to use instead of building one from ``config.store``.
+        metrics: a sink (``PrometheusMetrics()``, ``OtelMetrics()``, ...) instead of the one
+            ``config.metrics`` builds; every layer reports to it.
 
     Raises:
         ConfigError: a mistake in the config, naming the entry at fault.
@@ -271,6 +284,9 @@ def armor(
     # "is None", not "or": an empty MemoryStore is falsy (it has a length).
     store = build_store(config) if store is None else store
     wrapped = app
+    if metrics is None:
+        with _entry("metrics"):
+            metrics = build_metrics(config.metrics)
     layers: list[object] = []
 
     def add(layer: Callable[..., ASGIApp], **options: Any) -> None:
@@ -314,6 +330,7 @@ def armor(
                 on_store_error=config.idempotency_on_store_error,
                 max_pending=config.idempotency_max_pending,
                 max_pending_bytes=config.idempotency_max_pending_bytes,
+                metrics=metrics,
             )
 
     if config.signature:
@@ -334,6 +351,7 @@ def armor(
                 store=store,
                 max_body_bytes=config.limits.max_body_bytes if config.limits else 1_048_576,
                 on_store_error=config.signature_on_store_error,
+                metrics=metrics,
             )
 
     if config.rate_limit:
@@ -363,6 +381,7 @@ def armor(
                 ipv6_prefix=config.ipv6_prefix,
                 exempt=config.rate_limit_exempt,
                 on_store_error=config.rate_limit_on_store_error,
+                metrics=metrics,
             )
 
     if config.shedding is not None:
@@ -375,6 +394,7 @@ def armor(
                 queue_timeout=float(shed.queue_timeout),
                 retry_after=float(shed.retry_after),
                 exempt=shed.exempt,
+                metrics=metrics,
             )
 
     if config.limits is not None:
@@ -390,9 +410,28 @@ def armor(
                 body_timeout=None if limits.body_timeout is None else float(limits.body_timeout),
             )
 
-    add(ErrorMiddleware, error_format=config.error_format)
+    add(ErrorMiddleware, error_format=config.error_format, metrics=metrics)
+    if metrics is not None:
+        with _entry("metrics.routes"):
+            labels = RouteLabels(_label_routes(config))
+        with _entry("metrics"):
+            scrape_path = config.metrics.path if config.metrics else None
+            add(RequestMetrics, metrics=metrics, routes=labels, path=scrape_path)
     layers.reverse()
-    return Armored(wrapped, config, store, layers)
+    return Armored(wrapped, config, store, layers, metrics)
+
+
+def _label_routes(config: ArmorConfig) -> list[str]:
+    """The route patterns requests are labelled with: every pattern the config names."""
+    patterns = list(config.metrics.routes if config.metrics else ())
+    patterns += [e.route for e in config.rate_limit] + config.rate_limit_exempt
+    patterns += [e.route for e in config.idempotency] + [e.route for e in config.signature]
+    patterns += [e.route for e in config.timeout]
+    if config.limits is not None:
+        patterns += config.limits.json_routes
+    if config.shedding is not None:
+        patterns += config.shedding.exempt
+    return patterns
 
 
 def describe(config: ArmorConfig) -> str:

@@ -15,7 +15,8 @@ answer is a 202). The environment chooses the variant:
 
 * ``BENCH_APP``: ``asgi`` or ``starlette``;
 * ``BENCH_VARIANT``: ``bare``, ``armor`` (ErrorMiddleware, InputLimits, the four rules,
-  a timeout) or ``slowapi`` (the same four limits with slowapi, Starlette only);
+  a timeout), ``metrics`` (the same stack reporting to a ``PrometheusMetrics`` sink) or
+  ``slowapi`` (the same four limits with slowapi, Starlette only);
 * ``BENCH_STORE``: ``memory`` or a ``redis://`` URL; ``BENCH_PREFIX``: the Redis key prefix.
 """
 
@@ -234,6 +235,12 @@ def create() -> Any:
         from asgi_armor import armor
 
         return armor(app, armor_config(store, prefix), identify=identify)
+    if variant == "metrics":
+        from asgi_armor import PrometheusMetrics, armor
+
+        return armor(
+            app, armor_config(store, prefix), identify=identify, metrics=PrometheusMetrics()
+        )
     if variant.startswith("layers:"):
         # Profiling aid: only some layers of the full stack (error, limits, ratelimit,
         # timeout), e.g. BENCH_VARIANT=layers:error,limits

@@ -934,12 +934,18 @@ def _check_status(app: Any, scope: dict[str, Any], body: bytes, expected: int = 
         raise RuntimeError(f"middleware benchmark misconfigured: status {statuses}")
 
 
+#: The full stack reporting every decision to a Prometheus sink (issue 19).
+METRICS_CASE = "layers: + Prometheus metrics"
+#: The seed's stack through ``armor()``'s pipeline.
+ARMOR_CASE = "layers: + timeout: the seed's stack (armor)"
+
+
 def layers(repeats: int, n: int) -> list[Row]:
     """Per-request cost of the served seed stack, built up one protection at a time,
     in-process (no server); and the same stack composed by hand from the public classes."""
     import apps
 
-    from asgi_armor import ArmorConfig, armor
+    from asgi_armor import ArmorConfig, PrometheusMetrics, armor
 
     body = b'{"branch": "main"}'
     headers = [
@@ -961,10 +967,16 @@ def layers(repeats: int, n: int) -> list[Row]:
         "layers: + input limits": built(rate_limit=[], timeout=[]),
         "layers: + 1 rate-limit rule (memory)": built(rate_limit=rules[:1], timeout=[]),
         "layers: + 4 rate-limit rules": built(timeout=[]),
-        "layers: + timeout: the seed's stack (armor)": built(),
+        ARMOR_CASE: built(),
     }
+    variants[METRICS_CASE] = armor(
+        apps.asgi_app,
+        apps.armor_config("memory", "bench:"),
+        identify=apps.identify,
+        metrics=PrometheusMetrics(),
+    )
     composed: Any = apps.asgi_app
-    for layer in reversed(variants["layers: + timeout: the seed's stack (armor)"].layers):
+    for layer in reversed(variants[ARMOR_CASE].layers):
         layer.app = composed
         composed = layer
     variants["layers: the same classes composed by hand"] = composed

@@ -18,6 +18,7 @@ _SECTIONS = [
     ("[[idempotency]]", armor_config.IdempotencyEntry),
     ("[[timeout]]", armor_config.TimeoutEntry),
     ("[[signature]]", armor_config.SignatureEntry),
+    ("[metrics]", armor_config.MetricsEntry),
 ]
 
 

@@ -81,6 +81,7 @@ def test_toml_examples_are_found() -> None:
         ("deployment.md", 3),
         ("frameworks.md", 0),
         ("idempotency.md", 0),
+        ("observability.md", 0),
         ("quickstart.md", 0),
     }
 
@@ -111,6 +112,7 @@ def test_toml_examples_build(
         "SignatureMiddleware": config.signature,
         "InputLimits": config.limits,
         "ConcurrencyLimit": config.shedding,
+        "RequestMetrics": config.metrics,
     }
     built = {type(layer).__name__ for layer in armored.layers}
     assert built == {"ErrorMiddleware"} | {name for name, given in expected.items() if given}

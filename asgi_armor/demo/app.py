@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -25,8 +27,10 @@ from asgi_armor.breaker import CircuitBreaker
 from asgi_armor.config import ArmorConfig
 from asgi_armor.contrib.starlette import armor_exception_handlers
 from asgi_armor.degrade import gather_partial
+from asgi_armor.demo.dashboard import DemoMetrics, dashboard_routes, route_patterns
 from asgi_armor.demo.services import COMPONENTS, FaultBoard
 from asgi_armor.errors import NotFound, Unauthorized
+from asgi_armor.metrics import PrometheusMetrics, RouteLabels
 from asgi_armor.stack import armor
 from asgi_armor.validation import Email, Int, Name, Text, decode, decode_query
 
@@ -89,11 +93,19 @@ def _json_response(data: object, status: int = 200) -> Response:
 
 
 class Demo:
-    """The demo's state: fake services, their faults, and the database breaker."""
+    """The demo's state: fake services, their faults, the database breaker, the metrics.
 
-    def __init__(self) -> None:
+    Args:
+        clock: monotonic seconds for the database breaker (tests step it past the 30 s
+            ``reset_timeout`` instead of sleeping).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.board = FaultBoard()
-        self.db_breaker = CircuitBreaker(fail_max=5, reset_timeout=30.0, name="db")
+        self.metrics = DemoMetrics(PrometheusMetrics())
+        self.db_breaker = CircuitBreaker(
+            fail_max=5, reset_timeout=30.0, name="db", clock=clock, metrics=self.metrics
+        )
         self._user_ids = itertools.count(1001)
 
     async def healthz(self, request: Request) -> Response:
@@ -195,9 +207,11 @@ class Demo:
                 Route("/api/dashboard", self.dashboard, methods=["GET"]),
                 Route("/api/webhooks/payment", self.payment_webhook, methods=["POST"]),
                 Route("/demo/faults/{component}", self.set_fault, methods=["PUT"]),
+                *dashboard_routes(self.metrics, self.board),
             ],
             exception_handlers=armor_exception_handlers(),
         )
+        self.metrics.labels = RouteLabels(route_patterns(app.routes))
         # Starlette's trailing-slash redirect decodes the raw query string as UTF-8 and
         # raises on any other byte (a 500 for "GET /api/users/?\xe0"); an unknown path is
         # simply a 404 envelope here.
@@ -207,6 +221,7 @@ class Demo:
 
 _BANNER = """\
 asgi_armor demo: {url}  (store: {store})
+live dashboard: {url}/   Prometheus metrics: {url}/metrics
 
   curl -i {url}/healthz
   curl -i -X POST {url}/api/users -H 'Content-Type: application/json' \\
@@ -234,7 +249,10 @@ def banner(config: ArmorConfig, host: str, port: int) -> str:
 
 
 def create_demo(
-    *, config_path: str | Path | None = None, store: str | None = None
+    *,
+    config_path: str | Path | None = None,
+    store: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[ASGIApp, ArmorConfig]:
     """The armored demo app and its config.
 
@@ -244,6 +262,7 @@ def create_demo(
     Args:
         config_path: an armor.toml replacing the bundled one.
         store: ``"memory"`` or a Redis URL, overriding the config's.
+        clock: monotonic seconds for the database breaker.
 
     Raises:
         ConfigError: the config is invalid (the message names the entry).
@@ -252,5 +271,7 @@ def create_demo(
     config = ArmorConfig.from_toml(config_path or BUNDLED_CONFIG)
     if store is not None:
         config = config.with_store(store)
-    demo = Demo()
-    return armor(demo.app(), config), config
+    demo = Demo(clock=clock)
+    # One sink for the layers and the app's breaker: GET /metrics and the dashboard
+    # read it (the bundled [metrics] section names the route labels).
+    return armor(demo.app(), config, metrics=demo.metrics), config

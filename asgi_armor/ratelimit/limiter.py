@@ -103,6 +103,7 @@ class RateLimiter:
             allowing="allowing requests",
             denying="denying requests",
             logger=logger,
+            concern="rate_limit",
             warn_every=warn_every,
             clock=clock,
         )
@@ -130,14 +131,14 @@ class RateLimiter:
             self.store_failed(exc)
             return None
 
-    def store_failed(self, exc: StoreError) -> None:
+    def store_failed(self, exc: StoreError, request_id: str | None = None) -> None:
         """Count and (at most once per ``warn_every``) log a store failure, then apply the
         policy: return under ``"allow"``.
 
         Raises:
             ServiceUnavailable: ``on_store_error`` is ``"deny"``.
         """
-        self.policy.failed(exc)
+        self.policy.failed(exc, request_id)
 
     @property
     def on_store_error(self) -> OnStoreError:

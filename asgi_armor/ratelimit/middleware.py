@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix, ipv6_group
-from asgi_armor.errors import ArmorError, ConfigError, RateLimited, send_error
+from asgi_armor.errors import ArmorError, ConfigError, RateLimited, ensure_request_id, send_error
 from asgi_armor.identity import Identify, principal
 from asgi_armor.ratelimit import bucket
 from asgi_armor.ratelimit import headers as h
@@ -26,6 +26,9 @@ from asgi_armor.ratelimit.rules import (
 from asgi_armor.routes import Route, RouteMap, target
 from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
 from asgi_armor.stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from asgi_armor.metrics import Metrics
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -137,6 +140,7 @@ class RateLimitMiddleware:
         headers: add the rate-limit headers to responses (``Retry-After`` is always sent
             on 429).
         wall_clock: Unix time, used only to express ``X-RateLimit-Reset``.
+        metrics: where each matching rule's decision and store failures are counted.
 
     Raises:
         ConfigError: a bad rule, two rules with one name, a ``"user"`` rule without
@@ -158,6 +162,7 @@ class RateLimitMiddleware:
         on_store_error: OnStoreError = "allow",
         headers: bool = True,
         wall_clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         compiled: list[tuple[Route, _Compiled]] = []
@@ -194,6 +199,8 @@ class RateLimitMiddleware:
         self._identify = identify
         self.headers = headers
         self._wall_clock = wall_clock
+        self._metrics = metrics
+        self.limiter.policy.metrics = metrics
 
     def _address(self, scope: Scope) -> str:
         """The client address as rate limits count it: IPv6 by network."""
@@ -321,14 +328,18 @@ class RateLimitMiddleware:
             else:
                 allowed, now, tats = await self._hit_buckets(keys, specs, 1)
         except StoreError as exc:
+            if self._metrics is not None:
+                _count_rules(self._metrics, rules, "store_error")
             # Raises ServiceUnavailable when the policy is to refuse; else the request
             # goes through while the store is failing. Overloaded (this process too busy
             # to ask the store in time) passes through: shed, never the failure policy.
-            self.limiter.store_failed(exc)
+            self.limiter.store_failed(exc, ensure_request_id(scope))
             return None
 
         # The layer to report, by the one rule (ratelimit.bucket.most_restrictive).
         if allowed:
+            if self._metrics is not None:
+                _count_rules(self._metrics, rules, "allowed")
             if not self.headers:
                 return None
             index, left, reset_after = bucket.report(tats, now, plan.rates)
@@ -354,7 +365,15 @@ class RateLimitMiddleware:
                     best.sf_name,
                 )
             )
+        if self._metrics is not None:
+            self._metrics.rate_limit(best.rule.name, "limited")
         raise RateLimited(h.whole_seconds(waits[index]), headers=extra)
 
     def __repr__(self) -> str:
         return f"RateLimitMiddleware(rules={list(self.rules)!r}, store={self.store!r})"
+
+
+def _count_rules(metrics: Metrics, rules: Iterable[_Compiled], result: str) -> None:
+    """Count ``result`` once for each rule of a request (allowed, store_error, ...)."""
+    for rule in rules:
+        metrics.rate_limit(rule.rule.name, result)
