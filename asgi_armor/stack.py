@@ -26,7 +26,7 @@ from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
 from asgi_armor.ratelimit import RateLimitMiddleware, Rule
-from asgi_armor.ratelimit.rules import KEY_USER
+from asgi_armor.ratelimit.rules import KEY_USER, unique_names
 from asgi_armor.routes import Route
 from asgi_armor.shedding import ConcurrencyLimit
 from asgi_armor.signing import SCHEMES, Scheme, SignatureMiddleware, SignedRoute, StandardWebhooks
@@ -321,19 +321,30 @@ def armor(
         rules: list[Rule] = []
         for index, entry in enumerate(config.rate_limit):
             with _entry(f"rate_limit[{index}]"):
-                rule = Rule(entry.route, entry.rate, entry.key, name=entry.name, cost=entry.cost)
+                rule = Rule(
+                    entry.route,
+                    entry.rate,
+                    entry.key,
+                    name=entry.name,
+                    cost=entry.cost,
+                    count=entry.count,
+                    shadow=entry.shadow,
+                )
             # Checked here too, not only by the middleware, so the message names the entry.
             if rule.key_kind == KEY_USER and identify is None:
                 raise ConfigError(
                     f"rate_limit[{index}].key: 'user' needs an identify hook naming the caller "
                     '(identify = "module:function")'
                 )
-            if any(rule.name == other.name for other in rules):
+            if not rule.derived_name and any(
+                rule.name == other.name for other in rules if not other.derived_name
+            ):
                 raise ConfigError(
                     f"rate_limit[{index}].name: {rule.name!r} is already the name of another "
                     "rule; they would share buckets"
                 )
             rules.append(rule)
+        unique_names(rules)
         with _entry("rate_limit"):
             add(
                 RateLimitMiddleware,

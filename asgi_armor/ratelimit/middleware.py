@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -17,7 +18,7 @@ from asgi_armor.errors import (
     send_error,
 )
 from asgi_armor.identity import Identify, principal
-from asgi_armor.ratelimit import bucket
+from asgi_armor.ratelimit import _outcome, bucket
 from asgi_armor.ratelimit import headers as h
 from asgi_armor.ratelimit.limiter import RateLimiter
 from asgi_armor.ratelimit.rules import (
@@ -28,9 +29,16 @@ from asgi_armor.ratelimit.rules import (
     KEY_USER,
     KeyFunc,
     Rule,
+    unique_names,
 )
 from asgi_armor.routes import Route, RouteMap, target
-from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
+from asgi_armor.stores.base import (
+    BucketSpec,
+    OnStoreError,
+    RateLimitStore,
+    StoreError,
+    make_key,
+)
 from asgi_armor.stores.memory import MemoryStore
 
 __all__ = ["RateLimitMiddleware"]
@@ -50,6 +58,8 @@ class _Compiled:
 
     __slots__ = (
         "capacity",
+        "count_spec",
+        "failures",
         "fn",
         "header",
         "interval",
@@ -60,6 +70,7 @@ class _Compiled:
         "prefix",
         "rule",
         "sf_name",
+        "shadow",
         "store_spec",
         "tolerance",
     )
@@ -74,7 +85,11 @@ class _Compiled:
         self.interval, self.tolerance = rule.rate.spec
         # A cost of c tokens is the same GCRA step as one token of c intervals, so rules
         # with different costs still share one hit_buckets call (which takes one cost).
-        self.store_spec = (self.interval * rule.cost, self.tolerance)
+        self.count_spec = (self.interval * rule.cost, self.tolerance)
+        self.failures = rule.count == "failures"
+        self.shadow = rule.shadow
+        # A failures-only rule is peeked before the app runs (_outcome.peek_spec), taken after.
+        self.store_spec = _outcome.peek_spec(*self.count_spec) if self.failures else self.count_spec
         self.capacity = rule.rate.capacity
         self.limit_bytes = str(self.capacity).encode()
         self.policy_item = h.policy_item(rule.name, rule.rate).encode()
@@ -88,7 +103,7 @@ class _Plan:
     the others (address, user, header, custom) are filled in per request.
     """
 
-    __slots__ = ("dynamic", "keys", "policy", "rules", "specs")
+    __slots__ = ("after", "after_specs", "dynamic", "keys", "policy", "rules", "shadow", "specs")
 
     def __init__(self, matches: list[tuple[_Compiled, Mapping[str, str]]]) -> None:
         self.rules = tuple(rule for rule, _ in matches)
@@ -107,6 +122,11 @@ class _Plan:
             keys.append(rule.prefix + (value if len(value) <= _SHORT else make_key(value)))
         self.keys = tuple(keys)
         self.dynamic = tuple(dynamic)
+        # The count="failures" rules, taken after the response; the shadow flags, or None.
+        self.after = tuple(i for i, rule in enumerate(self.rules) if rule.failures)
+        self.after_specs = tuple(self.rules[i].count_spec for i in self.after)
+        flags = tuple(rule.shadow for rule in self.rules)
+        self.shadow = flags if any(flags) else None
         self.policy = (
             self.rules[0].policy_item
             if len(self.rules) == 1
@@ -161,9 +181,12 @@ class RateLimitMiddleware:
         self.app = app
         compiled: list[tuple[Route, _Compiled]] = []
         names: set[str] = set()
+        rules = list(rules)
         for index, rule in enumerate(rules):
             if not isinstance(rule, Rule):
                 raise ConfigError(f"rules[{index}]: {rule!r} is not a Rule")
+        unique_names(rules)
+        for rule in rules:
             if rule.name in names:
                 raise ConfigError(
                     f"rule {rule.name!r}: two rules have this name and would share buckets; "
@@ -186,12 +209,14 @@ class RateLimitMiddleware:
         self.store = self.limiter.store
         self._hit_buckets = self.store.hit_buckets
         # A MemoryStore decides in this process: called directly, no coroutine to await.
-        self._take = self.store.take if type(self.store) is MemoryStore else None
+        self._take_sync = self.store.take if type(self.store) is MemoryStore else None
         self._client_ip = client_ip if client_ip is not None else ClientIP(trusted_proxies)
         self.ipv6_prefix = check_ipv6_prefix(ipv6_prefix)
         self._identify = identify
         self.headers = headers
         self._wall_clock = wall_clock
+        #: Refusals a shadow rule would have sent, per rule name (metrics).
+        self.shadow_refusals: dict[str, int] = {}
 
     def _address(self, scope: Scope) -> str:
         """The client address as rate limits count it: IPv6 by network."""
@@ -261,11 +286,13 @@ class RateLimitMiddleware:
         specs = plan.specs
 
         try:
-            take = self._take
+            take = self._take_sync
             if take is not None:
                 allowed, now, tats = take(keys, specs, 1)
             else:
                 allowed, now, tats = await self._hit_buckets(keys, specs, 1)
+            if not allowed and plan.shadow is not None:
+                allowed, now, tats = await self._without_shadow(plan, keys, now, tats)
         except StoreError as exc:
             try:
                 self.limiter.store_failed(exc)
@@ -282,20 +309,12 @@ class RateLimitMiddleware:
             return
 
         # The layer to report, by the one rule (ratelimit.bucket.most_restrictive).
-        count = len(tats)
-        if allowed:
-            lefts = [
-                bucket.remaining(tats[i], now, rules[i].interval, rules[i].tolerance)
-                for i in range(count)
-            ]
-            resets = [tat - now if tat > now else 0.0 for tat in tats]
-            index = 0 if count == 1 else bucket.most_restrictive(True, lefts, resets, ())
-            best = rules[index]
-            left, reset_after = lefts[index], resets[index]
-        else:
+        if not allowed:
             waits = [
-                bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(count)
+                bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(len(tats))
             ]
+            if plan.shadow is not None:
+                waits = _outcome.enforced_waits(waits, plan.shadow)
             index = bucket.most_restrictive(False, (), (), waits)
             best = rules[index]
             left = bucket.remaining(tats[index], now, best.interval, best.tolerance)
@@ -314,12 +333,13 @@ class RateLimitMiddleware:
                 )
             await send_error(scope, send, RateLimited(h.whole_seconds(waits[index]), headers=extra))
             return
-        if not self.headers:
+        if not self.headers and not plan.after:
             await self.app(scope, receive, send)
             return
-        added = h.fields(
-            best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
-        )
+        added = self._fields(plan, now, tats) if self.headers else []
+        if plan.after:
+            await self.app(scope, receive, self._counting_failures(plan, keys, tats, added, send))
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] in _HEADED:
@@ -327,6 +347,118 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _fields(self, plan: _Plan, now: float, tats: list[float]) -> list[tuple[bytes, bytes]]:
+        """The headers of an allowed request: the most restrictive layer's state."""
+        rules = plan.rules
+        count = len(tats)
+        lefts = [
+            bucket.remaining(tats[i], now, rules[i].interval, rules[i].tolerance)
+            for i in range(count)
+        ]
+        resets = [tat - now if tat > now else 0.0 for tat in tats]
+        index = 0 if count == 1 else bucket.most_restrictive(True, lefts, resets, ())
+        best = rules[index]
+        return h.fields(
+            best.limit_bytes,
+            lefts[index],
+            resets[index],
+            self._wall_clock(),
+            plan.policy,
+            best.sf_name,
+        )
+
+    async def _take(
+        self, keys: list[str] | tuple[str, ...], specs: tuple[BucketSpec, ...] | list[BucketSpec]
+    ) -> tuple[bool, float, list[float]]:
+        take = self._take_sync
+        if take is not None:
+            return take(keys, specs, 1)
+        return await self._hit_buckets(keys, specs, 1)
+
+    async def _without_shadow(
+        self, plan: _Plan, keys: tuple[str, ...] | list[str], now: float, tats: list[float]
+    ) -> tuple[bool, float, list[float]]:
+        """A refused decision decided again without the shadow rules that refused it.
+
+        All-or-none means a shadow rule lacking tokens held back every other rule's take:
+        when only shadow rules refused, the others are taken in a second call (only on
+        that path, so a shadow rule costs no round trip while it would allow). The shadow
+        rules that refused keep their state for the headers and are counted in
+        ``shadow_refusals``.
+        """
+        shadow = cast("tuple[bool, ...]", plan.shadow)
+        refused = _outcome.lacking(now, tats, plan.specs)
+        if not _outcome.shadow_only(refused, shadow):
+            return False, now, tats
+        self._count_shadow(plan, refused)
+        rest = [i for i in range(len(tats)) if i not in refused]
+        if not rest:
+            return True, now, tats
+        specs = [plan.specs[i] for i in rest]
+        allowed, now, taken = await self._take([keys[i] for i in rest], specs)
+        merged = list(tats)
+        for position, index in enumerate(rest):
+            merged[index] = taken[position]
+        if allowed:
+            return True, now, merged
+        again = [rest[i] for i in _outcome.lacking(now, taken, specs)]
+        if _outcome.shadow_only(again, shadow):
+            # Raced by another request: still only shadow rules refuse, let it through.
+            self._count_shadow(plan, again)
+            return True, now, merged
+        return False, now, merged
+
+    def _count_shadow(self, plan: _Plan, indices: list[int]) -> None:
+        counts = self.shadow_refusals
+        for index in indices:
+            name = plan.rules[index].rule.name
+            counts[name] = counts.get(name, 0) + 1
+
+    def _counting_failures(
+        self,
+        plan: _Plan,
+        keys: tuple[str, ...] | list[str],
+        tats: list[float],
+        added: list[tuple[bytes, bytes]],
+        send: Send,
+    ) -> Send:
+        """``send`` that takes the ``count="failures"`` tokens when the status is >= 400.
+
+        The take happens on the response's start, before it is forwarded, so the headers
+        of a failed answer already report the token it cost.
+        """
+
+        async def send_counting(message: Message) -> None:
+            kind = message["type"]
+            if kind in _outcome.STATUS_MESSAGES and _outcome.counts_as_failure(message["status"]):
+                fields = await self._take_failures(plan, keys, tats)
+                if self.headers:
+                    message["headers"] = [*message.get("headers", ()), *(fields or added)]
+            elif kind in _HEADED and self.headers:
+                message["headers"] = [*message.get("headers", ()), *added]
+            await send(message)
+
+        return send_counting
+
+    async def _take_failures(
+        self, plan: _Plan, keys: tuple[str, ...] | list[str], tats: list[float]
+    ) -> list[tuple[bytes, bytes]] | None:
+        """Take the failures-only tokens; the headers after it (None: the store failed)."""
+        after = plan.after
+        try:
+            _, now, taken = await self._take([keys[i] for i in after], plan.after_specs)
+        except StoreError as exc:
+            # The policy was applied before the app ran; this answer is the app's own.
+            with contextlib.suppress(ServiceUnavailable):
+                self.limiter.store_failed(exc)
+            return None
+        except Overloaded:
+            return None
+        merged = list(tats)
+        for position, index in enumerate(after):
+            merged[index] = taken[position]
+        return self._fields(plan, now, merged)
 
     def __repr__(self) -> str:
         return f"RateLimitMiddleware(rules={list(self.rules)!r}, store={self.store!r})"
