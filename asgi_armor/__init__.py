@@ -47,6 +47,7 @@ from asgi_armor.errors import (
     ValidationFailed,
 )
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
+from asgi_armor.protect import protect
 from asgi_armor.ratelimit import Decision, Rate, RateLimiter, RateLimitMiddleware, Rule
 from asgi_armor.routes import Route, RouteMap
 from asgi_armor.shedding import ConcurrencyLimit, ConcurrencyLimiter
@@ -159,6 +160,7 @@ __all__ = [
     "decode",
     "decode_query",
     "gather_partial",
+    "protect",
     "remaining",
     "sign",
     "verify",

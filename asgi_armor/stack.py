@@ -25,6 +25,7 @@ from asgi_armor.config import ArmorConfig, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
+from asgi_armor.protect import merge_declared
 from asgi_armor.ratelimit import RateLimitMiddleware, Rule
 from asgi_armor.ratelimit.rules import KEY_USER, unique_names
 from asgi_armor.routes import Route
@@ -35,7 +36,7 @@ from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.timeout import TimeoutMiddleware
 from asgi_armor.validation import InputLimits
 
-__all__ = ["Armored", "armor", "build_store", "describe", "import_callable"]
+__all__ = ["Armored", "armor", "build_store", "check_signature", "describe", "import_callable"]
 
 logger = logging.getLogger("asgi_armor")
 
@@ -154,6 +155,17 @@ def _scheme(entry: SignatureEntry) -> Scheme:
     return scheme
 
 
+def check_signature(entry: SignatureEntry, path: str) -> None:
+    """Check a signature entry's scheme, header and secrets as ``armor()`` would build it.
+
+    Raises:
+        ConfigError: naming ``path``.
+    """
+    with _entry(path):
+        _scheme(entry)
+        _secrets(entry, path)
+
+
 def import_callable(spec: str, entry: str) -> Any:
     """The callable named ``"module:attribute"`` (dotted attributes allowed).
 
@@ -248,6 +260,8 @@ def armor(
     config = config or ArmorConfig()
     if identify is None and config.identify:
         identify = import_callable(config.identify, "identify")
+    # @protect declarations on the framework's routes become entries like the config's.
+    config = merge_declared(app, config, has_identify=identify is not None)
     client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
     check_ipv6_prefix(config.ipv6_prefix)
     # "is None", not "or": an empty MemoryStore is falsy (it has a length).

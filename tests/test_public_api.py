@@ -47,6 +47,7 @@ CONTRACT = [
     "Stripe",
     "GitHub",
     "ConcurrencyLimit",
+    "protect",
 ]
 
 OPTIONAL = {

@@ -204,9 +204,8 @@ def derived_name(key_slug: str, route: Route) -> str:
 def unique_names(rules: Iterable[Rule]) -> None:
     """Make derived names unique among ``rules``, in order: the first keeps its name.
 
-    A later rule with a taken derived name gets its method (``ip-items-post``) when its
-    route has exactly one, else the first free ``-2``, ``-3``, ... Explicit names are
-    never changed (two equal ones are the caller's error to report).
+    A later rule with a taken derived name gets the first free ``-2``, ``-3``, ...
+    Explicit names are never changed (two equal ones are the caller's error to report).
     """
     taken: set[str] = set()
     listed = list(rules)
@@ -218,12 +217,8 @@ def unique_names(rules: Iterable[Rule]) -> None:
             continue
         name = rule.name
         if name in taken:
-            methods = rule.route.methods
-            single = sorted(methods - {"HEAD"}) if methods else []
-            name = f"{rule.name}-{single[0].lower()}" if len(single) == 1 else name
             number = 2
-            while name in taken:
-                name = f"{rule.name}-{number}"
+            while f"{rule.name}-{number}" in taken:
                 number += 1
-            rule.name = name
+            name = rule.name = f"{rule.name}-{number}"
         taken.add(name)

@@ -77,7 +77,7 @@ def test_default_names_are_stable_readable_and_distinct() -> None:
     assert Rule("*", "1/s", "global").name == "global"
 
 
-def test_unique_names_keep_the_first_and_suffix_the_method_then_a_number() -> None:
+def test_unique_names_keep_the_first_and_number_the_others() -> None:
     rules = [
         Rule("GET /api/items", "10/minute"),
         Rule("POST /api/items", "5/minute"),
@@ -89,14 +89,14 @@ def test_unique_names_keep_the_first_and_suffix_the_method_then_a_number() -> No
     unique_names(rules)
     assert [rule.name for rule in rules] == [
         "ip-items",
-        "ip-items-post",
         "ip-items-3",
         "ip-items-4",
+        "ip-items-5",
         "ip-items-2",
         "ip",
     ]
     unique_names(rules)  # stable: a second pass changes nothing
-    assert rules[2].name == "ip-items-3"
+    assert rules[1].name == "ip-items-3"
 
 
 def test_count_and_shadow_options() -> None:
