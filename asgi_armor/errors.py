@@ -16,7 +16,7 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from asgi_armor._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "STATE_ON_RESPONSE",
     "ArmorError",
     "CircuitOpenError",
     "ConfigError",
@@ -422,6 +423,17 @@ class InternalError(ArmorError):
 _encoder = msgspec.json.Encoder()
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _STATE_FORMAT = "armor_error_format"
+# Callbacks ``(message) -> None`` a request registered to see its response's start before
+# it is sent (asgi_armor.contrib.fastapi.rate_limit: headers, failures-only takes).
+STATE_ON_RESPONSE = "asgi_armor.on_response"
+
+
+async def _run_on_response(state: dict[str, Any], message: Message) -> None:
+    """Run the response-start callbacks registered in ``scope["state"]``, if any."""
+    hooks = state.get(STATE_ON_RESPONSE)
+    if hooks:
+        for hook in hooks:
+            await hook(message)
 
 
 def render(
@@ -595,6 +607,7 @@ class ErrorMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 message["headers"] = _with_id(message.get("headers", ()), id_header)
+                await _run_on_response(scope["state"], message)
             elif not message.get("more_body", False):
                 response_complete = True
             await send(message)
@@ -638,6 +651,7 @@ class ErrorMiddleware:
             kind = message["type"]
             if kind in ("websocket.accept", "websocket.http.response.start"):
                 message["headers"] = _with_id(message.get("headers", ()), id_header)
+                await _run_on_response(scope["state"], message)
             if kind in ("websocket.accept", "websocket.close", "websocket.http.response.start"):
                 answered = True
             await send(message)

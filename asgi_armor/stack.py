@@ -19,14 +19,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
+from asgi_armor._asgi import ASGIApp, Receive, Scope, Send, scope_state
+from asgi_armor._context import CONTEXT_KEY, ArmorContext
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix
 from asgi_armor.config import ArmorConfig, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
 from asgi_armor.protect import merge_declared
-from asgi_armor.ratelimit import RateLimitMiddleware, Rule
+from asgi_armor.ratelimit import RateLimiter, RateLimitMiddleware, Rule
 from asgi_armor.ratelimit.rules import KEY_USER, unique_names
 from asgi_armor.routes import Route
 from asgi_armor.shedding import ConcurrencyLimit
@@ -36,7 +37,15 @@ from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.timeout import TimeoutMiddleware
 from asgi_armor.validation import InputLimits
 
-__all__ = ["Armored", "armor", "build_store", "check_signature", "describe", "import_callable"]
+__all__ = [
+    "Armored",
+    "armor",
+    "build_store",
+    "check_signature",
+    "context_for",
+    "describe",
+    "import_callable",
+]
 
 logger = logging.getLogger("asgi_armor")
 
@@ -201,20 +210,29 @@ class Armored:
         layers: the layer objects, outermost first.
     """
 
-    __slots__ = ("app", "config", "layers", "store")
+    __slots__ = ("app", "config", "context", "layers", "store")
 
     def __init__(
-        self, app: ASGIApp, config: ArmorConfig, store: Store, layers: list[object]
+        self,
+        app: ASGIApp,
+        config: ArmorConfig,
+        store: Store,
+        layers: list[object],
+        context: ArmorContext | None = None,
     ) -> None:
         self.app = app
         self.config = config
         self.store = store
         self.layers = layers
+        self.context = context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
+        # For checks made inside the app (contrib.fastapi.rate_limit): the same store,
+        # client address and identify hook as the configured layers.
+        scope_state(scope)[CONTEXT_KEY] = self.context
         await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -398,7 +416,15 @@ def armor(
 
     add(ErrorMiddleware, error_format=config.error_format)
     layers.reverse()
-    return Armored(app, config, store, layers)
+    return Armored(app, config, store, layers, context_for(config, store, client_ip, identify))
+
+
+def context_for(
+    config: ArmorConfig, store: Store, client_ip: ClientIP, identify: Identify | None
+) -> ArmorContext:
+    """The ``ArmorContext`` published to the app: this armor's store, address and principal."""
+    limiter = RateLimiter(store, on_store_error=config.rate_limit_on_store_error)
+    return ArmorContext(limiter, client_ip, ipv6_prefix=config.ipv6_prefix, identify=identify)
 
 
 def describe(config: ArmorConfig) -> str:

@@ -52,6 +52,7 @@ CONTRACT = [
 
 OPTIONAL = {
     "asgi_armor.client": "httpx",
+    "asgi_armor.contrib.fastapi": "fastapi",
     "asgi_armor.contrib.quart": "quart",
     "asgi_armor.contrib.litestar": "litestar",
 }
