@@ -287,3 +287,15 @@ async def exercise(client: Any) -> dict[str, list[Any]]:
     out["slow"] = [await client.get("/api/slow")]
     out["health"] = [await client.get("/healthz")]
     return out
+
+
+def bad_app() -> Any:
+    """A uvicorn factory whose ``@protect`` is wrong: ``armor()`` must fail the start-up."""
+    from asgi_armor import armor
+
+    @protect(rate_limit=["10/minuet"])
+    async def create_payment(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/api/payments", create_payment, methods=["POST"])])
+    return armor(app, ArmorConfig())
