@@ -205,9 +205,9 @@ async def _decide(
     interval, tolerance = rate.spec
     spec = (interval * limit.cost, tolerance)
     failures = limit.count == "failures"
-    result = await context.limiter.take(
-        [store_key], [_outcome.peek_spec(*spec) if failures else spec], 1
-    )
+    # Taken before the endpoint runs, also for count="failures" (given back on a success):
+    # concurrent attempts can never outnumber the tokens.
+    result = await context.limiter.take([store_key], [spec], 1)
     if result is None:
         return  # the store failed and the policy lets requests through, without headers
     allowed, now, tats = result
@@ -223,24 +223,25 @@ async def _decide(
 
     tat = tats[0]
     if not allowed and not limit.shadow:
-        wait = bucket.retry_after(tat, now, *(_outcome.peek_spec(*spec) if failures else spec))
+        wait = bucket.retry_after(tat, now, *spec)
         raise RateLimited(h.whole_seconds(wait), headers=h.named(fields(now, tat)))
     added = fields(now, tat)
+    # A shadow refusal took nothing: nothing to give back.
+    refund = failures and allowed
 
     async def on_response(message: Message) -> None:
         headers = added
-        if (
-            failures
-            and message["type"] in _outcome.STATUS_MESSAGES
-            and _outcome.counts_as_failure(message["status"])
-        ):
+        # An accepted websocket (no status) is a success.
+        if refund and _outcome.refunded(message.get("status", 101)):
             try:
-                taken = await context.limiter.take([store_key], [spec], 1)
+                given = await context.limiter.take(
+                    [store_key], _outcome.give_back_specs([spec[0]], [tat]), -1
+                )
             except (ServiceUnavailable, Overloaded):
                 # The policy was applied before the endpoint ran; this answer is its own.
-                taken = None
-            if taken is not None:
-                headers = fields(taken[1], taken[2][0])
+                given = None
+            if given is not None:
+                headers = fields(given[1], given[2][0])
         message["headers"] = [*message.get("headers", ()), *headers]
 
     state = scope["state"]

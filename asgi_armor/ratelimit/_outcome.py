@@ -1,13 +1,13 @@
-"""The rule options that change *when* a rule decides or *whether* it refuses.
+"""The rule options that change *when* a rule is charged or *whether* it refuses.
 
 Small pure pieces, so any request path (the middleware today, a compiled pipeline later)
 applies them the same way:
 
-- ``count="failures"``: before the app runs, the rule is only *peeked* (``peek_spec``:
-  would its cost fit?) inside the same store call as every other matching rule, so an
-  empty bucket refuses without a second round trip; the token is taken after the
-  response has started, and only when ``counts_as_failure(status)``. A success costs
-  no store call of its own; a failure costs one more (the take).
+- ``count="failures"``: the token is taken before the app runs, in the same store call
+  as every other matching rule (so an empty bucket refuses, and concurrent attempts can
+  never outnumber the tokens: each one holds its own), and given back when the response
+  starts with a status below 400 (``refunded``, ``give_back_specs``), in one more call.
+  A failure costs no call of its own; a success one.
 - ``shadow=True``: decided and counted like any rule and reported in the headers, but a
   refusal is never sent (``shadow_only``, ``enforced_waits``).
 """
@@ -18,26 +18,31 @@ from collections.abc import Sequence
 
 from asgi_armor.ratelimit import bucket
 
-__all__ = ["counts_as_failure", "enforced_waits", "lacking", "peek_spec", "shadow_only"]
+__all__ = [
+    "STATUS_MESSAGES",
+    "enforced_waits",
+    "give_back_specs",
+    "lacking",
+    "refunded",
+    "shadow_only",
+]
 
 #: The messages that carry a response's status: an HTTP response, a refused handshake.
 STATUS_MESSAGES = frozenset({"http.response.start", "websocket.http.response.start"})
 
 
-def peek_spec(step: float, tolerance: float) -> tuple[float, float]:
-    """The bucket spec that asks "would ``step`` seconds of tokens fit?" and takes nothing.
+def refunded(status: int) -> bool:
+    """Whether a response gives a ``count="failures"`` token back: any status below 400."""
+    return status < 400
 
-    GCRA allows when ``tat + step - now <= tolerance``; with a step of 0 and a tolerance
-    of ``tolerance - step`` the store evaluates the same inequality and moves ``tat`` by
-    nothing, so a peek rides in the one ``hit_buckets`` call (memory, Redis, Cluster: no
-    new store operation).
+
+def give_back_specs(steps: Sequence[float], tats: Sequence[float]) -> list[tuple[float, float]]:
+    """The negative-cost ``hit_buckets`` specs that undo takes of ``steps`` seconds.
+
+    ``tats`` are the buckets' full-at times right after the take (as the store returned
+    them): each take added its step, so the time before it was ``tat - step``.
     """
-    return 0.0, tolerance - step
-
-
-def counts_as_failure(status: int) -> bool:
-    """Whether a response takes a ``count="failures"`` token: any status >= 400."""
-    return status >= 400
+    return [(steps[i], tats[i] - steps[i]) for i in range(len(steps))]
 
 
 def lacking(now: float, tats: Sequence[float], specs: Sequence[tuple[float, float]]) -> list[int]:

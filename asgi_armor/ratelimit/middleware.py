@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
@@ -58,7 +58,6 @@ class _Compiled:
 
     __slots__ = (
         "capacity",
-        "count_spec",
         "failures",
         "fn",
         "header",
@@ -85,11 +84,9 @@ class _Compiled:
         self.interval, self.tolerance = rule.rate.spec
         # A cost of c tokens is the same GCRA step as one token of c intervals, so rules
         # with different costs still share one hit_buckets call (which takes one cost).
-        self.count_spec = (self.interval * rule.cost, self.tolerance)
         self.failures = rule.count == "failures"
         self.shadow = rule.shadow
-        # A failures-only rule is peeked before the app runs (_outcome.peek_spec), taken after.
-        self.store_spec = _outcome.peek_spec(*self.count_spec) if self.failures else self.count_spec
+        self.store_spec = (self.interval * rule.cost, self.tolerance)
         self.capacity = rule.rate.capacity
         self.limit_bytes = str(self.capacity).encode()
         self.policy_item = h.policy_item(rule.name, rule.rate).encode()
@@ -103,7 +100,7 @@ class _Plan:
     the others (address, user, header, custom) are filled in per request.
     """
 
-    __slots__ = ("after", "after_specs", "dynamic", "keys", "policy", "rules", "shadow", "specs")
+    __slots__ = ("after", "dynamic", "keys", "policy", "rules", "shadow", "specs")
 
     def __init__(self, matches: list[tuple[_Compiled, Mapping[str, str]]]) -> None:
         self.rules = tuple(rule for rule, _ in matches)
@@ -122,9 +119,8 @@ class _Plan:
             keys.append(rule.prefix + (value if len(value) <= _SHORT else make_key(value)))
         self.keys = tuple(keys)
         self.dynamic = tuple(dynamic)
-        # The count="failures" rules, taken after the response; the shadow flags, or None.
+        # The count="failures" rules, given back after a success; the shadow flags, or None.
         self.after = tuple(i for i, rule in enumerate(self.rules) if rule.failures)
-        self.after_specs = tuple(self.rules[i].count_spec for i in self.after)
         flags = tuple(rule.shadow for rule in self.rules)
         self.shadow = flags if any(flags) else None
         self.policy = (
@@ -291,8 +287,9 @@ class RateLimitMiddleware:
                 allowed, now, tats = take(keys, specs, 1)
             else:
                 allowed, now, tats = await self._hit_buckets(keys, specs, 1)
+            untaken: list[int] = []
             if not allowed and plan.shadow is not None:
-                allowed, now, tats = await self._without_shadow(plan, keys, now, tats)
+                allowed, now, tats, untaken = await self._without_shadow(plan, keys, now, tats)
         except StoreError as exc:
             try:
                 self.limiter.store_failed(exc)
@@ -338,7 +335,8 @@ class RateLimitMiddleware:
             return
         added = self._fields(plan, now, tats) if self.headers else []
         if plan.after:
-            await self.app(scope, receive, self._counting_failures(plan, keys, tats, added, send))
+            refunding = self._refunding(plan, keys, tats, untaken, added, send)
+            await self.app(scope, receive, refunding)
             return
 
         async def send_with_headers(message: Message) -> None:
@@ -369,45 +367,49 @@ class RateLimitMiddleware:
         )
 
     async def _take(
-        self, keys: list[str] | tuple[str, ...], specs: tuple[BucketSpec, ...] | list[BucketSpec]
+        self,
+        keys: list[str] | tuple[str, ...],
+        specs: tuple[BucketSpec, ...] | list[BucketSpec],
+        cost: int = 1,
     ) -> tuple[bool, float, list[float]]:
         take = self._take_sync
         if take is not None:
-            return take(keys, specs, 1)
-        return await self._hit_buckets(keys, specs, 1)
+            return take(keys, specs, cost)
+        return await self._hit_buckets(keys, specs, cost)
 
     async def _without_shadow(
         self, plan: _Plan, keys: tuple[str, ...] | list[str], now: float, tats: list[float]
-    ) -> tuple[bool, float, list[float]]:
+    ) -> tuple[bool, float, list[float], list[int]]:
         """A refused decision decided again without the shadow rules that refused it.
 
         All-or-none means a shadow rule lacking tokens held back every other rule's take:
         when only shadow rules refused, the others are taken in a second call (only on
         that path, so a shadow rule costs no round trip while it would allow). The shadow
         rules that refused keep their state for the headers and are counted in
-        ``shadow_refusals``.
+        ``shadow_refusals``; their indices come back last (nothing was taken from them).
         """
         shadow = cast("tuple[bool, ...]", plan.shadow)
         refused = _outcome.lacking(now, tats, plan.specs)
         if not _outcome.shadow_only(refused, shadow):
-            return False, now, tats
+            return False, now, tats, refused
         self._count_shadow(plan, refused)
         rest = [i for i in range(len(tats)) if i not in refused]
         if not rest:
-            return True, now, tats
+            return True, now, tats, refused
         specs = [plan.specs[i] for i in rest]
         allowed, now, taken = await self._take([keys[i] for i in rest], specs)
         merged = list(tats)
         for position, index in enumerate(rest):
             merged[index] = taken[position]
         if allowed:
-            return True, now, merged
+            return True, now, merged, refused
         again = [rest[i] for i in _outcome.lacking(now, taken, specs)]
         if _outcome.shadow_only(again, shadow):
-            # Raced by another request: still only shadow rules refuse, let it through.
+            # Raced by another request: still only shadow rules refuse, let it through
+            # (nothing of this second call was taken).
             self._count_shadow(plan, again)
-            return True, now, merged
-        return False, now, merged
+            return True, now, merged, list(range(len(tats)))
+        return False, now, merged, refused
 
     def _count_shadow(self, plan: _Plan, indices: list[int]) -> None:
         counts = self.shadow_refusals
@@ -415,39 +417,47 @@ class RateLimitMiddleware:
             name = plan.rules[index].rule.name
             counts[name] = counts.get(name, 0) + 1
 
-    def _counting_failures(
+    def _refunding(
         self,
         plan: _Plan,
         keys: tuple[str, ...] | list[str],
         tats: list[float],
+        untaken: Sequence[int],
         added: list[tuple[bytes, bytes]],
         send: Send,
     ) -> Send:
-        """``send`` that takes the ``count="failures"`` tokens when the status is >= 400.
+        """``send`` that gives the ``count="failures"`` tokens back on a success (< 400).
 
-        The take happens on the response's start, before it is forwarded, so the headers
-        of a failed answer already report the token it cost.
+        Given back on the response's start, before it is forwarded, so the headers of a
+        success already report the token returned. An accepted websocket is a success.
         """
+        after = [i for i in plan.after if i not in untaken] if untaken else plan.after
 
-        async def send_counting(message: Message) -> None:
+        async def send_refunding(message: Message) -> None:
             kind = message["type"]
-            if kind in _outcome.STATUS_MESSAGES and _outcome.counts_as_failure(message["status"]):
-                fields = await self._take_failures(plan, keys, tats)
-                if self.headers:
-                    message["headers"] = [*message.get("headers", ()), *(fields or added)]
-            elif kind in _HEADED and self.headers:
-                message["headers"] = [*message.get("headers", ()), *added]
+            headed = kind in _HEADED
+            if headed or kind in _outcome.STATUS_MESSAGES:
+                fields = added
+                if after and _outcome.refunded(message.get("status", 101)):
+                    fields = await self._give_back(plan, keys, tats, after) or added
+                if headed and self.headers:
+                    message["headers"] = [*message.get("headers", ()), *fields]
             await send(message)
 
-        return send_counting
+        return send_refunding
 
-    async def _take_failures(
-        self, plan: _Plan, keys: tuple[str, ...] | list[str], tats: list[float]
+    async def _give_back(
+        self,
+        plan: _Plan,
+        keys: tuple[str, ...] | list[str],
+        tats: list[float],
+        after: Sequence[int],
     ) -> list[tuple[bytes, bytes]] | None:
-        """Take the failures-only tokens; the headers after it (None: the store failed)."""
-        after = plan.after
+        """Give the failures-only tokens back; the headers after it (None: store failed)."""
+        steps = [plan.specs[i][0] for i in after]
+        back = _outcome.give_back_specs(steps, [tats[i] for i in after])
         try:
-            _, now, taken = await self._take([keys[i] for i in after], plan.after_specs)
+            _, now, given = await self._take([keys[i] for i in after], back, -1)
         except StoreError as exc:
             # The policy was applied before the app ran; this answer is the app's own.
             with contextlib.suppress(ServiceUnavailable):
@@ -457,8 +467,8 @@ class RateLimitMiddleware:
             return None
         merged = list(tats)
         for position, index in enumerate(after):
-            merged[index] = taken[position]
-        return self._fields(plan, now, merged)
+            merged[index] = given[position]
+        return self._fields(plan, now, merged) if self.headers else []
 
     def __repr__(self) -> str:
         return f"RateLimitMiddleware(rules={list(self.rules)!r}, store={self.store!r})"

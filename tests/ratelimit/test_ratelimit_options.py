@@ -80,7 +80,7 @@ async def test_five_failures_lock_the_login_and_successes_are_not_counted(
     for _ in range(3):
         ok = await attempt(client, "hunter2")
         assert ok.status_code == 200
-        # A success takes nothing: the bucket stays full.
+        # A success gives its token back: the bucket stays full.
         assert rate_headers(ok) == {
             "ratelimit": '"login";r=5;t=0',
             "ratelimit-policy": '"login";q=5;w=900',
@@ -109,7 +109,9 @@ async def test_five_failures_lock_the_login_and_successes_are_not_counted(
     assert (await attempt(client, "hunter2")).status_code == 429
 
 
-async def test_failures_cost_one_store_call_more_and_successes_none(clock: FakeClock) -> None:
+async def test_a_failure_costs_no_store_call_of_its_own_and_a_success_one(
+    clock: FakeClock,
+) -> None:
     store = CountingStore(clock)
     rules = [
         Rule("* /api/*", "100/minute", name="ip"),
@@ -118,17 +120,56 @@ async def test_failures_cost_one_store_call_more_and_successes_none(clock: FakeC
     asgi, _ = wrap(rules, store)
     transport = httpx.ASGITransport(app=asgi, client=("203.0.113.7", 1))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        ok = await attempt(client, "hunter2")
-        # One call decides both rules: the request rule taken, the failures rule peeked.
-        assert store.calls == [(2, 1)]
-        assert ok.headers["ratelimit"] == '"login";r=5;t=0'
-        assert ok.headers["ratelimit-policy"] == '"ip";q=100;w=60, "login";q=5;w=900'
-        store.calls.clear()
         wrong = await attempt(client, "guess")
-        assert store.calls == [(2, 1), (1, 1)]  # the take after the 401
+        # One call decides both rules, the failures rule's token taken with the other's.
+        assert store.calls == [(2, 1)]
         assert wrong.headers["ratelimit"] == '"login";r=4;t=180'
+        assert wrong.headers["ratelimit-policy"] == '"ip";q=100;w=60, "login";q=5;w=900'
+        store.calls.clear()
+        ok = await attempt(client, "hunter2")
+        assert store.calls == [(2, 1), (1, -1)]  # the give-back after the 200
+        assert ok.headers["ratelimit"] == '"login";r=4;t=180'
         # The request-counted rule took one token per request, failures or not.
         assert (await client.get("/api/other")).headers["x-ratelimit-remaining"] == "97"
+
+
+async def test_concurrent_attempts_never_outnumber_the_tokens(clock: FakeClock) -> None:
+    """Each attempt holds its token while the app checks the password: with two left,
+    twenty concurrent wrong attempts reach the app twice, not twenty times."""
+    import anyio
+
+    checked = 0
+    release = anyio.Event()
+
+    async def slow_login(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal checked
+        checked += 1
+        await release.wait()
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    rules = [Rule("POST /api/login", "2/15minutes", count="failures", name="login")]
+    limiter = RateLimitMiddleware(slow_login, rules=rules, store=MemoryStore(clock=clock))
+    transport = httpx.ASGITransport(app=ErrorMiddleware(limiter), client=("203.0.113.7", 1))
+    statuses: list[int] = []
+    refused_all = anyio.Event()
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+        async def one() -> None:
+            statuses.append((await attempt(client, "guess")).status_code)
+            if statuses.count(429) == 18:
+                refused_all.set()
+
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(one)
+            # The 18 refused answer while the two admitted are still in the app.
+            with anyio.fail_after(5):
+                await refused_all.wait()
+            assert checked == 2
+            release.set()
+    assert checked == 2
+    assert sorted(statuses) == [401, 401] + [429] * 18
 
 
 async def test_shadow_sends_headers_and_counts_but_never_refuses(clock: FakeClock) -> None:
