@@ -22,7 +22,7 @@ from typing import Any
 from asgi_armor._asgi import ASGIApp, Receive, Scope, Send, scope_state
 from asgi_armor._context import CONTEXT_KEY, ArmorContext
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix
-from asgi_armor.config import ArmorConfig, SignatureEntry
+from asgi_armor.config import ArmorConfig, RateLimitEntry, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
@@ -427,6 +427,14 @@ def context_for(
     return ArmorContext(limiter, client_ip, ipv6_prefix=config.ipv6_prefix, identify=identify)
 
 
+def _rate_setting(entry: RateLimitEntry) -> str:
+    """``5/15minutes per ip, failures only, shadow``: a rate-limit entry for ``describe``."""
+    options = (["failures only"] if entry.count == "failures" else []) + (
+        ["shadow"] if entry.shadow else []
+    )
+    return ", ".join([f"{entry.rate} per {entry.key}", *options])
+
+
 def describe(config: ArmorConfig) -> str:
     """A human summary of the stack ``config`` builds (``asgi-armor check``).
 
@@ -454,7 +462,7 @@ def describe(config: ArmorConfig) -> str:
             f"load shedding: {shed.max_concurrent} concurrent, queue {shed.max_queue} "
             f"for {shed.queue_timeout:g}s, exempt {', '.join(shed.exempt) or '-'}"
         )
-    table = [(e.route, "rate limit", f"{e.rate} per {e.key}") for e in config.rate_limit]
+    table = [(e.route, "rate limit", _rate_setting(e)) for e in config.rate_limit]
     table += [
         (e.route, "idempotency", f"key {'required' if e.required else 'optional'}, kept {e.ttl:g}s")
         for e in config.idempotency

@@ -264,3 +264,19 @@ async def redis_store(
     store = RedisStore.from_url(redis_url, prefix=redis_prefix)
     yield store
     await store.aclose()
+
+
+def test_describe_shows_the_options() -> None:
+    from asgi_armor.stack import describe
+
+    config = ArmorConfig.from_dict(
+        {
+            "rate_limit": [
+                {"route": "POST /api/login", "rate": "5/15minutes", "count": "failures"},
+                {"route": "GET /api/items", "rate": "1/minute", "shadow": True},
+            ]
+        }
+    )
+    lines = describe(config).splitlines()
+    assert "POST /api/login  rate limit   5/15minutes per ip, failures only" in lines
+    assert "GET /api/items   rate limit   1/minute per ip, shadow" in lines
