@@ -49,6 +49,7 @@ _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "QUERY")
 _BRACE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_]+))?\}")
 _ANGLE = re.compile(r"<(?:([A-Za-z_]+)(?:\([^)]*\))?:)?([A-Za-z_][A-Za-z0-9_]*)>")
 _RULE_LABEL = re.compile(r"^rule '[^']*': ")
+_UNWRAP = 16  # layers of ASGI middleware looked through for the framework app
 
 
 class Declaration:
@@ -103,8 +104,10 @@ def protect(
     def mark(endpoint: F) -> F:
         # A Litestar route handler object wraps the function; the routes keep its ``fn``.
         target = getattr(endpoint, "fn", endpoint) if _is_litestar_handler(endpoint) else endpoint
+        found = getattr(target, ATTRIBUTE, None)
         try:
-            setattr(target, ATTRIBUTE, declaration)
+            merged = declaration if found is None else _stacked(declaration, found, target)
+            setattr(target, ATTRIBUTE, merged)
         except (AttributeError, TypeError):
             raise ConfigError(
                 f"@protect: cannot mark {endpoint!r} (put it on the endpoint function)"
@@ -112,6 +115,25 @@ def protect(
         return endpoint
 
     return mark
+
+
+def _stacked(outer: Declaration, inner: Declaration, endpoint: object) -> Declaration:
+    """Two ``@protect`` on one endpoint: their rate limits add up, in the order written
+    (``outer`` is the upper decorator); anything else may be declared once.
+
+    Raises:
+        ConfigError: both set the same idempotency, timeout or signature.
+    """
+    for field in ("idempotency", "timeout", "signature"):
+        if getattr(outer, field) is not None and getattr(inner, field) is not None:
+            name = getattr(endpoint, "__name__", repr(endpoint))
+            raise ConfigError(f"@protect on {name}: {field} is declared twice")
+    return Declaration(
+        [*outer.rate_limit, *inner.rate_limit] if inner.rate_limit or outer.rate_limit else (),
+        outer.idempotency if outer.idempotency is not None else inner.idempotency,
+        outer.timeout if outer.timeout is not None else inner.timeout,
+        outer.signature if outer.signature is not None else inner.signature,
+    )
 
 
 def _is_litestar_handler(obj: object) -> bool:
@@ -225,12 +247,24 @@ def _litestar(app: Any) -> Iterator[tuple[object, list[str], str]]:
             yield getattr(handler, "fn", handler), _methods(methods), route.path
 
 
+def _has_routes(app: object) -> bool:
+    return hasattr(app, "url_map") or isinstance(getattr(app, "routes", None), list | tuple)
+
+
 def declared_routes(app: object) -> list[tuple[str, str, Declaration]]:
     """``(endpoint name, "METHODS /template", declaration)`` for every declared endpoint.
 
     Raises:
         ConfigError: a declared route whose template cannot be expressed as a pattern.
     """
+    # Through ASGI middleware wrapped around the framework app (CORSMiddleware(app), ...).
+    for _ in range(_UNWRAP):
+        if _has_routes(app):
+            break
+        inner = getattr(app, "app", None)
+        if inner is None or inner is app:
+            return []
+        app = inner
     module = type(app).__module__
     if module.startswith("quart") or hasattr(app, "url_map"):
         found = _quart(app)

@@ -177,3 +177,28 @@ async def test_declared_and_configured_rules_on_one_route_are_decided_together()
     assert answers[0].headers["ratelimit-policy"] == (
         '"ip";q=100;w=60, "ip-payments";q=3;w=60, "ip-payments-2";q=1;w=60'
     )
+
+
+def test_stacked_declarations_add_rate_limits_and_refuse_a_second_timeout() -> None:
+    @protect(rate_limit=["1/second"], timeout=2)
+    @protect(rate_limit=[("5/minute", "global")])
+    async def endpoint(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/x", endpoint)])
+    config = armor(app, ArmorConfig()).config
+    assert [(e.rate, e.key) for e in config.rate_limit] == [
+        ("5/minute", "global"),
+        ("1/second", "ip"),
+    ]
+    assert [(e.route, e.seconds) for e in config.timeout] == [("GET /x", 2.0)]
+    with pytest.raises(ConfigError, match="@protect on endpoint: timeout is declared twice"):
+        protect(timeout=1)(endpoint)
+
+
+def test_declarations_are_found_through_asgi_middleware() -> None:
+    from starlette.middleware.cors import CORSMiddleware
+
+    app = make_app(timeout=3)
+    wrapped = CORSMiddleware(app, allow_origins=["*"])
+    assert [e.route for e in armor(wrapped, ArmorConfig()).config.timeout] == ["POST /api/payments"]
