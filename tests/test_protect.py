@@ -187,9 +187,10 @@ def test_stacked_declarations_add_rate_limits_and_refuse_a_second_timeout() -> N
 
     app = Starlette(routes=[Route("/x", endpoint)])
     config = armor(app, ArmorConfig()).config
+    # In the order written.
     assert [(e.rate, e.key) for e in config.rate_limit] == [
-        ("5/minute", "global"),
         ("1/second", "ip"),
+        ("5/minute", "global"),
     ]
     assert [(e.route, e.seconds) for e in config.timeout] == [("GET /x", 2.0)]
     with pytest.raises(ConfigError, match="@protect on endpoint: timeout is declared twice"):
