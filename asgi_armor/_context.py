@@ -36,7 +36,14 @@ class ArmorContext:
         wall_clock: Unix time, only for ``X-RateLimit-Reset``.
     """
 
-    __slots__ = ("_client_ip", "identify", "ipv6_prefix", "limiter", "wall_clock")
+    __slots__ = (
+        "_client_ip",
+        "identify",
+        "ipv6_prefix",
+        "limiter",
+        "shadow_refusals",
+        "wall_clock",
+    )
 
     def __init__(
         self,
@@ -52,6 +59,8 @@ class ArmorContext:
         self.ipv6_prefix = ipv6_prefix
         self.identify = identify
         self.wall_clock = wall_clock
+        #: Refusals a shadow limit decided in the app would have sent, per policy name.
+        self.shadow_refusals: dict[str, int] = {}
 
     def address(self, scope: Scope) -> str:
         """The client address as rate limits count it (IPv6 by network)."""

@@ -173,10 +173,14 @@ async def test_failures_only_login(client: httpx.AsyncClient) -> None:
     assert locked.headers["retry-after"] == "300"
 
 
-async def test_shadow_never_refuses(client: httpx.AsyncClient) -> None:
-    answers = [await client.get("/api/rollout") for _ in range(3)]
+async def test_shadow_never_refuses() -> None:
+    armored = armor(make_app(), ArmorConfig())
+    async with client_for(armored) as client:
+        answers = [await client.get("/api/rollout") for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["0", "0", "0"]
+    assert armored.context is not None
+    assert armored.context.shadow_refusals == {"ip-rollout": 2}
 
 
 async def test_key_user_uses_the_armors_identify_hook() -> None:

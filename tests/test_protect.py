@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import litestar
 import pytest
+import quart
+from litestar.params import FromPath
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
@@ -203,3 +206,38 @@ def test_declarations_are_found_through_asgi_middleware() -> None:
     app = make_app(timeout=3)
     wrapped = CORSMiddleware(app, allow_origins=["*"])
     assert [e.route for e in armor(wrapped, ArmorConfig()).config.timeout] == ["POST /api/payments"]
+
+
+def test_quart_and_litestar_websockets_and_converters() -> None:
+    q = quart.Quart("protect_ws")
+
+    @q.websocket("/ws/<int:room>")
+    @protect(rate_limit=["10/minute"])
+    async def room(room: int) -> None:
+        return None
+
+    @q.route("/files/<path:rest>", methods=["GET", "PUT"])
+    @protect(timeout=1)
+    async def files(rest: str) -> Any:
+        return {}
+
+    assert sorted(route for _, route, _ in declared_routes(q)) == [
+        "GET /ws/{room}",
+        "GET|PUT /files/*",
+    ]
+
+    @litestar.websocket("/live/{channel:str}")
+    @protect(rate_limit=["10/minute"])
+    async def live(socket: litestar.WebSocket[Any, Any, Any], channel: FromPath[str]) -> None:
+        return None
+
+    @litestar.route("/both", http_method=["GET", "POST"])
+    @protect(timeout=1)
+    async def both() -> None:
+        return None
+
+    app = litestar.Litestar([live, both], logging_config=None, openapi_config=None)
+    assert sorted(route for _, route, _ in declared_routes(app)) == [
+        "GET /live/{channel}",
+        "GET|POST /both",
+    ]

@@ -225,6 +225,9 @@ async def _decide(
     if not allowed and not limit.shadow:
         wait = bucket.retry_after(tat, now, *spec)
         raise RateLimited(h.whole_seconds(wait), headers=h.named(fields(now, tat)))
+    if not allowed:
+        counts = context.shadow_refusals
+        counts[name] = counts.get(name, 0) + 1
     added = fields(now, tat)
     # A shadow refusal took nothing: nothing to give back.
     refund = failures and allowed
