@@ -222,6 +222,25 @@ def test_bad_definitions_fail_at_once() -> None:
         rate_limit("1/s", count="all")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="cost 5 exceeds the burst"):
         rate_limit("2/s", cost=5)
+    with pytest.raises(ConfigError, match="name 'a:b' must be 1 to 64 printable ASCII"):
+        rate_limit("2/s", name="a:b")
+
+
+async def test_key_user_without_an_identify_hook_fails_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = FastAPI(exception_handlers=armor_exception_handlers(), openapi_url=None)
+
+    @app.get("/x", dependencies=[Depends(rate_limit("1/minute", key="user"))])
+    async def x() -> dict[str, Any]:
+        return {}
+
+    async with client_for(armor(app, ArmorConfig())) as c:
+        response = await c.get("/x")
+    # Never counted by address instead: the request fails, the cause logged with its id.
+    assert (response.status_code, response.json()["error"]) == (500, "internal_error")
+    assert "key 'user' needs an identify hook" in caplog.text
+    assert response.headers["x-request-id"] in caplog.text
 
 
 @pytest.mark.asyncio_only

@@ -45,7 +45,7 @@ from asgi_armor.ratelimit import _outcome, bucket
 from asgi_armor.ratelimit import headers as h
 from asgi_armor.ratelimit.limiter import check_cost
 from asgi_armor.ratelimit.rate import Rate
-from asgi_armor.ratelimit.rules import Count
+from asgi_armor.ratelimit.rules import _NAME, Count
 from asgi_armor.stores.base import make_key
 
 __all__ = ["rate_limit"]
@@ -112,6 +112,12 @@ class _Limit:
         if key == "global":
             return "*"
         if key == "user":
+            if context.identify is None:
+                # Counting everyone by address instead would be a silent change of limit.
+                raise ConfigError(
+                    "rate_limit: key 'user' needs an identify hook on the armor "
+                    '(armor(app, config, identify=...) or identify = "module:function")'
+                )
             who = await principal(scope, context.identify)
             return "ip:" + context.address(scope) if who is None else "u:" + who
         # A key dependency's answer: its user id, tenant, ... (None: fall back to the address).
@@ -149,6 +155,11 @@ def rate_limit(
     """
     if not (callable(key) or key in _KEYS):
         raise ConfigError(f"rate_limit: key {key!r} is not 'ip', 'user', 'global' or a callable")
+    if name is not None and not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"rate_limit: name {name!r} must be 1 to 64 printable ASCII characters "
+            "without ':', '\"' or '\\'"
+        )
     if count not in ("requests", "failures"):
         raise ConfigError(f"rate_limit: count {count!r} is not 'requests' or 'failures'")
     if not isinstance(shadow, bool):
