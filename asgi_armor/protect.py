@@ -13,7 +13,9 @@ naming the endpoint and its route:
 ``@protect on create_payment (POST /api/payments): rate_limit[0]: '10/minuet' is not a rate``.
 
 The route table is read once, when ``armor()`` runs: every framework here has it built
-once the app object exists. Routes added to the app after ``armor()`` are not seen.
+once the app object exists. A declared route added after ``armor()`` would go
+unprotected: ``RouteTableSnapshot.check`` finds it at lifespan start-up, which ``Armored``
+then fails.
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ from asgi_armor.config import (
 )
 from asgi_armor.errors import ConfigError
 
-__all__ = ["ATTRIBUTE", "Declaration", "declared_routes", "merge_declared", "protect"]
+__all__ = [
+    "ATTRIBUTE",
+    "Declaration",
+    "RouteTableSnapshot",
+    "declared_routes",
+    "merge_declared",
+    "protect",
+]
 
 F = TypeVar("F")
 
@@ -425,3 +434,35 @@ def merge_declared(app: object, config: ArmorConfig, *, has_identify: bool = Fal
         timeout=timeouts,
         signature=signatures,
     )
+
+
+class RouteTableSnapshot:
+    """The declarations ``armor()`` applied, to catch routes declared after it.
+
+    ``armor()`` reads the route table once; a declared route added later (an
+    ``include_router`` after ``armor()``) would go unprotected. ``check()`` reads the table
+    again (``Armored`` calls it at lifespan start-up) and fails on any declaration that was
+    not applied.
+
+    Args:
+        app: the framework app ``armor()`` wrapped.
+    """
+
+    __slots__ = ("_app", "_seen")
+
+    def __init__(self, app: object) -> None:
+        self._app = app
+        self._seen = {(route, id(declaration)) for _, route, declaration in declared_routes(app)}
+
+    def check(self) -> None:
+        """Raise if the route table now holds a declaration ``armor()`` did not apply.
+
+        Raises:
+            ConfigError: naming the first such endpoint and route.
+        """
+        for name, route, declaration in declared_routes(self._app):
+            if (route, id(declaration)) not in self._seen:
+                raise ConfigError(
+                    f"@protect on {name} ({route}): the route was added after armor() read "
+                    "the route table; add routes before calling armor()"
+                )

@@ -26,7 +26,7 @@ from asgi_armor.config import ArmorConfig, RateLimitEntry, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
-from asgi_armor.protect import merge_declared
+from asgi_armor.protect import RouteTableSnapshot, merge_declared
 from asgi_armor.ratelimit import RateLimiter, RateLimitMiddleware, Rule
 from asgi_armor.ratelimit.rules import KEY_USER, unique_names
 from asgi_armor.routes import Route
@@ -199,9 +199,10 @@ def import_callable(spec: str, entry: str) -> Any:
 class Armored:
     """The armored app: an ASGI app that also exposes its layers, config and store.
 
-    At ASGI lifespan start-up it fails the start-up (``lifespan.startup.failed``, naming
-    ``store``) when the store cannot run on the server's event loop (a ``RedisStore`` on
-    trio); otherwise lifespan goes to the wrapped app.
+    At ASGI lifespan start-up it fails the start-up (``lifespan.startup.failed``) when the
+    store cannot run on the server's event loop (a ``RedisStore`` on trio, naming
+    ``store``) or when a ``@protect`` route was added to the app after ``armor()`` read its
+    route table (naming the endpoint); otherwise lifespan goes to the wrapped app.
 
     Args:
         app: the outermost layer.
@@ -210,7 +211,7 @@ class Armored:
         layers: the layer objects, outermost first.
     """
 
-    __slots__ = ("app", "config", "context", "layers", "store")
+    __slots__ = ("_routes", "app", "config", "context", "layers", "store")
 
     def __init__(
         self,
@@ -219,12 +220,14 @@ class Armored:
         store: Store,
         layers: list[object],
         context: ArmorContext | None = None,
+        routes: RouteTableSnapshot | None = None,
     ) -> None:
         self.app = app
         self.config = config
         self.store = store
         self.layers = layers
         self.context = context
+        self._routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -236,11 +239,14 @@ class Armored:
         await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Fail the server's start-up when the store cannot run here (a Redis store on trio)."""
+        """Fail the server's start-up when the store cannot run here (a Redis store on trio)
+        or a declared route would go unprotected."""
         check = getattr(self.store, "check_runtime", None)
         try:
             if check is not None:
                 check()
+            if self._routes is not None:
+                self._routes.check()  # a @protect route added after armor(): unprotected
         except ConfigError as exc:
             await receive()  # lifespan.startup: the protocol's first message
             logger.error("start-up failed: %s", exc)
@@ -280,6 +286,7 @@ def armor(
         identify = import_callable(config.identify, "identify")
     # @protect declarations on the framework's routes become entries like the config's.
     config = merge_declared(app, config, has_identify=identify is not None)
+    route_table = RouteTableSnapshot(app)
     client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
     check_ipv6_prefix(config.ipv6_prefix)
     # "is None", not "or": an empty MemoryStore is falsy (it has a length).
@@ -416,7 +423,8 @@ def armor(
 
     add(ErrorMiddleware, error_format=config.error_format)
     layers.reverse()
-    return Armored(app, config, store, layers, context_for(config, store, client_ip, identify))
+    context = context_for(config, store, client_ip, identify)
+    return Armored(app, config, store, layers, context, route_table)
 
 
 def context_for(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import httpx
 import litestar
 import pytest
@@ -241,3 +242,55 @@ def test_quart_and_litestar_websockets_and_converters() -> None:
         "GET /live/{channel}",
         "GET|POST /both",
     ]
+
+
+async def lifespan_startup(app: Any) -> dict[str, Any]:
+    """Drive an ASGI lifespan start-up; the app's first answer."""
+    sent: list[dict[str, Any]] = []
+    answered = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "lifespan.startup"}
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        answered.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+            await answered.wait()
+            group.cancel_scope.cancel()
+    return sent[0]
+
+
+async def test_a_route_declared_after_armor_fails_the_lifespan_start_up() -> None:
+    from fastapi import APIRouter, FastAPI
+
+    inner = FastAPI()
+
+    @inner.get("/early")
+    @protect(rate_limit=["1/second"])
+    async def early() -> dict[str, Any]:
+        return {}
+
+    app = armor(inner, ArmorConfig())
+    assert (await lifespan_startup(app))["type"] == "lifespan.startup.complete"
+
+    router = APIRouter(prefix="/api")
+
+    @router.post("/late")
+    @protect(rate_limit=["1/second"])
+    async def late() -> dict[str, Any]:
+        return {}
+
+    inner.include_router(router)
+    failed = await lifespan_startup(app)
+    assert failed == {
+        "type": "lifespan.startup.failed",
+        "message": "@protect on late (POST /api/late): the route was added after armor() read "
+        "the route table; add routes before calling armor()",
+    }
