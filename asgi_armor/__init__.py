@@ -49,6 +49,7 @@ from asgi_armor.errors import (
 )
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.metrics import Metrics, OtelMetrics, PrometheusMetrics
+from asgi_armor.protect import protect
 from asgi_armor.ratelimit import Decision, Rate, RateLimiter, RateLimitMiddleware, Rule
 from asgi_armor.routes import Route, RouteMap
 from asgi_armor.shedding import ConcurrencyLimit, ConcurrencyLimiter
@@ -165,6 +166,7 @@ __all__ = [
     "decode",
     "decode_query",
     "gather_partial",
+    "protect",
     "remaining",
     "sign",
     "verify",

@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from asgi_armor._context import CONTEXT_KEY
 from asgi_armor.errors import (
     _STATE_FORMAT,
+    STATE_ON_RESPONSE,
     ErrorMiddleware,
+    _run_on_response,
     _with_id,
     ensure_request_id,
     send_error,
@@ -24,6 +27,7 @@ from asgi_armor.routes import target
 from asgi_armor.timeout import Progress
 
 if TYPE_CHECKING:
+    from asgi_armor._context import ArmorContext
     from asgi_armor._types import ASGIApp, Message, Receive, Scope, Send
     from asgi_armor.idempotency import IdempotencyMiddleware
     from asgi_armor.metrics import RequestMetrics
@@ -69,14 +73,15 @@ class _Exchange(Progress):
     """One request's response on its way out: the request id and the rate-limit headers
     added to it, and how far it got."""
 
-    __slots__ = ("_send", "added", "id_header", "status")
+    __slots__ = ("_send", "added", "id_header", "state", "status")
 
-    def __init__(self, send: Send, id_header: tuple[bytes, bytes]) -> None:
+    def __init__(self, send: Send, id_header: tuple[bytes, bytes], state: dict[str, Any]) -> None:
         self.started = False
         self.complete = False
         self.status = 500
         self._send = send
         self.id_header = id_header
+        self.state = state
         self.added: list[tuple[bytes, bytes]] | None = None
 
     async def send(self, message: Message) -> None:
@@ -87,6 +92,10 @@ class _Exchange(Progress):
             if self.added is not None:
                 headers += self.added
             message["headers"] = headers
+            if STATE_ON_RESPONSE in self.state:
+                # Checks made inside the app see the response start (their headers, the
+                # failures-only tokens a dependency gives back).
+                await _run_on_response(self.state, message)
         elif not message.get("more_body", False):
             self.complete = True
         await self._send(message)
@@ -142,6 +151,8 @@ class Pipeline:
             scrape endpoint.
         limits, shedding, rate_limit, signature, idempotency, timeout: the configured
             layers (None: not configured), in the canonical order.
+        context: put in every request's ``scope["state"]["asgi_armor"]``, for checks made
+            inside the app (``asgi_armor.contrib.fastapi.rate_limit``).
     """
 
     def __init__(
@@ -157,6 +168,7 @@ class Pipeline:
         signature: SignatureMiddleware | None = None,
         idempotency: IdempotencyMiddleware | None = None,
         timeout: TimeoutMiddleware | None = None,
+        context: ArmorContext | None = None,
     ) -> None:
         self.app = chain
         self._app = app
@@ -169,6 +181,7 @@ class Pipeline:
         self._signature = signature
         self._idempotency = idempotency
         self._timeout = timeout
+        self._context = context
         self._plans: dict[tuple[str, str], _Plan] = {}
 
     def _compile(self, method: str, path: str) -> _Plan:
@@ -198,8 +211,9 @@ class Pipeline:
             assert self._timeout is not None
             inner.append((self._timeout.run, budget))
         guarded = _chain(self._app, outer + limited + inner)
-        if outer:
-            # The rate limit decides inside the shedding slot, as the classes compose.
+        if outer or (rate is not None and rate.after):
+            # The rate limit decides inside the shedding slot, as the classes compose; and
+            # failures-only rules see the response through the rate limit's own wrapper.
             return _Plan(json_only, None, outer + limited + inner, self._app, guarded, None)
         return _Plan(json_only, rate, inner, self._app, guarded, budget)
 
@@ -239,15 +253,18 @@ class Pipeline:
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
         """One HTTP request through the plan of its target; returns the status answered."""
         request_id = ensure_request_id(scope)
+        state = scope["state"]
         if self._problem:
-            scope["state"][_STATE_FORMAT] = "problem"
+            state[_STATE_FORMAT] = "problem"
+        if self._context is not None:
+            state[CONTEXT_KEY] = self._context
         if self._errors.metrics is not None:
             self._errors._with_metrics(scope, request_id)
         method, path = target(scope)
         plan = self._plans.get((method, path))
         if plan is None:
             plan = self._plan(method, path)
-        exchange = _Exchange(send, (b"x-request-id", request_id.encode()))
+        exchange = _Exchange(send, (b"x-request-id", request_id.encode()), state)
         try:
             limits = self._limits
             json_ok = None if limits is None else limits.admit(scope, plan.json_only)

@@ -94,13 +94,19 @@ class SheddingConfig(_Entry):
 
 
 class RateLimitEntry(_Entry):
-    """``[[rate_limit]]``: one layer: ``rate`` per ``key`` on ``route``."""
+    """``[[rate_limit]]``: one layer: ``rate`` per ``key`` on ``route``.
+
+    ``count = "failures"`` takes a token only for answers >= 400 (an empty bucket still
+    refuses); ``shadow = true`` decides and sends the headers but never refuses.
+    """
 
     route: str
     rate: str
     key: str = "ip"
     name: str | None = None
     cost: int = 1
+    count: Literal["requests", "failures"] = "requests"
+    shadow: bool = False
 
 
 class IdempotencyEntry(_Entry):

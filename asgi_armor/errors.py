@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from http import HTTPStatus
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from asgi_armor.metrics import Metrics
 
 __all__ = [
+    "STATE_ON_RESPONSE",
     "ArmorError",
     "CircuitOpenError",
     "ConfigError",
@@ -447,11 +448,22 @@ _STATE_METRICS = "asgi_armor.metrics"
 # Set by ErrorMiddleware when metrics are on, so that log lines written far from the
 # scope (a breaker's transition inside the app) name the request that caused them.
 _REQUEST_ID: ContextVar[str | None] = ContextVar("asgi_armor_request_id", default=None)
+# Callbacks ``(message) -> None`` a request registered to see its response's start before
+# it is sent (asgi_armor.contrib.fastapi.rate_limit: headers, failures-only takes).
+STATE_ON_RESPONSE = "asgi_armor.on_response"
 
 
 def current_request_id() -> str | None:
     """The id of the request this task is serving (set only when metrics are on)."""
     return _REQUEST_ID.get()
+
+
+async def _run_on_response(state: dict[str, Any], message: Message) -> None:
+    """Run the response-start callbacks registered in ``scope["state"]``, if any."""
+    hooks = state.get(STATE_ON_RESPONSE)
+    if hooks:
+        for hook in hooks:
+            await hook(message)
 
 
 def render(
@@ -639,6 +651,7 @@ class ErrorMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 message["headers"] = _with_id(message.get("headers", ()), id_header)
+                await _run_on_response(scope["state"], message)
             elif not message.get("more_body", False):
                 response_complete = True
             await send(message)
@@ -689,6 +702,7 @@ class ErrorMiddleware:
             kind = message["type"]
             if kind in ("websocket.accept", "websocket.http.response.start"):
                 message["headers"] = _with_id(message.get("headers", ()), id_header)
+                await _run_on_response(scope["state"], message)
             if kind in ("websocket.accept", "websocket.close", "websocket.http.response.start"):
                 answered = True
             await send(message)

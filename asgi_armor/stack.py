@@ -19,16 +19,18 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
-from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
+from asgi_armor._asgi import ASGIApp, Receive, Scope, Send, scope_state
+from asgi_armor._context import CONTEXT_KEY, ArmorContext
 from asgi_armor._pipeline import Pipeline
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix
-from asgi_armor.config import ArmorConfig, SignatureEntry
+from asgi_armor.config import ArmorConfig, RateLimitEntry, SignatureEntry
 from asgi_armor.errors import ConfigError, ErrorMiddleware
 from asgi_armor.idempotency import IdempotencyMiddleware, IdempotencyOptions
 from asgi_armor.identity import Identify
 from asgi_armor.metrics import Metrics, RequestMetrics, RouteLabels, build_metrics
-from asgi_armor.ratelimit import RateLimitMiddleware, Rule
-from asgi_armor.ratelimit.rules import KEY_USER
+from asgi_armor.protect import RouteTableSnapshot, merge_declared
+from asgi_armor.ratelimit import RateLimiter, RateLimitMiddleware, Rule
+from asgi_armor.ratelimit.rules import KEY_USER, unique_names
 from asgi_armor.routes import Route
 from asgi_armor.shedding import ConcurrencyLimit
 from asgi_armor.signing import SCHEMES, Scheme, SignatureMiddleware, SignedRoute, StandardWebhooks
@@ -37,7 +39,15 @@ from asgi_armor.stores.memory import MemoryStore
 from asgi_armor.timeout import TimeoutMiddleware
 from asgi_armor.validation import InputLimits
 
-__all__ = ["Armored", "armor", "build_store", "describe", "import_callable"]
+__all__ = [
+    "Armored",
+    "armor",
+    "build_store",
+    "check_signature",
+    "context_for",
+    "describe",
+    "import_callable",
+]
 
 logger = logging.getLogger("asgi_armor")
 
@@ -158,6 +168,17 @@ def _scheme(entry: SignatureEntry) -> Scheme:
     return scheme
 
 
+def check_signature(entry: SignatureEntry, path: str) -> None:
+    """Check a signature entry's scheme, header and secrets as ``armor()`` would build it.
+
+    Raises:
+        ConfigError: naming ``path``.
+    """
+    with _entry(path):
+        _scheme(entry)
+        _secrets(entry, path)
+
+
 def import_callable(spec: str, entry: str) -> Any:
     """The callable named ``"module:attribute"`` (dotted attributes allowed).
 
@@ -184,9 +205,10 @@ class Armored(Pipeline):
 
     HTTP requests go through the pipeline; websocket handshakes through the same layers
     composed as middleware. At ASGI lifespan start-up it fails the start-up
-    (``lifespan.startup.failed``, naming ``store``) when the store cannot run on the
-    server's event loop (a ``RedisStore`` on trio); otherwise lifespan goes to the wrapped
-    app.
+    (``lifespan.startup.failed``) when the store cannot run on the server's event loop (a
+    ``RedisStore`` on trio, naming ``store``) or when a ``@protect`` route was added to the
+    app after ``armor()`` read its route table (naming the endpoint); otherwise lifespan
+    goes to the wrapped app.
 
     Args:
         app: the wrapped app.
@@ -204,6 +226,8 @@ class Armored(Pipeline):
         store: Store,
         layers: list[object],
         metrics: Metrics | None = None,
+        context: ArmorContext | None = None,
+        routes: RouteTableSnapshot | None = None,
     ) -> None:
         def layer(kind: type[_Layer]) -> _Layer | None:
             return next((each for each in layers if isinstance(each, kind)), None)
@@ -221,24 +245,34 @@ class Armored(Pipeline):
             signature=layer(SignatureMiddleware),
             idempotency=layer(IdempotencyMiddleware),
             timeout=layer(TimeoutMiddleware),
+            context=context,
         )
         self.config = config
         self.store = store
         self.layers = layers
+
         self.metrics = metrics
+        self.context = context
+        self._routes = routes
 
     async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
+        if self.context is not None:
+            # For checks made inside the app (contrib.fastapi.rate_limit), as over HTTP.
+            scope_state(scope)[CONTEXT_KEY] = self.context
         await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Fail the server's start-up when the store cannot run here (a Redis store on trio)."""
+        """Fail the server's start-up when the store cannot run here (a Redis store on trio)
+        or a declared route would go unprotected."""
         check = getattr(self.store, "check_runtime", None)
         try:
             if check is not None:
                 check()
+            if self._routes is not None:
+                self._routes.check()  # a @protect route added after armor(): unprotected
         except ConfigError as exc:
             await receive()  # lifespan.startup: the protocol's first message
             logger.error("start-up failed: %s", exc)
@@ -279,6 +313,9 @@ def armor(
     config = config or ArmorConfig()
     if identify is None and config.identify:
         identify = import_callable(config.identify, "identify")
+    # @protect declarations on the framework's routes become entries like the config's.
+    config = merge_declared(app, config, has_identify=identify is not None)
+    route_table = RouteTableSnapshot(app)
     client_ip = ClientIP(config.trusted_proxies, header=config.forwarded_header)
     check_ipv6_prefix(config.ipv6_prefix)
     # "is None", not "or": an empty MemoryStore is falsy (it has a length).
@@ -358,19 +395,30 @@ def armor(
         rules: list[Rule] = []
         for index, entry in enumerate(config.rate_limit):
             with _entry(f"rate_limit[{index}]"):
-                rule = Rule(entry.route, entry.rate, entry.key, name=entry.name, cost=entry.cost)
+                rule = Rule(
+                    entry.route,
+                    entry.rate,
+                    entry.key,
+                    name=entry.name,
+                    cost=entry.cost,
+                    count=entry.count,
+                    shadow=entry.shadow,
+                )
             # Checked here too, not only by the middleware, so the message names the entry.
             if rule.key_kind == KEY_USER and identify is None:
                 raise ConfigError(
                     f"rate_limit[{index}].key: 'user' needs an identify hook naming the caller "
                     '(identify = "module:function")'
                 )
-            if any(rule.name == other.name for other in rules):
+            if not rule.derived_name and any(
+                rule.name == other.name for other in rules if not other.derived_name
+            ):
                 raise ConfigError(
                     f"rate_limit[{index}].name: {rule.name!r} is already the name of another "
                     "rule; they would share buckets"
                 )
             rules.append(rule)
+        unique_names(rules)
         with _entry("rate_limit"):
             add(
                 RateLimitMiddleware,
@@ -418,7 +466,8 @@ def armor(
             scrape_path = config.metrics.path if config.metrics else None
             add(RequestMetrics, metrics=metrics, routes=labels, path=scrape_path)
     layers.reverse()
-    return Armored(wrapped, config, store, layers, metrics)
+    context = context_for(config, store, client_ip, identify)
+    return Armored(wrapped, config, store, layers, metrics, context, route_table)
 
 
 def _label_routes(config: ArmorConfig) -> list[str]:
@@ -432,6 +481,22 @@ def _label_routes(config: ArmorConfig) -> list[str]:
     if config.shedding is not None:
         patterns += config.shedding.exempt
     return patterns
+
+
+def context_for(
+    config: ArmorConfig, store: Store, client_ip: ClientIP, identify: Identify | None
+) -> ArmorContext:
+    """The ``ArmorContext`` published to the app: this armor's store, address and principal."""
+    limiter = RateLimiter(store, on_store_error=config.rate_limit_on_store_error)
+    return ArmorContext(limiter, client_ip, ipv6_prefix=config.ipv6_prefix, identify=identify)
+
+
+def _rate_setting(entry: RateLimitEntry) -> str:
+    """``5/15minutes per ip, failures only, shadow``: a rate-limit entry for ``describe``."""
+    options = (["failures only"] if entry.count == "failures" else []) + (
+        ["shadow"] if entry.shadow else []
+    )
+    return ", ".join([f"{entry.rate} per {entry.key}", *options])
 
 
 def describe(config: ArmorConfig) -> str:
@@ -461,7 +526,7 @@ def describe(config: ArmorConfig) -> str:
             f"load shedding: {shed.max_concurrent} concurrent, queue {shed.max_queue} "
             f"for {shed.queue_timeout:g}s, exempt {', '.join(shed.exempt) or '-'}"
         )
-    table = [(e.route, "rate limit", f"{e.rate} per {e.key}") for e in config.rate_limit]
+    table = [(e.route, "rate limit", _rate_setting(e)) for e in config.rate_limit]
     table += [
         (e.route, "idempotency", f"key {'required' if e.required else 'optional'}, kept {e.ttl:g}s")
         for e in config.idempotency

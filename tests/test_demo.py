@@ -283,3 +283,36 @@ async def test_fault_mode_is_required(demo: httpx.AsyncClient) -> None:
         ]
     # Nothing was changed by the refused bodies.
     assert (await demo.get("/api/users/1")).status_code == 200
+
+
+async def test_login_locks_after_five_failures_and_successes_are_free(
+    demo: httpx.AsyncClient,
+) -> None:
+    async def login(password: str) -> httpx.Response:
+        return await demo.post("/api/login", json={"username": "alice", "password": password})
+
+    for _ in range(3):
+        ok = await login("wonderland")
+        assert ok.status_code == 200
+        assert ok.json() == {"token": "alice-token"}
+    assert ok.headers["ratelimit"] == '"login";r=5;t=0'
+    for left in (4, 3, 2, 1, 0):
+        wrong = await login("guess")
+        assert_envelope(wrong, 401, "unauthorized")
+        assert wrong.headers["x-ratelimit-remaining"] == str(left)
+    locked = await login("wonderland")  # the right password, but locked
+    assert_envelope(locked, 429, "rate_limited")
+    assert locked.headers["retry-after"] == "180"
+    assert locked.headers["ratelimit-policy"] == '"ip";q=1000;w=60, "login";q=5;w=900'
+
+
+async def test_the_login_limit_is_per_address() -> None:
+    app, config = create_demo()
+    assert config.rate_limit[-1].route == "POST /api/login"  # from the demo's @protect
+    bob = {"username": "bob", "password": "builder"}
+    async with make_client(app) as first, make_client(app, ip="198.51.100.11") as second:
+        for _ in range(5):
+            await first.post("/api/login", json={"username": "bob", "password": "x"})
+        assert (await first.post("/api/login", json=bob)).status_code == 429
+        answer = await second.post("/api/login", json=bob)
+    assert answer.json() == {"token": "bob-token"}

@@ -47,10 +47,12 @@ CONTRACT = [
     "Stripe",
     "GitHub",
     "ConcurrencyLimit",
+    "protect",
 ]
 
 OPTIONAL = {
     "asgi_armor.client": "httpx",
+    "asgi_armor.contrib.fastapi": "fastapi",
     "asgi_armor.contrib.quart": "quart",
     "asgi_armor.contrib.litestar": "litestar",
 }

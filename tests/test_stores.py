@@ -84,6 +84,37 @@ async def test_buckets_all_or_nothing(store: Store) -> None:
     assert not (await store.hit_buckets(["wide"], [wide], 1))[0]
 
 
+async def test_a_negative_cost_gives_back_what_a_take_added(store: Store) -> None:
+    three = spec(3, 3600)  # a token every 1200 s: nothing refills during the test
+    step = three[0]
+    taken = [await store.hit_buckets(["g", "h"], [three, three], 1) for _ in range(3)]
+    assert [allowed for allowed, _, _ in taken] == [True, True, True]
+    assert not (await store.hit_buckets(["g"], [three], 1))[0]
+    _, _, last = taken[-1]
+    # Give back the last take of both buckets, as a failures-only rule does on a success.
+    back = [(step, last[0] - step), (step, last[1] - step)]
+    allowed, now, tats = await store.hit_buckets(["g", "h"], back, -1)
+    assert allowed
+    assert tats[0] == pytest.approx(last[0] - step, abs=0.01)
+    assert tats[0] - now == pytest.approx(2 * step, abs=1)
+    assert (await store.hit_buckets(["g"], [three], 1))[0]  # the token is back, once
+    assert not (await store.hit_buckets(["g"], [three], 1))[0]
+    # Never more than the take added: a second give-back of a refilled part is capped.
+    _, _, full = await store.hit_buckets(["fresh"], [three], 1)
+    await store.hit_buckets(["fresh"], [(step, full[0] - step)], -1)
+    allowed, now, tats = await store.hit_buckets(["fresh"], [(step, full[0] - step)], -1)
+    assert allowed
+    assert tats[0] == pytest.approx(now, abs=0.01)  # full: nothing owed, nothing gained
+    assert [
+        a for a, _, _ in [await store.hit_buckets(["fresh"], [three], 1) for _ in range(4)]
+    ] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+
+
 async def test_buckets_concurrent_exact(store: Store) -> None:
     fifty = spec(50, 3600)
     allowed = 0

@@ -31,10 +31,12 @@ from asgi_armor.demo.dashboard import DemoMetrics, dashboard_routes, route_patte
 from asgi_armor.demo.services import COMPONENTS, FaultBoard
 from asgi_armor.errors import NotFound, Unauthorized
 from asgi_armor.metrics import PrometheusMetrics, RouteLabels
+from asgi_armor.protect import protect
 from asgi_armor.stack import armor
 from asgi_armor.validation import Email, Int, Name, Text, decode, decode_query
 
 __all__ = [
+    "DEMO_PASSWORDS",
     "DEMO_TOKENS",
     "WEBHOOK_SECRET_ENV",
     "CreateUserRequest",
@@ -48,6 +50,7 @@ BUNDLED_CONFIG = Path(__file__).with_name("armor.toml")
 WEBHOOK_SECRET_ENV = "ARMOR_DEMO_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 DEFAULT_WEBHOOK_SECRET = "demo-webhook-secret"  # noqa: S105 - announced, demo only
 DEMO_TOKENS = {"alice-token": "alice", "bob-token": "bob"}
+DEMO_PASSWORDS = {"alice": "wonderland", "bob": "builder"}  # announced, demo only
 
 _json = msgspec.json.Encoder()
 
@@ -72,6 +75,13 @@ class RefundRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     payment_id: Text(min_length=1, max_length=64)  # type: ignore[valid-type]
     amount: Int(gt=0, le=10**12)  # type: ignore[valid-type]
+
+
+class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/login``: the demo credentials are alice/wonderland and bob/builder."""
+
+    username: Text(min_length=1, max_length=64)  # type: ignore[valid-type]
+    password: Text(min_length=1, max_length=256)  # type: ignore[valid-type]
 
 
 class SearchQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -117,6 +127,19 @@ class Demo:
 
     async def expensive_operation(self, request: Request) -> Response:
         return _json_response({"ok": True})
+
+    # Brute force: 5 failed logins per 15 minutes per address; correct ones cost nothing.
+    @protect(rate_limit=[{"rate": "5/15minutes", "count": "failures", "name": "login"}])
+    async def login(self, request: Request) -> Response:
+        attempt = decode(await request.body(), LoginRequest)
+        expected = DEMO_PASSWORDS.get(attempt.username)
+        # compare_digest: the answer's timing says nothing about the password's prefix.
+        if expected is None or not secrets.compare_digest(
+            attempt.password.encode(), expected.encode()
+        ):
+            raise Unauthorized("Wrong username or password")
+        token = next(t for t, user in DEMO_TOKENS.items() if user == attempt.username)
+        return _json_response({"token": token})
 
     async def send_email(self, request: Request) -> Response:
         if demo_identify(request.scope) is None:
@@ -198,6 +221,7 @@ class Demo:
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/api/users", self.create_user, methods=["POST"]),
                 Route("/api/users/{user_id}", self.get_user, methods=["GET"]),
+                Route("/api/login", self.login, methods=["POST"]),
                 Route("/api/expensive-operation", self.expensive_operation, methods=["POST"]),
                 Route("/api/send-email", self.send_email, methods=["POST"]),
                 Route("/api/projects/{project_id}/builds", self.trigger_build, methods=["POST"]),
@@ -274,4 +298,6 @@ def create_demo(
     demo = Demo(clock=clock)
     # One sink for the layers and the app's breaker: GET /metrics and the dashboard
     # read it (the bundled [metrics] section names the route labels).
-    return armor(demo.app(), config, metrics=demo.metrics), config
+    armored = armor(demo.app(), config, metrics=demo.metrics)
+    # The config with the demo's @protect declarations (the login limit) merged in.
+    return armored, armored.config

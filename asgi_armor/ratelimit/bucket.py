@@ -16,6 +16,7 @@ from collections.abc import Sequence
 __all__ = [
     "EPSILON",
     "decide",
+    "give_back",
     "most_restrictive",
     "remaining",
     "report",
@@ -68,6 +69,24 @@ def decide(
             return False, [now if tat is None or tat < now else tat for tat in tats]
         new.append(tat + step)
     return True, new
+
+
+def give_back(tat: float | None, now: float, added: float, before: float) -> float:
+    """A bucket's ``tat`` after giving back what an earlier take added to it.
+
+    ``added`` is the seconds that take moved the bucket (``cost * interval``), ``before``
+    its ``tat`` before the take. Never more than the take added, and less by the time the
+    bucket has refilled since: had the take never happened, the bucket would have been
+    full for that long, and a full bucket gains nothing. The result is at least ``now``
+    (``now`` itself: the bucket is full and may be forgotten). The Redis script's negative
+    cost computes exactly this.
+    """
+    if tat is None or tat < now:
+        return now
+    back = added - max(0.0, now - before)
+    if back > 0.0:
+        return max(now, tat - back)
+    return tat
 
 
 def remaining(tat: float, now: float, interval: float, tolerance: float) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -9,9 +10,17 @@ from typing import TYPE_CHECKING, Final, cast
 
 from asgi_armor._asgi import ASGIApp, Message, Receive, Scope, Send, get_header
 from asgi_armor.clientip import ClientIP, check_ipv6_prefix, ipv6_group
-from asgi_armor.errors import ArmorError, ConfigError, RateLimited, ensure_request_id, send_error
+from asgi_armor.errors import (
+    ArmorError,
+    ConfigError,
+    Overloaded,
+    RateLimited,
+    ServiceUnavailable,
+    ensure_request_id,
+    send_error,
+)
 from asgi_armor.identity import Identify, principal
-from asgi_armor.ratelimit import bucket
+from asgi_armor.ratelimit import _outcome, bucket
 from asgi_armor.ratelimit import headers as h
 from asgi_armor.ratelimit.limiter import RateLimiter
 from asgi_armor.ratelimit.rules import (
@@ -22,9 +31,16 @@ from asgi_armor.ratelimit.rules import (
     KEY_USER,
     KeyFunc,
     Rule,
+    unique_names,
 )
 from asgi_armor.routes import Route, RouteMap, target
-from asgi_armor.stores.base import OnStoreError, RateLimitStore, StoreError, make_key
+from asgi_armor.stores.base import (
+    BucketSpec,
+    OnStoreError,
+    RateLimitStore,
+    StoreError,
+    make_key,
+)
 from asgi_armor.stores.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -49,6 +65,7 @@ class _Compiled:
 
     __slots__ = (
         "capacity",
+        "failures",
         "fn",
         "header",
         "interval",
@@ -59,6 +76,7 @@ class _Compiled:
         "prefix",
         "rule",
         "sf_name",
+        "shadow",
         "store_spec",
         "tolerance",
     )
@@ -73,6 +91,8 @@ class _Compiled:
         self.interval, self.tolerance = rule.rate.spec
         # A cost of c tokens is the same GCRA step as one token of c intervals, so rules
         # with different costs still share one hit_buckets call (which takes one cost).
+        self.failures = rule.count == "failures"
+        self.shadow = rule.shadow
         self.store_spec = (self.interval * rule.cost, self.tolerance)
         self.capacity = rule.rate.capacity
         self.limit_bytes = str(self.capacity).encode()
@@ -87,7 +107,18 @@ class _Plan:
     the others (address, user, header, custom) are filled in per request.
     """
 
-    __slots__ = ("by_caller", "dynamic", "keys", "needs_user", "policy", "rates", "rules", "specs")
+    __slots__ = (
+        "after",
+        "by_caller",
+        "dynamic",
+        "keys",
+        "needs_user",
+        "policy",
+        "rates",
+        "rules",
+        "shadow",
+        "specs",
+    )
 
     def __init__(self, matches: list[tuple[_Compiled, Mapping[str, str]]]) -> None:
         self.rules = tuple(rule for rule, _ in matches)
@@ -111,12 +142,19 @@ class _Plan:
         # Keys made of the address and the principal alone are remembered per caller.
         self.by_caller = bool(dynamic) and kinds <= {KEY_IP, KEY_USER}
         self.needs_user = KEY_USER in kinds
+        # The count="failures" rules, given back after a success; the shadow flags, or None.
+        self.after = tuple(i for i, rule in enumerate(self.rules) if rule.failures)
+        flags = tuple(rule.shadow for rule in self.rules)
+        self.shadow = flags if any(flags) else None
         self.policy = (
             self.rules[0].policy_item
             if len(self.rules) == 1
             else b", ".join([rule.policy_item for rule in self.rules])
         )
 
+
+#: A decision: the headers to send, the keys and tats decided, the shadow rules untaken.
+_Decided = tuple[list[tuple[bytes, bytes]], Sequence[str], list[float], list[int]]
 
 _MISS: Final = _Plan([])  # the cache's "not looked up yet" marker
 
@@ -167,9 +205,12 @@ class RateLimitMiddleware:
         self.app = app
         compiled: list[tuple[Route, _Compiled]] = []
         names: set[str] = set()
+        rules = list(rules)
         for index, rule in enumerate(rules):
             if not isinstance(rule, Rule):
                 raise ConfigError(f"rules[{index}]: {rule!r} is not a Rule")
+        unique_names(rules)
+        for rule in rules:
             if rule.name in names:
                 raise ConfigError(
                     f"rule {rule.name!r}: two rules have this name and would share buckets; "
@@ -193,7 +234,7 @@ class RateLimitMiddleware:
         self.store = self.limiter.store
         self._hit_buckets = self.store.hit_buckets
         # A MemoryStore decides in this process: called directly, no coroutine to await.
-        self._take = self.store.take if type(self.store) is MemoryStore else None
+        self._take_sync = self.store.take if type(self.store) is MemoryStore else None
         self._client_ip = client_ip if client_ip is not None else ClientIP(trusted_proxies)
         self.ipv6_prefix = check_ipv6_prefix(ipv6_prefix)
         self._identify = identify
@@ -201,6 +242,8 @@ class RateLimitMiddleware:
         self._wall_clock = wall_clock
         self._metrics = metrics
         self.limiter.policy.metrics = metrics
+        #: Refusals a shadow rule would have sent, per rule name (metrics).
+        self.shadow_refusals: dict[str, int] = {}
 
     def _address(self, scope: Scope) -> str:
         """The client address as rate limits count it: IPv6 by network."""
@@ -243,13 +286,21 @@ class RateLimitMiddleware:
     async def run(
         self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, plan: _Plan
     ) -> None:
-        """Decide ``plan`` for this request; refuse it, or run ``app`` adding the headers."""
+        """Decide ``plan`` for this request; refuse it, or run ``app`` adding the headers
+        (and giving the ``count="failures"`` tokens back when it succeeds)."""
         try:
-            added = await self.check(scope, plan)
+            decided = await self._decide(scope, plan)
         except ArmorError as exc:
             await send_error(scope, send, exc)
             return
-        if added is None:
+        if decided is None:
+            await app(scope, receive, send)
+            return
+        added, keys, tats, untaken = decided
+        if plan.after:
+            await app(scope, receive, self._refunding(plan, keys, tats, untaken, added, send))
+            return
+        if not self.headers:
             await app(scope, receive, send)
             return
 
@@ -259,6 +310,103 @@ class RateLimitMiddleware:
             await send(message)
 
         await app(scope, receive, send_with_headers)
+
+    async def check(self, scope: Scope, plan: _Plan) -> list[tuple[bytes, bytes]] | None:
+        """Take a token from every bucket of ``plan`` at once, or none (a plan without
+        ``count="failures"`` rules: those need :meth:`run`, which sees the response).
+
+        Returns:
+            The rate-limit headers for the response, or None: headers are off, or the
+            store failed and the policy lets the request through.
+
+        Raises:
+            RateLimited: a bucket is empty (``Retry-After`` and the headers included).
+            ServiceUnavailable: the store failed and the policy is ``"deny"``.
+            Overloaded: this process was too busy to ask the store in time.
+        """
+        decided = await self._decide(scope, plan)
+        return decided[0] if decided is not None and self.headers else None
+
+    async def _decide(self, scope: Scope, plan: _Plan) -> _Decided | None:
+        """The decision of ``plan`` for this request: ``(headers, keys, tats, untaken)``
+        (``untaken``: the shadow rules that refused, nothing taken from them), or None when
+        the store failed and the policy lets the request through; raises a refusal."""
+        keys: Sequence[str] = plan.keys
+        if plan.by_caller:
+            ip = self._address(scope)
+            who = await principal(scope, self._identify) if plan.needs_user else None
+            cache = self._keys
+            found = cache.get((plan, ip, who))
+            if found is None:
+                found = await self._fill(scope, plan, ip)
+                if len(cache) >= _KEY_CACHE:
+                    cache.clear()
+                cache[plan, ip, who] = found
+            keys = found
+        elif plan.dynamic:
+            keys = await self._fill(scope, plan, None)
+        rules = plan.rules
+        specs = plan.specs
+
+        try:
+            take = self._take_sync
+            if take is not None:
+                allowed, now, tats = take(keys, specs, 1)
+            else:
+                allowed, now, tats = await self._hit_buckets(keys, specs, 1)
+            untaken: list[int] = []
+            if not allowed and plan.shadow is not None:
+                allowed, now, tats, untaken = await self._without_shadow(plan, keys, now, tats)
+        except StoreError as exc:
+            if self._metrics is not None:
+                _count_rules(self._metrics, rules, "store_error")
+            # Raises ServiceUnavailable when the policy is to refuse; else the request
+            # goes through while the store is failing. Overloaded (this process too busy
+            # to ask the store in time) passes through: shed, never the failure policy.
+            self.limiter.store_failed(exc, ensure_request_id(scope))
+            return None
+
+        if allowed:
+            if self._metrics is not None:
+                counted = (
+                    rules if not untaken else [r for i, r in enumerate(rules) if i not in untaken]
+                )
+                _count_rules(self._metrics, counted, "allowed")
+            added = self._fields(plan, now, tats) if self.headers else []
+            return added, keys, tats, untaken
+        # The layer to report, by the one rule (ratelimit.bucket.most_restrictive).
+        waits = [
+            bucket.retry_after(tat, now, interval, tolerance)
+            for tat, (interval, tolerance) in zip(tats, specs, strict=True)
+        ]
+        if plan.shadow is not None:
+            waits = _outcome.enforced_waits(waits, plan.shadow)
+        index = bucket.most_restrictive(False, (), (), waits)
+        best = rules[index]
+        extra: dict[str, str] = {}
+        if self.headers:
+            left = bucket.remaining(tats[index], now, best.interval, best.tolerance)
+            extra = h.named(
+                h.fields(
+                    best.limit_bytes,
+                    left,
+                    bucket.reset_after(tats[index], now),
+                    self._wall_clock(),
+                    plan.policy,
+                    best.sf_name,
+                )
+            )
+        if self._metrics is not None:
+            self._metrics.rate_limit(best.rule.name, "limited")
+        raise RateLimited(h.whole_seconds(waits[index]), headers=extra)
+
+    def _fields(self, plan: _Plan, now: float, tats: list[float]) -> list[tuple[bytes, bytes]]:
+        """The headers of an allowed request: the most restrictive layer's state."""
+        index, left, reset_after = bucket.report(tats, now, plan.rates)
+        best = plan.rules[index]
+        return h.fields(
+            best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
+        )
 
     async def _fill(self, scope: Scope, plan: _Plan, ip: str | None) -> list[str]:
         """``plan``'s keys with the per-request values filled in (``ip``: the address, if
@@ -292,82 +440,111 @@ class RateLimitMiddleware:
             keys[index] = rule.prefix + (value if len(value) <= _SHORT else make_key(value))
         return keys
 
-    async def check(self, scope: Scope, plan: _Plan) -> list[tuple[bytes, bytes]] | None:
-        """Take a token from every bucket of ``plan`` at once, or none.
+    async def _take(
+        self,
+        keys: list[str] | tuple[str, ...],
+        specs: tuple[BucketSpec, ...] | list[BucketSpec],
+        cost: int = 1,
+    ) -> tuple[bool, float, list[float]]:
+        take = self._take_sync
+        if take is not None:
+            return take(keys, specs, cost)
+        return await self._hit_buckets(keys, specs, cost)
 
-        Returns:
-            The rate-limit headers for the response, or None: headers are off, or the
-            store failed and the policy lets the request through.
+    async def _without_shadow(
+        self, plan: _Plan, keys: Sequence[str], now: float, tats: list[float]
+    ) -> tuple[bool, float, list[float], list[int]]:
+        """A refused decision decided again without the shadow rules that refused it.
 
-        Raises:
-            RateLimited: a bucket is empty (``Retry-After`` and the headers included).
-            ServiceUnavailable: the store failed and the policy is ``"deny"``.
-            Overloaded: this process was too busy to ask the store in time.
+        All-or-none means a shadow rule lacking tokens held back every other rule's take:
+        when only shadow rules refused, the others are taken in a second call (only on
+        that path, so a shadow rule costs no round trip while it would allow). The shadow
+        rules that refused keep their state for the headers and are counted in
+        ``shadow_refusals``; their indices come back last (nothing was taken from them).
         """
-        keys: Sequence[str] = plan.keys
-        if plan.by_caller:
-            ip = self._address(scope)
-            who = await principal(scope, self._identify) if plan.needs_user else None
-            cache = self._keys
-            found = cache.get((plan, ip, who))
-            if found is None:
-                found = await self._fill(scope, plan, ip)
-                if len(cache) >= _KEY_CACHE:
-                    cache.clear()
-                cache[plan, ip, who] = found
-            keys = found
-        elif plan.dynamic:
-            keys = await self._fill(scope, plan, None)
-        rules = plan.rules
-        specs = plan.specs
-
-        try:
-            take = self._take
-            if take is not None:
-                allowed, now, tats = take(keys, specs, 1)
-            else:
-                allowed, now, tats = await self._hit_buckets(keys, specs, 1)
-        except StoreError as exc:
-            if self._metrics is not None:
-                _count_rules(self._metrics, rules, "store_error")
-            # Raises ServiceUnavailable when the policy is to refuse; else the request
-            # goes through while the store is failing. Overloaded (this process too busy
-            # to ask the store in time) passes through: shed, never the failure policy.
-            self.limiter.store_failed(exc, ensure_request_id(scope))
-            return None
-
-        # The layer to report, by the one rule (ratelimit.bucket.most_restrictive).
+        shadow = cast("tuple[bool, ...]", plan.shadow)
+        refused = _outcome.lacking(now, tats, plan.specs)
+        if not _outcome.shadow_only(refused, shadow):
+            return False, now, tats, refused
+        self._count_shadow(plan, refused)
+        rest = [i for i in range(len(tats)) if i not in refused]
+        if not rest:
+            return True, now, tats, refused
+        specs = [plan.specs[i] for i in rest]
+        allowed, now, taken = await self._take([keys[i] for i in rest], specs)
+        merged = list(tats)
+        for position, index in enumerate(rest):
+            merged[index] = taken[position]
         if allowed:
+            return True, now, merged, refused
+        again = [rest[i] for i in _outcome.lacking(now, taken, specs)]
+        if _outcome.shadow_only(again, shadow):
+            # Raced by another request: still only shadow rules refuse, let it through
+            # (nothing of this second call was taken).
+            self._count_shadow(plan, again)
+            return True, now, merged, list(range(len(tats)))
+        return False, now, merged, refused
+
+    def _count_shadow(self, plan: _Plan, indices: list[int]) -> None:
+        counts = self.shadow_refusals
+        for index in indices:
+            name = plan.rules[index].rule.name
+            counts[name] = counts.get(name, 0) + 1
             if self._metrics is not None:
-                _count_rules(self._metrics, rules, "allowed")
-            if not self.headers:
-                return None
-            index, left, reset_after = bucket.report(tats, now, plan.rates)
-            best = rules[index]
-            return h.fields(
-                best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
-            )
-        waits = [
-            bucket.retry_after(tats[i], now, specs[i][0], specs[i][1]) for i in range(len(tats))
-        ]
-        index = bucket.most_restrictive(False, (), (), waits)
-        best = rules[index]
-        extra: dict[str, str] = {}
-        if self.headers:
-            left = bucket.remaining(tats[index], now, best.interval, best.tolerance)
-            extra = h.named(
-                h.fields(
-                    best.limit_bytes,
-                    left,
-                    bucket.reset_after(tats[index], now),
-                    self._wall_clock(),
-                    plan.policy,
-                    best.sf_name,
-                )
-            )
-        if self._metrics is not None:
-            self._metrics.rate_limit(best.rule.name, "limited")
-        raise RateLimited(h.whole_seconds(waits[index]), headers=extra)
+                self._metrics.rate_limit(name, "shadow_limited")
+
+    def _refunding(
+        self,
+        plan: _Plan,
+        keys: Sequence[str],
+        tats: list[float],
+        untaken: Sequence[int],
+        added: list[tuple[bytes, bytes]],
+        send: Send,
+    ) -> Send:
+        """``send`` that gives the ``count="failures"`` tokens back on a success (< 400).
+
+        Given back on the response's start, before it is forwarded, so the headers of a
+        success already report the token returned. An accepted websocket is a success.
+        """
+        after = [i for i in plan.after if i not in untaken] if untaken else plan.after
+
+        async def send_refunding(message: Message) -> None:
+            kind = message["type"]
+            headed = kind in _HEADED
+            if headed or kind in _outcome.STATUS_MESSAGES:
+                fields = added
+                if after and _outcome.refunded(message.get("status", 101)):
+                    fields = await self._give_back(plan, keys, tats, after) or added
+                if headed and self.headers:
+                    message["headers"] = [*message.get("headers", ()), *fields]
+            await send(message)
+
+        return send_refunding
+
+    async def _give_back(
+        self,
+        plan: _Plan,
+        keys: Sequence[str],
+        tats: list[float],
+        after: Sequence[int],
+    ) -> list[tuple[bytes, bytes]] | None:
+        """Give the failures-only tokens back; the headers after it (None: store failed)."""
+        steps = [plan.specs[i][0] for i in after]
+        back = _outcome.give_back_specs(steps, [tats[i] for i in after])
+        try:
+            _, now, given = await self._take([keys[i] for i in after], back, -1)
+        except StoreError as exc:
+            # The policy was applied before the app ran; this answer is the app's own.
+            with contextlib.suppress(ServiceUnavailable):
+                self.limiter.store_failed(exc)
+            return None
+        except Overloaded:
+            return None
+        merged = list(tats)
+        for position, index in enumerate(after):
+            merged[index] = given[position]
+        return self._fields(plan, now, merged) if self.headers else []
 
     def __repr__(self) -> str:
         return f"RateLimitMiddleware(rules={list(self.rules)!r}, store={self.store!r})"

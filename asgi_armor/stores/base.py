@@ -62,6 +62,12 @@ class RateLimitStore(Protocol):
 
         Returns ``(allowed, now, tats)``: ``now`` in the store's clock, and each bucket's
         "full at" time after the decision (unchanged where nothing was taken).
+
+        A negative ``cost`` gives back what an earlier call took (a failures-only rule's
+        token after a success; the cluster store's partial takes): ``specs[i]`` is then
+        ``(seconds that call added to bucket i, its full-at time before that call)``, and
+        each bucket gets back at most that, less what time has refilled since
+        (``ratelimit.bucket.give_back``). Always allowed.
         """
         ...
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from asgi_armor import _checks
-from asgi_armor.ratelimit.bucket import decide
+from asgi_armor.ratelimit.bucket import decide, give_back
 from asgi_armor.stores.base import BucketSpec, StoreError
 
 __all__ = ["MemoryStore"]
@@ -80,6 +80,8 @@ class MemoryStore:
         process (the rate limiter and its middleware call it directly on a MemoryStore)."""
         now = self.clock()
         tats = self._tats
+        if cost < 0:
+            return self._give_back(keys, specs, now)
         if len(keys) == 1:
             # One layer, the common case: no list building beyond what decide returns.
             key = keys[0]
@@ -97,6 +99,23 @@ class MemoryStore:
                     self._make_room_for_tat(now)
                 tats[key] = new[index]
         return allowed, now, new
+
+    def _give_back(
+        self, keys: Sequence[str], given: Sequence[BucketSpec], now: float
+    ) -> tuple[bool, float, list[float]]:
+        """The negative-cost form of ``hit_buckets``: see ``RateLimitStore.hit_buckets``."""
+        tats = self._tats
+        out = []
+        for index in range(len(keys)):
+            key = keys[index]
+            added, before = given[index]
+            tat = give_back(tats.get(key), now, added, before)
+            if tat > now:
+                tats[key] = tat
+            else:
+                tats.pop(key, None)  # full again: absent means full
+            out.append(tat)
+        return True, now, out
 
     def _make_room_for_tat(self, now: float) -> None:
         tats = self._tats

@@ -43,3 +43,16 @@ def test_remaining_is_never_negative_in_the_slack() -> None:
     assert remaining(now + tolerance + EPSILON / 2, now, interval, tolerance) == 0
     assert remaining(now + tolerance, now, interval, tolerance) == 0
     assert remaining(now + tolerance - interval, now, interval, tolerance) == 1
+
+
+def test_give_back_returns_at_most_what_the_take_added() -> None:
+    from asgi_armor.ratelimit.bucket import give_back
+
+    # A take at 100 moved an empty-debt bucket from 100 to 110 (a 10 s step).
+    assert give_back(110.0, 100.0, 10.0, 100.0) == 100.0  # all back: full again
+    assert give_back(130.0, 100.0, 10.0, 120.0) == 120.0  # others' debt stays
+    assert give_back(110.0, 104.0, 10.0, 100.0) == 104.0  # 4 s refilled since: 6 back
+    assert give_back(130.0, 104.0, 10.0, 100.0) == 124.0
+    assert give_back(None, 50.0, 10.0, 40.0) == 50.0  # forgotten: full, nothing owed
+    assert give_back(45.0, 50.0, 10.0, 35.0) == 50.0
+    assert give_back(120.0, 100.0, 10.0, 90.0) == 120.0  # refilled past the step: nothing

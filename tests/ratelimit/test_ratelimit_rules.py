@@ -10,6 +10,7 @@ from asgi_armor._asgi import Scope
 from asgi_armor.errors import ConfigError
 from asgi_armor.ratelimit import Rate, Rule
 from asgi_armor.ratelimit import rules as r
+from asgi_armor.ratelimit.rules import unique_names
 
 
 def tenant(scope: Scope, params: Mapping[str, str]) -> str | None:
@@ -65,18 +66,50 @@ def test_config_errors_name_the_rule(
 
 
 def test_default_names_are_stable_readable_and_distinct() -> None:
-    a = Rule("* /api/*", "1000/minute", "ip")
-    assert a.name == Rule("* /api/*", "1000/min", "ip").name
-    assert a.name.startswith("ip-")
-    others = {
-        Rule("* /api/*", "1000/minute", "user").name,
-        Rule("* /api/x", "1000/minute", "ip").name,
-        Rule("* /api/*", "999/minute", "ip").name,
-        a.name,
-    }
-    assert len(others) == 4
-    assert Rule("* /p/{id}", "1/s", "path:id").name.startswith("path.id-")
-    assert Rule("* /p", "1/s", tenant).name.startswith("tenant-")
+    assert Rule("* /api/*", "1000/minute", "ip").name == "ip"
+    assert Rule("* /api/*", "999/min", "ip").name == "ip"  # the rate is no part of it
+    assert Rule("POST /api/expensive-operation", "10/minute").name == "ip-expensive-operation"
+    assert Rule("POST /api/send-email", "5/hour", "user").name == "user-send-email"
+    assert Rule("* /p/{id}", "1/s", "path:id").name == "path.id-p"
+    assert Rule("* /p/{pid}/builds", "1/s", "path:pid").name == "path.pid-builds"
+    assert Rule("* /p", "1/s", tenant).name == "tenant-p"
+    assert Rule("* /p", "1/s", "header:X-Api-Key").name == "header.X-Api-Key-p"
+    assert Rule("*", "1/s", "global").name == "global"
+
+
+def test_unique_names_keep_the_first_and_number_the_others() -> None:
+    rules = [
+        Rule("GET /api/items", "10/minute"),
+        Rule("POST /api/items", "5/minute"),
+        Rule("* /api/items", "3/minute"),
+        Rule("* /api/items", "2/minute"),
+        Rule("* /x", "1/minute", name="ip-items-2"),  # an explicit name is taken first
+        Rule("* /api/*", "1000/minute"),
+    ]
+    unique_names(rules)
+    assert [rule.name for rule in rules] == [
+        "ip-items",
+        "ip-items-3",
+        "ip-items-4",
+        "ip-items-5",
+        "ip-items-2",
+        "ip",
+    ]
+    unique_names(rules)  # stable: a second pass changes nothing
+    assert rules[1].name == "ip-items-3"
+
+
+def test_count_and_shadow_options() -> None:
+    rule = Rule("POST /api/login", "5/15minutes", count="failures", shadow=True)
+    assert (rule.count, rule.shadow) == ("failures", True)
+    assert repr(rule) == (
+        "Rule('POST /api/login', '5/900s', key='ip', name='ip-login', cost=1, "
+        "count='failures', shadow=True)"
+    )
+    with pytest.raises(ConfigError, match="count 'errors' is not 'requests' or 'failures'"):
+        Rule("* /a", "1/s", count="errors")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="shadow must be true or false"):
+        Rule("* /a", "1/s", shadow=1)  # type: ignore[arg-type]
 
 
 def test_explicit_name_and_repr() -> None:
