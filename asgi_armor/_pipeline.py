@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from asgi_armor.idempotency import IdempotencyMiddleware
     from asgi_armor.metrics import RequestMetrics
     from asgi_armor.ratelimit.middleware import RateLimitMiddleware
+    from asgi_armor.ratelimit.middleware import _Plan as RatePlan
     from asgi_armor.shedding import ConcurrencyLimit
     from asgi_armor.signing import SignatureMiddleware
     from asgi_armor.timeout import TimeoutMiddleware
@@ -115,7 +116,7 @@ class _Plan:
     def __init__(
         self,
         json_only: bool,
-        rate: object | None,
+        rate: RatePlan | None,
         steps: list[tuple[Run, object]],
         app: ASGIApp,
         guarded: ASGIApp,
@@ -273,11 +274,17 @@ class Pipeline:
                 await limits.guard(scope, receive, exchange.send, plan.guarded, json_ok)
             else:
                 if plan.rate is not None:
-                    exchange.added = await self._rate_limit.check(scope, plan.rate)  # type: ignore[union-attr, arg-type]
+                    rate_limit = self._rate_limit
+                    assert rate_limit is not None  # a plan has rate rules only with the layer
+                    decided = await rate_limit.decide(scope, plan.rate)
+                    if decided is not None and decided[0]:
+                        exchange.added = decided[0]
                 if plan.budget is not None:
                     # The first layer is the timeout: it reads how far the response got
                     # from this exchange instead of wrapping send once more.
-                    await self._timeout.run_tracked(  # type: ignore[union-attr]
+                    timeout = self._timeout
+                    assert timeout is not None  # a plan has a budget only with the layer
+                    await timeout.run_tracked(
                         scope, receive, exchange.send, plan.app, plan.budget, exchange
                     )
                 elif plan.run is None:

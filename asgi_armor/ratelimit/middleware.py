@@ -289,7 +289,7 @@ class RateLimitMiddleware:
         """Decide ``plan`` for this request; refuse it, or run ``app`` adding the headers
         (and giving the ``count="failures"`` tokens back when it succeeds)."""
         try:
-            decided = await self._decide(scope, plan)
+            decided = await self.decide(scope, plan)
         except ArmorError as exc:
             await send_error(scope, send, exc)
             return
@@ -311,26 +311,20 @@ class RateLimitMiddleware:
 
         await app(scope, receive, send_with_headers)
 
-    async def check(self, scope: Scope, plan: _Plan) -> list[tuple[bytes, bytes]] | None:
-        """Take a token from every bucket of ``plan`` at once, or none (a plan without
-        ``count="failures"`` rules: those need :meth:`run`, which sees the response).
+    async def decide(self, scope: Scope, plan: _Plan) -> _Decided | None:
+        """Take a token from every bucket of ``plan`` at once, or none.
 
         Returns:
-            The rate-limit headers for the response, or None: headers are off, or the
-            store failed and the policy lets the request through.
+            ``(headers, keys, tats, untaken)``: the rate-limit headers for the response
+            (empty when headers are off), the keys and bucket states decided, and the
+            shadow rules that refused (nothing taken from them); or None when the store
+            failed and the policy lets the request through.
 
         Raises:
             RateLimited: a bucket is empty (``Retry-After`` and the headers included).
             ServiceUnavailable: the store failed and the policy is ``"deny"``.
             Overloaded: this process was too busy to ask the store in time.
         """
-        decided = await self._decide(scope, plan)
-        return decided[0] if decided is not None and self.headers else None
-
-    async def _decide(self, scope: Scope, plan: _Plan) -> _Decided | None:
-        """The decision of ``plan`` for this request: ``(headers, keys, tats, untaken)``
-        (``untaken``: the shadow rules that refused, nothing taken from them), or None when
-        the store failed and the policy lets the request through; raises a refusal."""
         keys: Sequence[str] = plan.keys
         if plan.by_caller:
             ip = self._address(scope)
@@ -340,7 +334,9 @@ class RateLimitMiddleware:
             if found is None:
                 found = await self._fill(scope, plan, ip)
                 if len(cache) >= _KEY_CACHE:
-                    cache.clear()
+                    # The oldest caller goes: a flood of new addresses keeps the cache full
+                    # (bounded, never cleared wholesale under the callers that repeat).
+                    del cache[next(iter(cache))]
                 cache[plan, ip, who] = found
             keys = found
         elif plan.dynamic:
