@@ -89,10 +89,11 @@ class _Exchange(Progress):
         if message["type"] == "http.response.start":
             self.started = True
             self.status = message["status"]
-            headers = _with_id(message.get("headers", ()), self.id_header)
+            headers = message.get("headers", ())
             if self.added is not None:
-                headers += self.added
-            message["headers"] = headers
+                headers = [*headers, *self.added]
+            # The id last, as ErrorMiddleware, outermost, puts it when the classes compose.
+            message["headers"] = _with_id(headers, self.id_header)
             if STATE_ON_RESPONSE in self.state:
                 # Checks made inside the app see the response start (their headers, the
                 # failures-only tokens a dependency gives back).

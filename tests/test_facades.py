@@ -142,7 +142,11 @@ _VOLATILE = {b"x-request-id", b"x-ratelimit-reset"}
 
 
 def _normal(response: httpx.Response) -> tuple[int, list[tuple[bytes, bytes]], Any]:
-    headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _VOLATILE]
+    # Volatile values masked in place: the order of the fields is compared too.
+    headers = [
+        (k.lower(), b"<volatile>" if k.lower() in _VOLATILE else v)
+        for k, v in response.headers.raw
+    ]
     body: Any = response.content
     if response.headers.get("content-type", "").startswith("application/json"):
         body = json.loads(body)
