@@ -336,18 +336,10 @@ def _rate_entry(item: object, route: str, what: str) -> RateLimitEntry:
     else:
         raise ConfigError(f"{what}: {item!r} is not a rate, a (rate, key) pair or a mapping")
     entry: RateLimitEntry = _convert(RateLimitEntry, fields, route, what)
-    from asgi_armor.ratelimit import Rule
+    from asgi_armor.ratelimit.rules import rule_of
 
     try:
-        Rule(
-            entry.route,
-            entry.rate,
-            entry.key,
-            name=entry.name,
-            cost=entry.cost,
-            count=entry.count,
-            shadow=entry.shadow,
-        )
+        rule_of(entry)
     except ConfigError as exc:
         raise ConfigError(f"{what}: {_RULE_LABEL.sub('', str(exc))}") from None
     return entry

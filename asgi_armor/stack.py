@@ -30,7 +30,7 @@ from asgi_armor.identity import Identify
 from asgi_armor.metrics import Metrics, RequestMetrics, RouteLabels, build_metrics
 from asgi_armor.protect import RouteTableSnapshot, merge_declared
 from asgi_armor.ratelimit import RateLimiter, RateLimitMiddleware, Rule
-from asgi_armor.ratelimit.rules import KEY_USER, unique_names
+from asgi_armor.ratelimit.rules import KEY_USER, rule_of, unique_names
 from asgi_armor.routes import Route
 from asgi_armor.shedding import ConcurrencyLimit
 from asgi_armor.signing import SCHEMES, Scheme, SignatureMiddleware, SignedRoute, StandardWebhooks
@@ -395,15 +395,7 @@ def armor(
         rules: list[Rule] = []
         for index, entry in enumerate(config.rate_limit):
             with _entry(f"rate_limit[{index}]"):
-                rule = Rule(
-                    entry.route,
-                    entry.rate,
-                    entry.key,
-                    name=entry.name,
-                    cost=entry.cost,
-                    count=entry.count,
-                    shadow=entry.shadow,
-                )
+                rule = rule_of(entry)
             # Checked here too, not only by the middleware, so the message names the entry.
             if rule.key_kind == KEY_USER and identify is None:
                 raise ConfigError(

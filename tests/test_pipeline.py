@@ -128,8 +128,7 @@ _VOLATILE = {b"x-request-id", b"x-ratelimit-reset"}
 def _normal(response: httpx.Response) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     # Volatile values masked in place: the order of the fields is compared too.
     headers = [
-        (k.lower(), b"<volatile>" if k.lower() in _VOLATILE else v)
-        for k, v in response.headers.raw
+        (k.lower(), b"<volatile>" if k.lower() in _VOLATILE else v) for k, v in response.headers.raw
     ]
     body = response.content
     if b'"request_id"' in body:

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from asgi_armor._asgi import Scope
 from asgi_armor.errors import ConfigError
 from asgi_armor.ratelimit.limiter import check_cost
 from asgi_armor.ratelimit.rate import Rate
 from asgi_armor.routes import Route
+
+if TYPE_CHECKING:
+    from asgi_armor.config import RateLimitEntry
 
 __all__ = [
     "KEY_CALLABLE",
@@ -41,6 +44,7 @@ __all__ = [
     "KeyFunc",
     "Rule",
     "derived_name",
+    "rule_of",
     "unique_names",
 ]
 
@@ -222,3 +226,20 @@ def unique_names(rules: Iterable[Rule]) -> None:
                 number += 1
             name = rule.name = f"{rule.name}-{number}"
         taken.add(name)
+
+
+def rule_of(entry: RateLimitEntry) -> Rule:
+    """The ``Rule`` a ``[[rate_limit]]`` entry (or a ``@protect`` rate) describes.
+
+    Raises:
+        ConfigError: a bad route, rate, key, name, cost or count.
+    """
+    return Rule(
+        entry.route,
+        entry.rate,
+        entry.key,
+        name=entry.name,
+        cost=entry.cost,
+        count=entry.count,
+        shadow=entry.shadow,
+    )

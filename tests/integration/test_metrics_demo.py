@@ -41,6 +41,22 @@ EXPECTED_DECISIONS = {
 }
 EXPECTED_STATES = ["closed", "open", "half_open", "closed"]
 
+EXPECTED_IDEMPOTENCY = {
+    "missing": 1,
+    "executed": 1,
+    "reused": 1,
+}
+EXPECTED_SIGNATURES = {
+    "valid": 1,
+    "replayed": 1,
+    "invalid": 1,
+}
+EXPECTED_CALLS = {
+    "failure": 5,
+    "rejected": 1,
+    "success": 1,
+}
+
 
 def demo_config(tmp_path: Path) -> Path:
     """The bundled config with a short search budget and one request in flight at most."""
@@ -172,21 +188,9 @@ async def test_prometheus_counts_every_rejection_once(tmp_path: Path) -> None:
     samples = scrape(scraped.text)
     assert states == EXPECTED_STATES
     assert by_label(samples, "armor_decisions_total", "layer") == EXPECTED_DECISIONS
-    assert by_label(samples, "armor_idempotency_requests_total", "result") == {
-        "missing": 1,
-        "executed": 1,
-        "reused": 1,
-    }
-    assert by_label(samples, "armor_signature_verifications_total", "result") == {
-        "valid": 1,
-        "replayed": 1,
-        "invalid": 1,
-    }
-    assert by_label(samples, "armor_circuit_breaker_calls_total", "result") == {
-        "failure": 5,
-        "rejected": 1,
-        "success": 1,
-    }
+    assert by_label(samples, "armor_idempotency_requests_total", "result") == EXPECTED_IDEMPOTENCY
+    assert by_label(samples, "armor_signature_verifications_total", "result") == EXPECTED_SIGNATURES
+    assert by_label(samples, "armor_circuit_breaker_calls_total", "result") == EXPECTED_CALLS
     rate = {
         (dict(labels)["policy"], dict(labels)["result"]): v
         for (name, labels), v in samples.items()
@@ -227,21 +231,9 @@ async def test_otel_reader_gets_the_same_counts(tmp_path: Path) -> None:
     points = otel_points(reader)
     assert states == EXPECTED_STATES
     assert otel_sum_by(points, "armor.decisions", "layer") == EXPECTED_DECISIONS
-    assert otel_sum_by(points, "armor.idempotency.requests", "result") == {
-        "missing": 1,
-        "executed": 1,
-        "reused": 1,
-    }
-    assert otel_sum_by(points, "armor.signature.verifications", "result") == {
-        "valid": 1,
-        "replayed": 1,
-        "invalid": 1,
-    }
-    assert otel_sum_by(points, "armor.circuit_breaker.calls", "result") == {
-        "failure": 5,
-        "rejected": 1,
-        "success": 1,
-    }
+    assert otel_sum_by(points, "armor.idempotency.requests", "result") == EXPECTED_IDEMPOTENCY
+    assert otel_sum_by(points, "armor.signature.verifications", "result") == EXPECTED_SIGNATURES
+    assert otel_sum_by(points, "armor.circuit_breaker.calls", "result") == EXPECTED_CALLS
     routes = {a["http.route"] for a, _ in points["http.server.request.duration"]}
     assert "GET /api/users/{user_id}" in routes
     assert not any(route.startswith("/") for route in routes)
