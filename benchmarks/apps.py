@@ -15,8 +15,9 @@ answer is a 202). The environment chooses the variant:
 
 * ``BENCH_APP``: ``asgi`` or ``starlette``;
 * ``BENCH_VARIANT``: ``bare``, ``armor`` (ErrorMiddleware, InputLimits, the four rules,
-  a timeout), ``metrics`` (the same stack reporting to a ``PrometheusMetrics`` sink) or
-  ``slowapi`` (the same four limits with slowapi, Starlette only);
+  a timeout), ``metrics`` (the same stack reporting to a ``PrometheusMetrics`` sink),
+  ``headers`` (the app adding only the response fields the stack adds) or ``slowapi`` (the
+  same four limits with slowapi, Starlette only);
 * ``BENCH_STORE``: ``memory`` or a ``redis://`` URL; ``BENCH_PREFIX``: the Redis key prefix.
 """
 
@@ -154,6 +155,16 @@ def starlette_app(decorate: Any = None) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+_BUILDS = "POST /api/projects/{project_id}/builds"
+# The four rate-limit rules of the served stack.
+_RULES = [
+    {"name": "ip", "route": "* /api/*", "rate": RATE, "key": "ip"},
+    {"name": "builds-ip", "route": _BUILDS, "rate": RATE, "key": "ip"},
+    {"name": "user", "route": "POST /api/*", "rate": RATE, "key": "user"},
+    {"name": "builds", "route": _BUILDS, "rate": RATE, "key": "path:project_id"},
+]
+
+
 def armor_config(store: str, prefix: str) -> Any:
     """The full stack: errors, input limits, four rate-limit rules, a timeout."""
     from asgi_armor import ArmorConfig
@@ -163,17 +174,11 @@ def armor_config(store: str, prefix: str) -> Any:
 
 def armor_settings(store: str, prefix: str) -> dict[str, Any]:
     """``armor_config``'s settings, as the dict an armor.toml would load to."""
-    builds = "POST /api/projects/{project_id}/builds"
     return {
         "store": store,
         "store_prefix": prefix,
         "limits": {"max_body_bytes": 65_536, "json_routes": ["POST /api/*"]},
-        "rate_limit": [
-            {"name": "ip", "route": "* /api/*", "rate": RATE, "key": "ip"},
-            {"name": "builds-ip", "route": builds, "rate": RATE, "key": "ip"},
-            {"name": "user", "route": "POST /api/*", "rate": RATE, "key": "user"},
-            {"name": "builds", "route": builds, "rate": RATE, "key": "path:project_id"},
-        ],
+        "rate_limit": [dict(rule) for rule in _RULES],
         "rate_limit_exempt": ["GET /healthz"],
         "timeout": []
         if os.environ.get("BENCH_NO_TIMEOUT")
@@ -218,6 +223,30 @@ def with_slowapi(store: str, prefix: str) -> Any:
     return app
 
 
+def with_armor_headers(app: Any) -> Any:
+    """``app`` sending the response fields the armored stack adds (the request id and the
+    five rate-limit fields, values of the same length), and nothing else: what writing
+    them costs the server."""
+    from asgi_armor import Rule
+    from asgi_armor.ratelimit import headers as h
+
+    rules = [Rule(e["route"], e["rate"], e["key"], name=e["name"]) for e in _RULES]
+    policy = ", ".join(h.policy_item(rule.name, rule.rate) for rule in rules).encode()
+    depth = rules[0].rate.capacity
+    added = h.fields(str(depth).encode(), depth - 1, 0.0, 1.8e9, policy, b'"builds"')
+    added.append((b"x-request-id", b"req_" + b"0" * 20))
+
+    async def armored_headers(scope: Any, receive: Any, send: Any) -> None:
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *added]
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return armored_headers
+
+
 def create() -> Any:
     """The ASGI app the environment asks for (uvicorn ``--factory``)."""
     kind = os.environ.get("BENCH_APP", "asgi")
@@ -241,23 +270,6 @@ def create() -> Any:
         return armor(
             app, armor_config(store, prefix), identify=identify, metrics=PrometheusMetrics()
         )
-    if variant.startswith("layers:"):
-        # Profiling aid: only some layers of the full stack (error, limits, ratelimit,
-        # timeout), e.g. BENCH_VARIANT=layers:error,limits
-        from asgi_armor import armor
-
-        armored = armor(app, armor_config(store, prefix), identify=identify)
-        wanted = variant.split(":", 1)[1].split(",")
-        names = {
-            "ErrorMiddleware": "error",
-            "InputLimits": "limits",
-            "RateLimitMiddleware": "ratelimit",
-            "TimeoutMiddleware": "timeout",
-        }
-        result = app
-        for layer in reversed(armored.layers):
-            if names[type(layer).__name__] in wanted:
-                layer.app = result  # type: ignore[attr-defined]
-                result = layer
-        return result
+    if variant == "headers":
+        return with_armor_headers(app)
     raise SystemExit(f"unknown BENCH_VARIANT {variant!r}")

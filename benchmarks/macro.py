@@ -64,6 +64,7 @@ VARIANTS = [
     ("pure ASGI + asgi_armor (memory)", "asgi", "armor", "memory"),
     ("pure ASGI + asgi_armor (Redis)", "asgi", "armor", "redis"),
     ("pure ASGI + asgi_armor + Prometheus metrics (memory)", "asgi", "metrics", "memory"),
+    ("pure ASGI + only the response fields asgi_armor adds", "asgi", "headers", "memory"),
     ("Starlette, bare", "starlette", "bare", "memory"),
     ("Starlette + asgi_armor (memory)", "starlette", "armor", "memory"),
     ("Starlette + asgi_armor (Redis)", "starlette", "armor", "redis"),
