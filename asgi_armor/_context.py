@@ -17,6 +17,7 @@ from asgi_armor.clientip import ipv6_group
 
 if TYPE_CHECKING:
     from asgi_armor.identity import Identify
+    from asgi_armor.ratelimit.headers import HeaderSet
     from asgi_armor.ratelimit.limiter import RateLimiter
 
 __all__ = ["CONTEXT_KEY", "ArmorContext", "context_of"]
@@ -34,10 +35,12 @@ class ArmorContext:
         ipv6_prefix: IPv6 clients are counted per network of this size.
         identify: the armor's identify hook (None: none configured).
         wall_clock: Unix time, only for ``X-RateLimit-Reset``.
+        headers: the rate-limit fields responses carry (``ratelimit.headers.HeaderSet``).
     """
 
     __slots__ = (
         "_client_ip",
+        "headers",
         "identify",
         "ipv6_prefix",
         "limiter",
@@ -53,8 +56,10 @@ class ArmorContext:
         ipv6_prefix: int = 64,
         identify: Identify | None = None,
         wall_clock: Callable[[], float] = time.time,
+        headers: HeaderSet = "all",
     ) -> None:
         self.limiter = limiter
+        self.headers: HeaderSet = headers
         self._client_ip = client_ip
         self.ipv6_prefix = ipv6_prefix
         self.identify = identify

@@ -169,6 +169,9 @@ class ArmorConfig(_Entry):
     or load it with ``ArmorConfig.from_toml("armor.toml")``. ``identify`` is the import
     path (``"myapp.auth:identify"``) of the hook naming the caller, for per-user limits.
     ``ipv6_prefix`` is the network size (1..128) rate limits count an IPv6 client by.
+    ``rate_limit_headers`` chooses the rate-limit fields responses carry: ``"all"``,
+    ``"ietf"`` (``RateLimit``, ``RateLimit-Policy``), ``"legacy"`` (``X-RateLimit-*``) or
+    ``"none"`` (``Retry-After`` on a 429 alone).
     """
 
     store: str = "memory"
@@ -184,6 +187,7 @@ class ArmorConfig(_Entry):
     rate_limit: list[RateLimitEntry] = msgspec.field(default_factory=list)
     rate_limit_exempt: list[str] = msgspec.field(default_factory=list)
     rate_limit_on_store_error: Literal["allow", "deny"] = "allow"
+    rate_limit_headers: Literal["all", "ietf", "legacy", "none"] = "all"
     idempotency: list[IdempotencyEntry] = msgspec.field(default_factory=list)
     idempotency_on_store_error: Literal["allow", "deny"] = "deny"
     idempotency_max_pending: int = 10_000

@@ -421,6 +421,7 @@ def armor(
                 ipv6_prefix=config.ipv6_prefix,
                 exempt=config.rate_limit_exempt,
                 on_store_error=config.rate_limit_on_store_error,
+                headers=config.rate_limit_headers,
                 metrics=metrics,
             )
 
@@ -480,7 +481,13 @@ def context_for(
 ) -> ArmorContext:
     """The ``ArmorContext`` published to the app: this armor's store, address and principal."""
     limiter = RateLimiter(store, on_store_error=config.rate_limit_on_store_error)
-    return ArmorContext(limiter, client_ip, ipv6_prefix=config.ipv6_prefix, identify=identify)
+    return ArmorContext(
+        limiter,
+        client_ip,
+        ipv6_prefix=config.ipv6_prefix,
+        identify=identify,
+        headers=config.rate_limit_headers,
+    )
 
 
 def _rate_setting(entry: RateLimitEntry) -> str:

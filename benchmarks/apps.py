@@ -16,7 +16,8 @@ answer is a 202). The environment chooses the variant:
 * ``BENCH_APP``: ``asgi`` or ``starlette``;
 * ``BENCH_VARIANT``: ``bare``, ``armor`` (ErrorMiddleware, InputLimits, the four rules,
   a timeout), ``metrics`` (the same stack reporting to a ``PrometheusMetrics`` sink),
-  ``headers`` (the app adding only the response fields the stack adds) or ``slowapi`` (the
+  ``armor-ietf`` (the same stack sending the IETF rate-limit fields only), ``headers``
+  (the app adding only the response fields the stack adds) or ``slowapi`` (the
   same four limits with slowapi, Starlette only);
 * ``BENCH_STORE``: ``memory`` or a ``redis://`` URL; ``BENCH_PREFIX``: the Redis key prefix.
 """
@@ -264,6 +265,11 @@ def create() -> Any:
         from asgi_armor import armor
 
         return armor(app, armor_config(store, prefix), identify=identify)
+    if variant == "armor-ietf":
+        from asgi_armor import ArmorConfig, armor
+
+        settings = {**armor_settings(store, prefix), "rate_limit_headers": "ietf"}
+        return armor(app, ArmorConfig.from_dict(settings), identify=identify)
     if variant == "metrics":
         from asgi_armor import PrometheusMetrics, armor
 

@@ -67,6 +67,12 @@ VARIANTS = [
     ("pure ASGI + only the response fields asgi_armor adds", "asgi", "headers", "memory"),
     ("Starlette, bare", "starlette", "bare", "memory"),
     ("Starlette + asgi_armor (memory)", "starlette", "armor", "memory"),
+    (
+        "Starlette + asgi_armor, IETF rate-limit fields only (memory)",
+        "starlette",
+        "armor-ietf",
+        "memory",
+    ),
     ("Starlette + asgi_armor (Redis)", "starlette", "armor", "redis"),
     ("Starlette + slowapi (memory)", "starlette", "slowapi", "memory"),
     ("Starlette + slowapi (Redis)", "starlette", "slowapi", "redis"),

@@ -19,6 +19,7 @@ import pytest
 
 from asgi_armor import (
     ArmorConfig,
+    ConfigError,
     ErrorMiddleware,
     InputLimits,
     MemoryStore,
@@ -242,3 +243,38 @@ async def test_a_route_without_protections_costs_no_check() -> None:
     plan = armored._plans["GET", "/healthz"]
     assert (plan.rate, plan.run, plan.budget) == (None, None, None)
     assert plan.app is app
+
+
+RATE_FIELDS = {
+    "all": {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}
+    | {"ratelimit", "ratelimit-policy"},
+    "ietf": {"ratelimit", "ratelimit-policy"},
+    "legacy": {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"},
+    "none": set(),
+}
+
+
+@pytest.mark.parametrize("which", list(RATE_FIELDS))
+async def test_rate_limit_headers_choose_the_fields_sent(which: str) -> None:
+    config = ArmorConfig.from_dict(
+        {
+            "rate_limit": [{"name": "ip", "route": "* /api/*", "rate": "1/minute"}],
+            "rate_limit_headers": which,
+        }
+    )
+    transport = httpx.ASGITransport(app=armor(app, config), client=("203.0.113.4", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        allowed = await client.get("/api/x")
+        refused = await client.get("/api/x")
+    assert (allowed.status_code, refused.status_code) == (202, 429)
+    for response in (allowed, refused):
+        sent = {name for name in response.headers if "ratelimit" in name}
+        assert sent == RATE_FIELDS[which]
+    assert refused.headers["retry-after"] == "60"
+
+
+def test_an_unknown_header_set_names_the_entry() -> None:
+    with pytest.raises(ConfigError, match="rate_limit_headers"):
+        ArmorConfig.from_dict({"rate_limit_headers": "draft"})
+    with pytest.raises(ConfigError, match="headers: 'draft'"):
+        RateLimitMiddleware(app, rules=[], headers="draft")  # type: ignore[arg-type]

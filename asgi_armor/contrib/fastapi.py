@@ -229,7 +229,13 @@ async def _decide(
     def fields(now: float, tat: float) -> list[tuple[bytes, bytes]]:
         left = bucket.remaining(tat, now, interval, tolerance)
         return h.fields(
-            limit_bytes, left, bucket.reset_after(tat, now), context.wall_clock(), policy, sf_name
+            limit_bytes,
+            left,
+            bucket.reset_after(tat, now),
+            context.wall_clock(),
+            policy,
+            sf_name,
+            context.headers,
         )
 
     tat = tats[0]

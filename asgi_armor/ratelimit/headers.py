@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from asgi_armor.ratelimit import bucket
 from asgi_armor.ratelimit.bucket import EPSILON
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from asgi_armor.ratelimit.rate import Rate
 
 __all__ = [
+    "HEADER_SETS",
     "LIMIT",
     "PARAM_QUOTA",
     "PARAM_REMAINING",
@@ -36,6 +37,7 @@ __all__ = [
     "REMAINING",
     "RESET",
     "RETRY_AFTER",
+    "HeaderSet",
     "decision_headers",
     "fields",
     "most_restrictive",
@@ -52,6 +54,13 @@ RESET = "X-RateLimit-Reset"
 POLICY = "RateLimit-Policy"
 RATELIMIT = "RateLimit"
 RETRY_AFTER = "Retry-After"
+
+#: Which rate-limit fields a response carries: ``"all"`` (the default), ``"ietf"`` (only
+#: ``RateLimit`` and ``RateLimit-Policy``), ``"legacy"`` (only ``X-RateLimit-*``) or
+#: ``"none"`` (``Retry-After`` on a 429 alone). Every field is one more the server writes
+#: per response; ``"ietf"`` is what ``asgi_armor.client`` paces itself from.
+HeaderSet = Literal["all", "ietf", "legacy", "none"]
+HEADER_SETS: tuple[HeaderSet, ...] = ("all", "ietf", "legacy", "none")
 
 PARAM_QUOTA = "q"
 PARAM_WINDOW = "w"
@@ -119,7 +128,13 @@ def most_restrictive(decisions: Sequence[Decision]) -> int:
 
 
 def fields(
-    limit: bytes, remaining: int, reset_after: float, wall: float, policy: bytes, name: bytes
+    limit: bytes,
+    remaining: int,
+    reset_after: float,
+    wall: float,
+    policy: bytes,
+    name: bytes,
+    which: HeaderSet = "all",
 ) -> list[tuple[bytes, bytes]]:
     """The rate-limit header fields of the reported bucket, as ASGI (lower-case) headers.
 
@@ -130,16 +145,20 @@ def fields(
         wall: the current Unix time; used only to express ``X-RateLimit-Reset``.
         policy: the ``RateLimit-Policy`` value (``b""``: none is sent).
         name: the reported policy's name as an sf-string (``sf_string(name)``).
+        which: the fields to send (``HeaderSet``; ``"none"`` gives none).
     """
     left = b"%d" % remaining
-    raw = [
-        (_LIMIT, limit),
-        (_REMAINING, left),
-        (_RESET, b"%d" % math.ceil(wall + reset_after)),
-    ]
-    if policy:
-        raw.append((_POLICY, policy))
-    raw.append((_RATELIMIT, _ratelimit_value(name, left, reset_after)))
+    raw: list[tuple[bytes, bytes]] = []
+    if which == "all" or which == "legacy":
+        raw += [
+            (_LIMIT, limit),
+            (_REMAINING, left),
+            (_RESET, b"%d" % math.ceil(wall + reset_after)),
+        ]
+    if which == "all" or which == "ietf":
+        if policy:
+            raw.append((_POLICY, policy))
+        raw.append((_RATELIMIT, _ratelimit_value(name, left, reset_after)))
     return raw
 
 

@@ -22,6 +22,7 @@ from asgi_armor.errors import (
 from asgi_armor.identity import Identify, principal
 from asgi_armor.ratelimit import _outcome, bucket
 from asgi_armor.ratelimit import headers as h
+from asgi_armor.ratelimit.headers import HeaderSet
 from asgi_armor.ratelimit.limiter import RateLimiter
 from asgi_armor.ratelimit.rules import (
     KEY_GLOBAL,
@@ -175,8 +176,9 @@ class RateLimitMiddleware:
             count as IPv4.
         exempt: route patterns never limited (``"GET /healthz"``).
         on_store_error: ``"allow"`` (fail open, logged and counted) or ``"deny"`` (503).
-        headers: add the rate-limit headers to responses (``Retry-After`` is always sent
-            on 429).
+        headers: the rate-limit fields responses carry: ``"all"`` (True), ``"ietf"``
+            (``RateLimit``, ``RateLimit-Policy``), ``"legacy"`` (``X-RateLimit-*``) or
+            ``"none"`` (False); ``Retry-After`` is always sent on 429.
         wall_clock: Unix time, used only to express ``X-RateLimit-Reset``.
         metrics: where each matching rule's decision and store failures are counted.
 
@@ -198,7 +200,7 @@ class RateLimitMiddleware:
         ipv6_prefix: int = 64,
         exempt: Iterable[str | Route] = (),
         on_store_error: OnStoreError = "allow",
-        headers: bool = True,
+        headers: bool | HeaderSet = True,
         wall_clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
     ) -> None:
@@ -238,7 +240,14 @@ class RateLimitMiddleware:
         self._client_ip = client_ip if client_ip is not None else ClientIP(trusted_proxies)
         self.ipv6_prefix = check_ipv6_prefix(ipv6_prefix)
         self._identify = identify
-        self.headers = headers
+        which = "all" if headers is True else "none" if headers is False else headers
+        if which not in h.HEADER_SETS:
+            raise ConfigError(
+                f"headers: {headers!r} is not one of {', '.join(map(repr, h.HEADER_SETS))}"
+            )
+        self._which: HeaderSet = which
+        #: Whether responses carry any rate-limit field.
+        self.headers = which != "none"
         self._wall_clock = wall_clock
         self._metrics = metrics
         self.limiter.policy.metrics = metrics
@@ -390,6 +399,7 @@ class RateLimitMiddleware:
                     self._wall_clock(),
                     plan.policy,
                     best.sf_name,
+                    self._which,
                 )
             )
         if self._metrics is not None:
@@ -401,7 +411,13 @@ class RateLimitMiddleware:
         index, left, reset_after = bucket.report(tats, now, plan.rates)
         best = plan.rules[index]
         return h.fields(
-            best.limit_bytes, left, reset_after, self._wall_clock(), plan.policy, best.sf_name
+            best.limit_bytes,
+            left,
+            reset_after,
+            self._wall_clock(),
+            plan.policy,
+            best.sf_name,
+            self._which,
         )
 
     async def _fill(self, scope: Scope, plan: _Plan, ip: str | None) -> list[str]:
