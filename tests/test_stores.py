@@ -210,6 +210,47 @@ async def test_remember(store: Store) -> None:
     assert await store.remember("other", 60)
 
 
+async def test_remember_run_twice_with_its_token_is_new_both_times(store: Store) -> None:
+    """The repeat of a call whose reply was lost finds its own token: still "new", so a
+    genuine delivery is not refused as its own replay; another call's token is a replay."""
+    assert await store.remember("tok", 60, token=b"call-1")
+    assert await store.remember("tok", 60, token=b"call-1")
+    assert not await store.remember("tok", 60, token=b"call-2")
+    assert not await store.remember("tok", 60)
+    assert await store.remember("untokened", 60)
+    assert not await store.remember("untokened", 60)  # no token: every call its own
+
+
+async def test_lease_operations_run_twice_answer_as_once(store: Store) -> None:
+    """Each lease operation repeated with the same arguments (its first reply lost)
+    answers as the first run did, and changes nothing more."""
+    assert await store.lease_acquire("twice", b"mine", 30) is None
+    assert await store.lease_acquire("twice", b"mine", 30) is None  # our own lease: taken
+    assert await store.lease_acquire("twice", b"theirs", 30) == b"mine"
+    assert await store.lease_extend("twice", b"mine", 30)
+    assert await store.lease_extend("twice", b"mine", 30)
+    assert await store.lease_complete("twice", b"mine", b"record", 30)
+    assert await store.lease_complete("twice", b"mine", b"record", 30)  # our record: done
+    assert not await store.lease_complete("twice", b"mine", b"other record", 30)
+    assert not await store.lease_complete("twice", b"theirs", b"theirs too", 30)
+    assert await store.lease_acquire("twice", b"again", 30) == b"record"
+    assert not await store.lease_release("twice", b"mine")  # a record is nobody's lease
+    assert await store.lease_acquire("twice", b"again", 30) == b"record"
+    assert await store.lease_acquire("free", b"mine", 30) is None
+    assert await store.lease_release("free", b"mine")
+    assert await store.lease_release("free", b"mine")  # already free: released
+    assert await store.lease_acquire("free", b"next", 30) is None
+    assert not await store.lease_release("free", b"mine")  # never frees another's lease
+    assert await store.lease_acquire("free", b"other", 30) == b"next"
+
+
+async def test_forget_run_twice(store: Store) -> None:
+    assert await store.remember("gone", 60, token=b"t")
+    await store.forget("gone")
+    await store.forget("gone")
+    assert await store.remember("gone", 60, token=b"u")
+
+
 async def test_memory_expiry(clock: FakeClock) -> None:
     store = MemoryStore(clock=clock)
     assert await store.remember("n", 10)

@@ -511,7 +511,7 @@ class _Batcher:
         except _LOST as exc:
             if not reused or isinstance(exc, _NOT_LOST):
                 raise  # a new connection lost: Redis itself failed, the calls fail
-            store.resent_batches += 1
+            store.stale_connections += 1
             return await _resend(connection, batch, replies, exc)
 
     def _settle(
@@ -659,8 +659,8 @@ class RedisStore:
             ``Overloaded`` is raised.
 
     Attributes:
-        resent_batches: batches sent a second time because their pooled connection was
-            found stale (lost at its first use after answering an earlier batch).
+        stale_connections: pooled connections found stale at their first use (each one's
+            batch sent again on a new connection): one per connection after a restart.
 
     Raises:
         ConfigError: naming ``store``: the client decodes responses, an unknown concern
@@ -717,7 +717,7 @@ class RedisStore:
         self._wrong_loop_logged = False
         self._prefix = _key(prefix)
         self._argv: dict[tuple[int, tuple[BucketSpec, ...]], bytes] = {}
-        self.resent_batches = 0
+        self.stale_connections = 0
         # Connections that answered a batch and have not connected again since: one of
         # them lost at its next use went stale in the pool, and its batch may be resent.
         self._reused: weakref.WeakSet[Any] = weakref.WeakSet()
