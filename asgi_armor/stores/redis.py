@@ -464,9 +464,9 @@ class _Batcher:
             self.running -= 1
 
     async def _send(self, batch: list[_Call]) -> None:
-        """One round trip for ``batch`` (two when Redis lost its scripts), under the store
-        deadline; then every call gets its own reply, or the batch's failure if its reply
-        never came."""
+        """One round trip for ``batch`` (two when Redis lost its scripts or the pooled
+        connection was stale), under the store deadline; then every call gets its own
+        reply, or the batch's failure if its reply never came."""
         store = self.store
         pool: Any = store.client.connection_pool
         connection: Any = None
