@@ -553,6 +553,10 @@ def test_redis_store_bounds_are_checked() -> None:
         RedisStore.from_url("redis://127.0.0.1:6379/15", breakers={"ratelimit": CircuitBreaker()})
     with pytest.raises(ConfigError, match="max_batch"):
         RedisStore.from_url("redis://127.0.0.1:6379/15", max_batch=0)
+    sentinel = "redis+sentinel://127.0.0.1:26379/armor"  # lazy: nothing is asked here
+    assert RedisSentinelStore.from_url(sentinel, max_batch=16).max_batch == 16
+    with pytest.raises(ConfigError, match="max_batch"):
+        RedisSentinelStore.from_url(sentinel, max_batch=0)
     # Four batches in flight by default, never more than the pool's connections.
     assert RedisStore.from_url("redis://127.0.0.1:6379/15").max_in_flight == 4
     assert RedisStore.from_url("redis://127.0.0.1:6379/15", max_connections=2).max_in_flight == 2
