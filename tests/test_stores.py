@@ -4,6 +4,7 @@ RedisSentinelStore behave the same."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import statistics
 import time
@@ -208,6 +209,47 @@ async def test_remember(store: Store) -> None:
     assert await store.remember("n", 60)
     assert not await store.remember("n", 60)
     assert await store.remember("other", 60)
+
+
+async def test_remember_run_twice_with_its_token_is_new_both_times(store: Store) -> None:
+    """The repeat of a call whose reply was lost finds its own token: still "new", so a
+    genuine delivery is not refused as its own replay; another call's token is a replay."""
+    assert await store.remember("tok", 60, token=b"call-1")
+    assert await store.remember("tok", 60, token=b"call-1")
+    assert not await store.remember("tok", 60, token=b"call-2")
+    assert not await store.remember("tok", 60)
+    assert await store.remember("untokened", 60)
+    assert not await store.remember("untokened", 60)  # no token: every call its own
+
+
+async def test_lease_operations_run_twice_answer_as_once(store: Store) -> None:
+    """Each lease operation repeated with the same arguments (its first reply lost)
+    answers as the first run did, and changes nothing more."""
+    assert await store.lease_acquire("twice", b"mine", 30) is None
+    assert await store.lease_acquire("twice", b"mine", 30) is None  # our own lease: taken
+    assert await store.lease_acquire("twice", b"theirs", 30) == b"mine"
+    assert await store.lease_extend("twice", b"mine", 30)
+    assert await store.lease_extend("twice", b"mine", 30)
+    assert await store.lease_complete("twice", b"mine", b"record", 30)
+    assert await store.lease_complete("twice", b"mine", b"record", 30)  # our record: done
+    assert not await store.lease_complete("twice", b"mine", b"other record", 30)
+    assert not await store.lease_complete("twice", b"theirs", b"theirs too", 30)
+    assert await store.lease_acquire("twice", b"again", 30) == b"record"
+    assert not await store.lease_release("twice", b"mine")  # a record is nobody's lease
+    assert await store.lease_acquire("twice", b"again", 30) == b"record"
+    assert await store.lease_acquire("free", b"mine", 30) is None
+    assert await store.lease_release("free", b"mine")
+    assert await store.lease_release("free", b"mine")  # already free: released
+    assert await store.lease_acquire("free", b"next", 30) is None
+    assert not await store.lease_release("free", b"mine")  # never frees another's lease
+    assert await store.lease_acquire("free", b"other", 30) == b"next"
+
+
+async def test_forget_run_twice(store: Store) -> None:
+    assert await store.remember("gone", 60, token=b"t")
+    await store.forget("gone")
+    await store.forget("gone")
+    assert await store.remember("gone", 60, token=b"u")
 
 
 async def test_memory_expiry(clock: FakeClock) -> None:
@@ -512,9 +554,92 @@ def test_redis_store_bounds_are_checked() -> None:
         RedisStore.from_url("redis://127.0.0.1:6379/15", breakers={"ratelimit": CircuitBreaker()})
     with pytest.raises(ConfigError, match="max_batch"):
         RedisStore.from_url("redis://127.0.0.1:6379/15", max_batch=0)
+    sentinel = "redis+sentinel://127.0.0.1:26379/armor"  # lazy: nothing is asked here
+    assert RedisSentinelStore.from_url(sentinel, max_batch=16).max_batch == 16
+    with pytest.raises(ConfigError, match="max_batch"):
+        RedisSentinelStore.from_url(sentinel, max_batch=0)
     # Four batches in flight by default, never more than the pool's connections.
     assert RedisStore.from_url("redis://127.0.0.1:6379/15").max_in_flight == 4
     assert RedisStore.from_url("redis://127.0.0.1:6379/15", max_connections=2).max_in_flight == 2
+
+
+def _kill_clients(ports: list[int], name: str) -> int:
+    """Close, from the server side, every connection named ``name`` on these servers (as
+    a proxy or Redis's idle ``timeout`` does); how many were closed."""
+    import redis
+
+    closed = 0
+    for port in ports:
+        admin = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        try:
+            for client in admin.client_list():
+                if client["name"] == name:
+                    closed += admin.client_kill_filter(_id=int(client["id"]))
+        finally:
+            admin.close()
+    return closed
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster", "sentinel"])
+async def test_connections_closed_while_idle_cost_no_call(
+    kind: str, request: pytest.FixtureRequest, asyncio_only: None
+) -> None:
+    """Every pooled connection closed by the server while idle: the first batch on each
+    is sent once more on a new connection, on a single Redis, each primary of a Cluster
+    and a Sentinel's master alike; no call fails, no breaker counts a failure."""
+    name = f"armor-idle-{uuid.uuid4().hex[:8]}"
+    prefix = f"armortest:{uuid.uuid4().hex[:12]}:"
+    store: Any
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("private_redis")
+        store = RedisStore.from_url(server.url, prefix=prefix, client_name=name)
+        ports = [server.port]
+    elif kind == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        store = RedisClusterStore.from_url(cluster.url, prefix=prefix, client_name=name)
+        ports = cluster.live_ports()
+    else:
+        group = request.getfixturevalue("redis_sentinel")
+        store = RedisSentinelStore.from_url(group.url, prefix=prefix, client_name=name)
+        ports = list(group.data_ports)
+    nodes: list[RedisStore] = []
+    try:
+        await asyncio.gather(*(store.remember(f"warm:{i}", 60) for i in range(600)))
+        nodes = list(store.nodes.values()) if kind == "cluster" else [store]
+        assert _kill_clients(ports, name) >= 4
+        ten = spec(10, 3600)
+        results = await asyncio.gather(
+            *(store.hit_buckets([f"rl:ip:{i % 4}"], [ten], 1) for i in range(80)),
+            *(store.lease_acquire(f"idem:{i}", b"lease", 60) for i in range(80)),
+            *(store.remember(f"nonce:{i}", 60) for i in range(80)),
+            return_exceptions=True,
+        )
+        assert [type(result) for result in results if isinstance(result, Exception)] == []
+        assert sum(allowed for allowed, _, _ in results[:80]) == 40  # each ran once
+        assert results[80:] == [None] * 80 + [True] * 80
+        if kind != "sentinel":
+            assert sum(node.stale_connections for node in nodes) >= 1
+        # (redis-py's Sentinel connection yields to the event loop while the pool checks
+        # it, so the pool reads the close itself and connects anew: nothing is stale.)
+        failures = {
+            (id(node), concern): breaker.stats.failures
+            for node in nodes
+            for concern, breaker in node.breakers.items()
+        }
+        assert set(failures.values()) == {0}
+    finally:
+        if kind != "redis":
+            import redis.asyncio as aioredis
+
+            # Shared servers: this test's keys go with it.
+            for node in nodes or ([store] if kind == "sentinel" else []):
+                client: aioredis.Redis = node.client
+                async for key in client.scan_iter(match=prefix + "*"):
+                    # One by one: a Cluster's keys span slots (a replica's copies are
+                    # deleted by their primary: MOVED here).
+                    with contextlib.suppress(aioredis.ResponseError):
+                        await client.delete(key)
+        await store.aclose()
 
 
 def _reads(info: dict[str, Any]) -> int:

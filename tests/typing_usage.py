@@ -113,7 +113,9 @@ async def use_client() -> None:
 async def beyond_one_redis() -> None:
     stores: list[Store] = [
         RedisClusterStore.from_url("redis+cluster://10.0.0.1:6379,10.0.0.2:6379", timeout=0.2),
-        RedisSentinelStore.from_url("redis+sentinel://10.0.0.5:26379/armor/0", max_in_flight=8),
+        RedisSentinelStore.from_url(
+            "redis+sentinel://10.0.0.5:26379/armor/0", max_in_flight=8, max_batch=64
+        ),
     ]
     limiter = RateLimiter(stores[0], on_store_error="deny")
     decision: Decision = await limiter.hit("u:alice", "10/minute")

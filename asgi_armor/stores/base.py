@@ -79,16 +79,25 @@ class IdempotencyStore(Protocol):
     async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
         """Store ``lease`` under ``key`` for ``ttl`` seconds if the key is free.
 
-        Returns None when the lease was taken, else the value already there.
+        Returns None when the lease was taken, else the value already there. The key
+        already holding this very ``lease`` (the call run twice: its first reply was lost)
+        answers None too.
         """
         ...
 
     async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
-        """Replace our ``lease`` with ``value`` for ``ttl`` seconds; False if the lease was lost."""
+        """Replace our ``lease`` with ``value`` for ``ttl`` seconds; False if the lease was lost.
+
+        The key already holding ``value`` (the call run twice) answers True.
+        """
         ...
 
     async def lease_release(self, key: str, lease: bytes) -> bool:
-        """Delete ``key`` if it still holds our ``lease``."""
+        """Delete ``key`` if it still holds our ``lease``.
+
+        True once the key is free of it (deleted now, or already free: released before,
+        the call run twice, or lapsed); False if it holds anything else.
+        """
         ...
 
     async def lease_extend(self, key: str, lease: bytes, ttl: float) -> bool:
@@ -96,7 +105,7 @@ class IdempotencyStore(Protocol):
 
         True if the key held our lease (its expiry starts again) or was free (the lease is
         taken again: it lapsed while the store could not be reached); False if the key
-        holds anything else.
+        holds anything else. Run twice, it answers True twice.
         """
         ...
 
@@ -105,12 +114,18 @@ class IdempotencyStore(Protocol):
 class NonceStore(Protocol):
     """Remembers message ids to reject replays."""
 
-    async def remember(self, key: str, ttl: float) -> bool:
-        """Remember ``key`` for ``ttl`` seconds. True if it was new, False if already known."""
+    async def remember(self, key: str, ttl: float, token: bytes | None = None) -> bool:
+        """Remember ``key`` for ``ttl`` seconds. True if it was new, False if already known.
+
+        ``token`` names this call: the key already holding the same token is the call run
+        twice (its first reply was lost), and answers True again. A networked store
+        makes one per call when none is given, so a call it sends again is safe.
+        """
         ...
 
     async def forget(self, key: str) -> None:
-        """Forget ``key`` (the message it stands for was not handled after all)."""
+        """Forget ``key`` (the message it stands for was not handled after all). Run
+        twice, the second run finds nothing to forget."""
         ...
 
 

@@ -428,11 +428,11 @@ class RedisClusterStore:
             key_slot(self.prefix + mapped), lambda node: node.lease_extend(mapped, lease, ttl)
         )
 
-    async def remember(self, key: str, ttl: float) -> bool:
+    async def remember(self, key: str, ttl: float, token: bytes | None = None) -> bool:
         """See ``NonceStore.remember``."""
         mapped = cluster_key(key)
         return await self._on(
-            key_slot(self.prefix + mapped), lambda node: node.remember(mapped, ttl)
+            key_slot(self.prefix + mapped), lambda node: node.remember(mapped, ttl, token)
         )
 
     async def forget(self, key: str) -> None:

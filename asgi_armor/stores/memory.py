@@ -219,22 +219,24 @@ class MemoryStore:
         now = self.clock()
         current = self._get(key, now)
         if current is not None:
-            return current
+            return None if current == lease else current
         self._set(key, lease, ttl, now)
         return None
 
     async def lease_complete(self, key: str, lease: bytes, value: bytes, ttl: float) -> bool:
         """See ``IdempotencyStore.lease_complete``."""
         now = self.clock()
-        if self._get(key, now) != lease:
-            return False
+        current = self._get(key, now)
+        if current != lease:
+            return current == value  # our value already there: this call ran before
         self._store(key, value, ttl, now)
         return True
 
     async def lease_release(self, key: str, lease: bytes) -> bool:
         """See ``IdempotencyStore.lease_release``."""
-        if self._get(key, self.clock()) != lease:
-            return False
+        current = self._get(key, self.clock())
+        if current != lease:
+            return current is None  # already free: released before, or lapsed
         self._delete(key)
         return True
 
@@ -247,12 +249,13 @@ class MemoryStore:
         self._set(key, lease, ttl, now)
         return True
 
-    async def remember(self, key: str, ttl: float) -> bool:
+    async def remember(self, key: str, ttl: float, token: bytes | None = None) -> bool:
         """See ``NonceStore.remember``."""
         now = self.clock()
-        if self._get(key, now) is not None:
-            return False
-        self._set(key, b"1", ttl, now)
+        current = self._get(key, now)
+        if current is not None:
+            return token is not None and current == token
+        self._set(key, b"1" if token is None else token, ttl, now)
         return True
 
     async def forget(self, key: str) -> None:

@@ -6,8 +6,12 @@ of one process share round trips: the calls issued while a batch is in flight (o
 the same event-loop tick) go out together as one pipeline of commands, each keeping its
 own reply, its own error and its own concern's failure accounting. A lone call goes out
 at once. After ``NOSCRIPT`` (a Redis restart or ``SCRIPT FLUSH``) a batch loads the
-scripts and resends the calls that got it, once. Failures surface as ``StoreError``; each
-concern applies its own ``on_store_error`` policy. Runs on asyncio (redis.asyncio).
+scripts and resends the calls that got it, once. A batch that finds its pooled connection
+stale (Redis restarted, failed over, or a proxy closed it while idle) is sent once more
+on a new connection, within the same deadline, so a restart costs no call: every
+operation answers the same when run twice (docs/stores.md, "Stale connections").
+Failures surface as ``StoreError``; each concern applies its own ``on_store_error``
+policy. Runs on asyncio (redis.asyncio).
 
 A store call is judged by the store's answer, not by this process's load:
 
@@ -40,8 +44,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
+import os
+import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
@@ -77,6 +84,8 @@ Concern = Literal["rate_limit", "idempotency", "replay"]
 CONCERNS: tuple[Concern, ...] = ("rate_limit", "idempotency", "replay")
 
 try:
+    from redis.exceptions import BusyLoadingError as _BusyLoadingError
+    from redis.exceptions import ConnectionError as _ConnectionError
     from redis.exceptions import NoScriptError as _NoScriptError
     from redis.exceptions import RedisError as _RedisError
     from redis.exceptions import ResponseError as _ResponseError
@@ -85,11 +94,23 @@ except ImportError:  # pragma: no cover - the redis extra is missing; from_url s
     class _RedisError(Exception):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.RedisError when redis is not installed."""
 
+    class _ConnectionError(_RedisError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.ConnectionError when redis is not installed."""
+
+    class _BusyLoadingError(_ConnectionError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.BusyLoadingError when redis is not installed."""
+
     class _ResponseError(_RedisError):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.ResponseError when redis is not installed."""
 
     class _NoScriptError(_ResponseError):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.NoScriptError when redis is not installed."""
+
+
+#: What a connection that went stale in the pool raises at its first use: the socket
+#: closed or reset. A timeout, or an answer of Redis's (LOADING is one), is not that.
+_LOST = (_ConnectionError, OSError, EOFError)
+_NOT_LOST = (TimeoutError, _BusyLoadingError)
 
 
 def _script(name: str) -> str:
@@ -267,9 +288,23 @@ class _Script:
 
 
 class _Call:
-    """One store operation waiting in a batch: its command, its concern, its caller."""
+    """One store operation waiting in a batch: its command, its concern, its caller.
 
-    __slots__ = ("admits", "command", "concern", "epoch", "future", "queued", "script", "start")
+    ``repeat``: the command may be sent again after its connection was lost, because a
+    second run answers as the first (see ``_resend``).
+    """
+
+    __slots__ = (
+        "admits",
+        "command",
+        "concern",
+        "epoch",
+        "future",
+        "queued",
+        "repeat",
+        "script",
+        "start",
+    )
 
     def __init__(
         self,
@@ -278,12 +313,14 @@ class _Call:
         command: bytes,
         script: _Script | None,
         future: asyncio.Future[Any],
+        repeat: bool = True,
     ) -> None:
         self.concern = concern
         self.admits = admits
         self.command = command
         self.script = script
         self.future = future
+        self.repeat = repeat
         self.queued = 0.0
         self.epoch = 0
         self.start = 0.0
@@ -427,9 +464,9 @@ class _Batcher:
             self.running -= 1
 
     async def _send(self, batch: list[_Call]) -> None:
-        """One round trip for ``batch`` (two when Redis lost its scripts), under the store
-        deadline; then every call gets its own reply, or the batch's failure if its reply
-        never came."""
+        """One round trip for ``batch`` (two when Redis lost its scripts or the pooled
+        connection was stale), under the store deadline; then every call gets its own
+        reply, or the batch's failure if its reply never came."""
         store = self.store
         pool: Any = store.client.connection_pool
         connection: Any = None
@@ -441,10 +478,12 @@ class _Batcher:
                     deadline = _Deadline(self.lag, scope, store.timeout)
                     try:
                         connection = await pool.get_connection()
-                        if await _exchange(connection, batch, replies):
+                        if await self._round_trip(connection, batch, replies):
                             # Redis may close a connection after an error (a protocol
                             # error does): never hand it to the next batch.
                             await connection.disconnect()
+                        else:
+                            store._answered(connection)
                     finally:
                         deadline.close()
             finally:
@@ -460,6 +499,20 @@ class _Batcher:
             self._settle(batch, replies, exc)
             raise
         self._settle(batch, replies, failure)
+
+    async def _round_trip(self, connection: Any, batch: list[_Call], replies: list[Any]) -> bool:
+        """``_exchange``; on a lost connection that had answered a batch before (stale in the
+        pool: Redis restarted, or the connection was closed while idle), once more on a new
+        one, for the calls that got no reply. Returns whether an error reply came back."""
+        store = self.store
+        reused = connection in store._reused
+        try:
+            return await _exchange(connection, batch, replies)
+        except _LOST as exc:
+            if not reused or isinstance(exc, _NOT_LOST):
+                raise  # a new connection lost: Redis itself failed, the calls fail
+            store.stale_connections += 1
+            return await _resend(connection, batch, replies, exc)
 
     def _settle(
         self, batch: list[_Call], replies: list[Any], failure: BaseException | None
@@ -480,7 +533,8 @@ class _Batcher:
                     reason = "cancelled"
                 error = StoreError(f"redis store call failed: {reason}")
                 error.__cause__ = failure
-            elif isinstance(reply, _RedisError):
+            elif isinstance(reply, Exception):
+                # An error reply, or the lost connection of a call not sent again.
                 breaker._finish(reply, call.epoch, call.start)
                 error = StoreError(f"redis store call failed: {type(reply).__name__}")
                 error.__cause__ = reply
@@ -543,11 +597,45 @@ async def _exchange(connection: Any, batch: list[_Call], replies: list[Any]) -> 
     )
 
 
+async def _resend(connection: Any, batch: list[_Call], replies: list[Any], lost: Exception) -> bool:
+    """Send again, on ``connection`` connected anew, the calls of ``batch`` that got no
+    reply (or ``NOSCRIPT``: not run) before it was ``lost``; merge their replies into
+    ``replies``. A call that may not run twice (``repeat`` false) and may have run keeps
+    ``lost`` as its reply: it fails, as it would have without the second attempt.
+
+    Returns whether an error reply came back.
+    """
+    again: list[int] = []
+    for index, call in enumerate(batch):
+        reply = replies[index] if index < len(replies) else _PENDING
+        if reply is _PENDING or isinstance(reply, _NoScriptError):
+            if call.repeat or reply is not _PENDING:
+                again.append(index)
+            else:
+                reply = lost
+        if index < len(replies):
+            replies[index] = reply
+        else:
+            replies.append(reply)
+    if not again:
+        return False
+    await connection.disconnect(nowait=True)  # redis-py has already; a new socket for sure
+    resent: list[Any] = []
+    try:
+        return await _exchange(connection, [batch[index] for index in again], resent)
+    finally:
+        for index, reply in zip(again, resent, strict=False):
+            replies[index] = reply
+        for index in again[len(resent) :]:
+            replies[index] = _PENDING
+
+
 _HIT_BUCKETS = _Script("hit_buckets")
 _LEASE_ACQUIRE = _Script("lease_acquire")
 _LEASE_COMPLETE = _Script("lease_complete")
 _LEASE_RELEASE = _Script("lease_release")
 _LEASE_EXTEND = _Script("lease_extend")
+_REMEMBER = _Script("remember")
 
 
 class RedisStore:
@@ -569,6 +657,10 @@ class RedisStore:
         max_batch: most calls sent in one batch (default 128).
         queue_timeout: seconds a call admitting new work may wait for a batch before
             ``Overloaded`` is raised.
+
+    Attributes:
+        stale_connections: pooled connections found stale at their first use (each one's
+            batch sent again on a new connection): one per connection after a restart.
 
     Raises:
         ConfigError: naming ``store``: the client decodes responses, an unknown concern
@@ -625,6 +717,13 @@ class RedisStore:
         self._wrong_loop_logged = False
         self._prefix = _key(prefix)
         self._argv: dict[tuple[int, tuple[BucketSpec, ...]], bytes] = {}
+        self.stale_connections = 0
+        # Connections that answered a batch and have not connected again since: one of
+        # them lost at its next use went stale in the pool, and its batch may be resent.
+        self._reused: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Replay-cache tokens: unique per call across processes, no syscall per call.
+        self._token_prefix = os.urandom(9).hex().encode("ascii") + b":"
+        self._tokens = itertools.count()
 
     @classmethod
     def from_url(
@@ -690,6 +789,18 @@ class RedisStore:
                 'running on asyncio; serve it on asyncio or use store = "memory"'
             ) from None
 
+    def _answered(self, connection: Any) -> None:
+        """``connection`` answered a batch: it may go stale in the pool from now on."""
+        reused = self._reused
+        if connection not in reused:
+            reused.add(connection)
+            # redis-py keeps it as a weak method, once per connection.
+            connection.register_connect_callback(self._connected)
+
+    def _connected(self, connection: Any) -> None:
+        # Called by redis-py on every (re)connect: a new socket is not a stale one.
+        self._reused.discard(connection)
+
     def _not_on_asyncio(self) -> StoreError:
         if not self._wrong_loop_logged:
             self._wrong_loop_logged = True
@@ -706,12 +817,15 @@ class RedisStore:
         *,
         concern: Concern = "idempotency",
         admits: bool = False,
+        repeat: bool = True,
     ) -> Any:
         """Send ``command`` in the next batch and wait for its own reply.
 
         ``admits``: the call admits new work, so its wait for a batch is bounded
         (``Overloaded``). The defaults (a lease operation on work already admitted, which
         waits its turn) are the safe ones for an operation that does not say.
+        ``repeat``: a second run answers as the first, so the command may be sent again
+        when its connection is found stale.
         """
         try:
             loop = asyncio.get_running_loop()
@@ -721,13 +835,17 @@ class RedisStore:
         if batcher is None or batcher.loop is not loop:
             batcher = self._batcher = _Batcher(self, loop)
         future: asyncio.Future[Any] = loop.create_future()
-        batcher.submit(_Call(concern, admits, command, script, future))
+        batcher.submit(_Call(concern, admits, command, script, future, repeat))
         return await future
 
     async def hit_buckets(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
     ) -> tuple[bool, float, list[float]]:
-        """See ``RateLimitStore.hit_buckets``: one EVALSHA for every layer."""
+        """See ``RateLimitStore.hit_buckets``: one EVALSHA for every layer.
+
+        A take sent again after a lost connection may take twice (never admits more); a
+        give-back (negative ``cost``) is never sent again: it could give back twice.
+        """
         # The script's arguments depend only on the rules and the cost: encode them once.
         cache_key = (cost, specs if type(specs) is tuple else tuple(specs))
         argv = self._argv.get(cache_key)
@@ -742,7 +860,9 @@ class RedisStore:
             self._argv[cache_key] = argv
         prefix = self._prefix
         command = _HIT_BUCKETS.call([prefix + _key(key) for key in keys], argv, 1 + 2 * len(specs))
-        reply = await self._call(command, _HIT_BUCKETS, concern="rate_limit", admits=True)
+        reply = await self._call(
+            command, _HIT_BUCKETS, concern="rate_limit", admits=True, repeat=cost >= 0
+        )
         return reply[0] == 1, float(reply[1]), [float(tat) for tat in reply[2:]]
 
     async def lease_acquire(self, key: str, lease: bytes, ttl: float) -> bytes | None:
@@ -772,10 +892,15 @@ class RedisStore:
         )
         return bool(await self._call(command, _LEASE_EXTEND))
 
-    async def remember(self, key: str, ttl: float) -> bool:
-        """See ``NonceStore.remember``: one ``SET NX PX``."""
-        command = _command(b"SET", self._prefix + _key(key), b"1", b"NX", b"PX", b"%d" % _ms(ttl))
-        return bool(await self._call(command, concern="replay", admits=True))
+    async def remember(self, key: str, ttl: float, token: bytes | None = None) -> bool:
+        """See ``NonceStore.remember``: one script call holding a token of this call's
+        own when none is given, so the call sent again answers as the first."""
+        if token is None:
+            token = self._token_prefix + b"%x" % next(self._tokens)
+        command = _REMEMBER.call(
+            [self._prefix + _key(key)], _bulk(token) + _bulk(b"%d" % _ms(ttl)), 2
+        )
+        return bool(await self._call(command, _REMEMBER, concern="replay", admits=True))
 
     async def forget(self, key: str) -> None:
         """See ``NonceStore.forget``: one ``DEL``."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgi_armor.breaker import CircuitBreaker
 from asgi_armor.stores._urls import parse_hosts_url, single_node_url
-from asgi_armor.stores.redis import RedisStore, check_url
+from asgi_armor.stores.redis import _MAX_BATCH, RedisStore, check_url
 
 if TYPE_CHECKING:
     from redis.asyncio.sentinel import Sentinel
@@ -44,6 +44,7 @@ class RedisSentinelStore(RedisStore):
         timeout: float = 0.5,
         breakers: Mapping[str, CircuitBreaker] | None = None,
         max_in_flight: int | None = None,
+        max_batch: int = _MAX_BATCH,
         queue_timeout: float = 2.0,
         sentinel_kwargs: Mapping[str, Any] | None = None,
         **client_options: Any,
@@ -88,6 +89,7 @@ class RedisSentinelStore(RedisStore):
             timeout=timeout,
             breakers=breakers,
             max_in_flight=max_in_flight,
+            max_batch=max_batch,
             queue_timeout=queue_timeout,
         )
         store.sentinel = sentinel

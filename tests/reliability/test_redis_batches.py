@@ -9,7 +9,10 @@ redis-server, under the faults a batch must survive:
   breaker, and a concern with no call in it counts nothing;
 - a caller that goes away while its batch is in flight: the others get their answers;
   one that goes away before its call is sent: the call is dropped, nothing consumed;
-- a big record write waiting for a batch of its own is never shed.
+- a big record write waiting for a batch of its own is never shed;
+- a restart of Redis under a warm pool: each stale connection's batch is sent once more
+  on a new connection, so no call fails and no breaker counts anything; a give-back is
+  never sent twice, and a Redis that is really gone fails each call once.
 
 Round trips are counted with ``INFO stats`` (``total_reads_processed``: each read of a
 client's socket by Redis) and commands with ``INFO commandstats``.
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 import redis
-from reliability_helpers import pause, resume
+from reliability_helpers import pause, redis_clients, restart, resume
 
 from asgi_armor.errors import Overloaded
 from asgi_armor.ratelimit.bucket import spec
@@ -79,10 +82,10 @@ async def test_script_flush_inside_a_batch_loads_and_resends_once(
     assert [allowed for allowed, _, _ in results[:20]] == [True] * 10 + [False] * 10
     assert results[20:25] == [None] * 5
     assert results[25:] == [True] * 5
-    # One batch: 25 EVALSHA answered NOSCRIPT, the two scripts loaded once each, the 25
-    # resent; the SETs (no script) were not resent.
-    assert calls["script|load"] == 2
-    assert calls["evalsha"] == 50
+    # One batch: 30 EVALSHA answered NOSCRIPT, the three scripts loaded once each, the 30
+    # resent (a NOSCRIPT reply means the script did not run: each call ran once).
+    assert calls["script|load"] == 3
+    assert calls["evalsha"] == 60
     assert calls["set"] == 5 + 10 + 5  # the nonces, the allowed hits, the leases
     assert reads <= 4  # two round trips (and the INFO of this test)
     assert _failures(store) == dict.fromkeys(CONCERNS, 0)
@@ -250,5 +253,98 @@ async def test_a_caller_that_goes_away_before_its_call_is_sent_consumes_nothing(
         assert (await store.hit_buckets(["q"], [ten], 6))[0]
         assert not (await store.hit_buckets(["q"], [ten], 1))[0]
         assert store.breakers["rate_limit"].stats.calls == 6
+    finally:
+        await store.aclose()
+
+
+async def _warm(store: RedisStore, server: Any, connections: int) -> None:
+    """Use ``connections`` pooled connections (every batch slot at once), then check that
+    the server saw exactly that many."""
+    await asyncio.gather(*(store.remember(f"warm:{i}", 60) for i in range(150 * connections)))
+    assert len(redis_clients(server)) == connections
+
+
+async def test_a_restart_costs_no_call_on_a_warm_pool(
+    private_redis: Any, asyncio_only: None
+) -> None:
+    """Redis restarted under four warm pooled connections: the first batch on each is
+    lost and sent again on a new connection. Every call of every concern answers, each
+    ran once (exactly the limit admitted), and no breaker counts a failure."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=4)
+    ten = spec(10, 3600)
+    try:
+        await _warm(store, private_redis, 4)
+        restart(private_redis)  # an empty Redis; the pooled sockets are closed by it
+        results = await asyncio.gather(
+            *(store.hit_buckets(["after"], [ten], 1) for _ in range(200)),
+            *(store.lease_acquire(f"pay:{i}", b"lease-%d" % i, 60) for i in range(200)),
+            *(store.remember(f"evt:{i}", 60) for i in range(200)),
+            return_exceptions=True,
+        )
+        assert store.stale_connections == 4
+        assert [type(result) for result in results if isinstance(result, Exception)] == []
+        assert sum(allowed for allowed, _, _ in results[:200]) == 10
+        assert results[200:400] == [None] * 200
+        assert results[400:] == [True] * 200
+        done = await asyncio.gather(
+            *(store.lease_complete(f"pay:{i}", b"lease-%d" % i, b"ok", 60) for i in range(100)),
+            *(store.lease_release(f"pay:{i}", b"lease-%d" % i) for i in range(100, 200)),
+            *(store.forget(f"evt:{i}") for i in range(200)),
+        )
+        assert done == [True] * 200 + [None] * 200
+        assert _failures(store) == dict.fromkeys(CONCERNS, 0)
+        states = {concern: breaker.state.value for concern, breaker in store.breakers.items()}
+        assert states == dict.fromkeys(CONCERNS, "closed")
+        assert store.stale_connections == 4  # the new connections were not stale
+    finally:
+        await store.aclose()
+
+
+async def test_a_redis_that_is_gone_fails_each_call_once(
+    private_redis: Any, asyncio_only: None
+) -> None:
+    """A stale connection's batch is sent once more, not more: with Redis gone, the new
+    connection is refused and the calls fail, each counted once by its own concern."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=1)
+    try:
+        await _warm(store, private_redis, 1)
+        private_redis.stop()
+        results = await asyncio.gather(
+            store.remember("n", 10),
+            store.lease_acquire("l", b"lease", 10),
+            return_exceptions=True,
+        )
+        assert [type(result) for result in results] == [StoreError, StoreError]
+        assert store.stale_connections == 1
+        with pytest.raises(StoreError):
+            await store.remember("m", 10)  # a new connection, refused: not sent again
+        assert store.stale_connections == 1
+        assert _failures(store) == {"rate_limit": 0, "idempotency": 1, "replay": 2}
+    finally:
+        await store.aclose()
+
+
+async def test_a_give_back_is_never_sent_twice(private_redis: Any, asyncio_only: None) -> None:
+    """A give-back run twice would give back twice (admitting past the limit): on a stale
+    connection it fails and its tokens stay taken; the take beside it is sent again."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=1)
+    three = spec(3, 3600)
+    try:
+        await _warm(store, private_redis, 1)
+        restart(private_redis)
+        back, take = await asyncio.gather(
+            store.hit_buckets(["given"], [(three[0], 0.0)], -1),
+            store.hit_buckets(["taken"], [three], 1),
+            return_exceptions=True,
+        )
+        assert isinstance(back, StoreError)
+        assert not isinstance(take, BaseException)
+        assert take[0]
+        assert store.stale_connections == 1
+        stats = store.breakers["rate_limit"].stats
+        assert (stats.calls, stats.failures) == (2, 1)
+        # The connection is new now: a give-back is sent (and answered) as usual.
+        allowed, _, _ = await store.hit_buckets(["given"], [(three[0], 0.0)], -1)
+        assert allowed
     finally:
         await store.aclose()

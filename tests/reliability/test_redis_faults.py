@@ -5,7 +5,9 @@ docs/stores.md promises: rate limits fail open (no 500, no connect timeout per r
 each concern's breaker opens after 3 failures), idempotency and the webhook replay cache fail
 closed (503 service_unavailable, the handler never runs), store calls are cut at 0.5 s,
 a returning Redis is used again within about a second (scripts reloaded after NOSCRIPT),
-and nothing leaks (connections on the server, tasks on the loop).
+a restart costs no request and no breaker failure (each stale pooled connection's batch is
+sent once more on a new connection), and nothing leaks (connections on the server, tasks
+on the loop).
 
 The measured numbers are printed (``pytest -s``) for the report.
 """
@@ -44,6 +46,9 @@ JSON = {"Content-Type": "application/json"}
 # Generous for a shared 2-core machine; the measured values are far below (see report).
 FAST = 0.1
 STORE_TIMEOUT = 0.5
+# Each concern's breaker admits a trial 1 s after it opened: a returning Redis is used
+# within that, plus the probes' own time.
+RECOVERY = 1.0 + 0.5
 
 
 def _webhook(body: bytes) -> dict[str, str]:
@@ -97,6 +102,10 @@ def _check_fail_open(results: list[tuple[httpx.Response, float]], healthy: bool 
 
 def _states(store: Any) -> dict[str, str]:
     return {concern: breaker.state.value for concern, breaker in store.breakers.items()}
+
+
+def _failures(store: Any) -> dict[str, int]:
+    return {concern: breaker.stats.failures for concern, breaker in store.breakers.items()}
 
 
 def _check_503(response: httpx.Response) -> None:
@@ -177,11 +186,12 @@ async def test_redis_killed_fails_open_and_closed_then_recovers(
         # Three store errors open a concern's breaker; the rest never touch the network.
         for concern, breaker in store.breakers.items():
             assert breaker.stats.failures <= 4, (concern, breaker.stats)
+        failed_while_down = _failures(store)
 
         restart(private_redis)  # an empty Redis: NOSCRIPT for every script
         recovery = await _recover(probe, "back")
         print(f"[redis killed] recovered {recovery:.3f} s after the restart")
-        assert recovery < 2.5
+        assert recovery < RECOVERY
         # Every script reloaded: the limiter decides again (headers back), leases work, the
         # replay cache works (a replay is refused, a new id accepted).
         response, _ = await probe.timed("POST", "/api/expensive-operation")
@@ -195,11 +205,68 @@ async def test_redis_killed_fails_open_and_closed_then_recovers(
         assert again.status_code == 401
         assert again.json()["details"][0]["code"] == "replayed"
         assert _states(store) == dict.fromkeys(CONCERNS, "closed")
+        # The returning Redis failed no call: each breaker's first trial succeeded.
+        assert _failures(store) == failed_while_down
         connections = len(redis_clients(private_redis))
         print(f"[redis killed] connections on the restarted server: {connections}")
         assert connections <= 2
     await stack.app.aclose()
     assert wait_until(lambda: not redis_clients(private_redis), 5)
+
+
+async def test_redis_restart_under_a_warm_pool_costs_no_request(
+    private_redis: Any, asyncio_only: None
+) -> None:
+    """Redis restarted while every pooled connection is warm (the store's four batch
+    slots all used): the next requests of each concern are all served, by the store (the
+    rate-limit headers are there, nothing failed open), and no breaker counts a failure.
+    Each stale connection's batch was sent once more on a new connection."""
+    stack = demo_stack(private_redis.url)
+    store: Any = stack.app.store
+    transport = httpx.ASGITransport(app=stack.app, client=("10.1.1.5", 1234))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        probe = Probe(client)
+        assert (await probe.payment("warm"))[0].status_code == 201
+        assert (await probe.webhook("evt_warm"))[0].status_code == 200
+        # Every batch slot in use at once: four pooled connections, each answered a batch.
+        await asyncio.gather(*(store.remember(f"warm:{i}", 60) for i in range(600)))
+        assert len(redis_clients(private_redis)) == store.max_in_flight == 4
+        runs_before = dict(stack.counter.calls)
+
+        restart(private_redis)  # an empty Redis: the pooled sockets are closed by it
+        rounds = 20
+        answers = await asyncio.gather(
+            *(probe.payment(f"after-{i}") for i in range(rounds)),
+            *(probe.webhook(f"evt_after_{i}") for i in range(rounds)),
+            *(probe.timed("GET", "/api/users/1") for _ in range(rounds)),
+        )
+        statuses = [response.status_code for response, _ in answers]
+        assert statuses == [201] * rounds + [200] * (2 * rounds), [
+            response.text for response, _ in answers if response.status_code >= 300
+        ]
+        # Decided by the store: the ip rule's headers on every request, none failed open.
+        assert all("ratelimit-policy" in response.headers for response, _ in answers)
+        assert _failures(store) == dict.fromkeys(CONCERNS, 0)
+        assert _states(store) == dict.fromkeys(CONCERNS, "closed")
+        assert 1 <= store.stale_connections <= 4
+        calls = stack.counter.calls
+        assert calls["/api/payments"] - runs_before["/api/payments"] == rounds
+        assert calls["/api/webhooks/payment"] - runs_before["/api/webhooks/payment"] == rounds
+
+        # Each ran once: a retry is the recorded payment, a re-sent webhook a replay.
+        replayed = await probe.payment("after-0")
+        assert replayed[0].headers["idempotent-replayed"] == "true"
+        again = (await probe.webhook("evt_after_0"))[0]
+        assert again.status_code == 401
+        assert again.json()["details"][0]["code"] == "replayed"
+        # Every connection left is new since the restart: nothing stale remains.
+        await asyncio.gather(*(store.remember(f"warm-again:{i}", 60) for i in range(600)))
+        stale = store.stale_connections
+        restart(private_redis)
+        assert (await probe.payment("second-restart"))[0].status_code == 201
+        assert store.stale_connections == stale + 1
+        assert _failures(store) == dict.fromkeys(CONCERNS, 0)
+    await stack.app.aclose()
 
 
 async def test_redis_paused_calls_time_out_then_breaker_cuts_them_off(
@@ -243,7 +310,7 @@ async def test_redis_paused_calls_time_out_then_breaker_cuts_them_off(
 
         recovery = await _recover(probe, "thawed")
         print(f"[redis paused] recovered {recovery:.3f} s after SIGCONT")
-        assert recovery < 2.5
+        assert recovery < RECOVERY
         assert (await probe.payment("paused"))[0].status_code == 201
         # The timed-out calls' connections were dropped, not returned to the pool with a
         # reply still pending (that would hand one caller another's answer).
@@ -374,6 +441,7 @@ def test_redis_outage_under_uvicorn(private_redis: Any) -> None:
                 out["p50"] = percentile(down, 0.5)
                 out["p99"] = percentile(down, 0.99)
                 out["seq_p99"] = percentile(sequential, 0.99)
+                out["failed_while_down"] = _failures(store)
 
                 restart(private_redis)
                 out["recovery"] = await _recover(probe, "u-back")
@@ -382,6 +450,7 @@ def test_redis_outage_under_uvicorn(private_redis: Any) -> None:
                 out["limits_back"] = await _recover_limits(probe)
                 assert (await probe.webhook("evt_uvicorn_back"))[0].status_code == 200
                 out["states"] = _states(store)
+                out["failures"] = _failures(store)
             return out
 
         result = asyncio.run(scenario())
@@ -394,8 +463,10 @@ def test_redis_outage_under_uvicorn(private_redis: Any) -> None:
         )
         assert result["p99"] < 2 * result["p99_up"] + 0.25
         assert result["seq_p99"] < FAST
-        assert result["recovery"] < 2.5
+        assert result["recovery"] < RECOVERY
         assert result["states"] == dict.fromkeys(CONCERNS, "closed")
+        # The returning Redis failed no call, stale pooled connections included.
+        assert result["failures"] == result["failed_while_down"]
         # Nothing left running on the server's loop once the clients are gone.
         assert wait_until(lambda: not served.tasks(), 3), served.tasks()
         connections = len(redis_clients(private_redis))
