@@ -17,6 +17,7 @@ from asgi_armor.clientip import ipv6_group
 
 if TYPE_CHECKING:
     from asgi_armor.identity import Identify
+    from asgi_armor.metrics import Metrics
     from asgi_armor.ratelimit.headers import HeaderSet
     from asgi_armor.ratelimit.limiter import RateLimiter
 
@@ -36,6 +37,7 @@ class ArmorContext:
         identify: the armor's identify hook (None: none configured).
         wall_clock: Unix time, only for ``X-RateLimit-Reset``.
         headers: the rate-limit fields responses carry (``ratelimit.headers.HeaderSet``).
+        metrics: the sink the app's decisions are counted in, as the layers' are.
     """
 
     __slots__ = (
@@ -44,6 +46,7 @@ class ArmorContext:
         "identify",
         "ipv6_prefix",
         "limiter",
+        "metrics",
         "shadow_refusals",
         "wall_clock",
     )
@@ -57,8 +60,10 @@ class ArmorContext:
         identify: Identify | None = None,
         wall_clock: Callable[[], float] = time.time,
         headers: HeaderSet = "all",
+        metrics: Metrics | None = None,
     ) -> None:
         self.limiter = limiter
+        self.metrics = metrics
         self.headers: HeaderSet = headers
         self._client_ip = client_ip
         self.ipv6_prefix = ipv6_prefix

@@ -189,7 +189,8 @@ class InputLimits:
         ):
             return json_ok
         # HTTP/1 servers deliver exactly Content-Length bytes, none without it (RFC 9112
-        # section 6.3): there is nothing left to count.
+        # section 6.3): there is nothing left to count. This trusts the server's framing
+        # (docs/architecture.md, "Request flow").
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

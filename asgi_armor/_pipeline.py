@@ -3,9 +3,9 @@
 Per HTTP request it picks the request id, computes the canonical target once, looks up
 one cached plan per ``(method, path)`` and runs the checks that apply, in the canonical
 order, with one ``send`` wrapper (request id, rate-limit headers) and one exception
-boundary. The checks are the middleware classes' own methods (``admit``, ``check``,
-``run``): a class used by hand and the pipeline share every rule (docs/architecture.md,
-"Request flow").
+boundary. The checks are the middleware classes' own methods (``admit``, ``guard``,
+``decide``, ``run``): a class used by hand and the pipeline share every rule
+(docs/architecture.md, "Request flow").
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class _Exchange(Progress):
                 # Checks made inside the app see the response start (their headers, the
                 # failures-only tokens a dependency gives back).
                 await _run_on_response(self.state, message)
-        elif not message.get("more_body", False):
-            self.complete = True
+        elif not message.get("more_body", False) and not message.get("more_trailers", False):
+            self.complete = True  # Progress.track's rule, inline on the hot path
         await self._send(message)
 
 
@@ -233,27 +233,19 @@ class Pipeline:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.other(scope, receive, send)
-        elif self._measure is None:
-            await self._handle(scope, receive, send)
-        else:
-            await self._measured(self._measure, scope, receive, send)
-
-    async def _measured(
-        self, measure: RequestMetrics, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """:meth:`_handle`, timed and counted by its route pattern and status."""
-        if measure.serves(scope):
+            return
+        measure = self._measure
+        if measure is not None and measure.serves(scope):
             await measure.scrape(scope, send)
             return
-        start = measure.start()
-        status = 500
-        try:
-            status = await self._handle(scope, receive, send)
-        finally:
-            measure.observe(scope, status, start)
+        await self._handle(scope, receive, send, measure)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """One HTTP request through the plan of its target; returns the status answered."""
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, measure: RequestMetrics | None
+    ) -> None:
+        """One HTTP request through the plan of its target (timed and counted by its route
+        pattern and status when ``measure`` is given)."""
+        start = 0.0 if measure is None else measure.start()
         request_id = ensure_request_id(scope)
         state = scope["state"]
         if self._problem:
@@ -297,7 +289,7 @@ class Pipeline:
             if exchange.complete:
                 # A framework already answered (Starlette renders its 500 page, then
                 # re-raises "so servers can log it"): logged, nothing left to send.
-                return exchange.status
+                return
             if exchange.started:
                 # A second http.response.start is a protocol error: abort the connection.
                 self._errors.logger.warning(
@@ -306,9 +298,12 @@ class Pipeline:
                     error.error,
                 )
                 raise
+            exchange.status = error.status
             await send_error(scope, send, error)
-            return error.status
-        return exchange.status
+        finally:
+            if measure is not None:
+                # The status the client got: its start line, even of an aborted response.
+                measure.observe(scope, exchange.status, start)
 
     async def other(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A websocket, lifespan or other scope: through the composed layers."""

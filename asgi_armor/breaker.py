@@ -139,6 +139,7 @@ class CircuitBreaker:
     """
 
     __slots__ = (
+        "__weakref__",
         "_calls",
         "_cancellations",
         "_clock",
@@ -256,7 +257,7 @@ class CircuitBreaker:
         if metrics is not None:
             metrics.breaker_state(self.name, self._state.value)
             # Collecting reads the state, which applies a due open -> half_open.
-            metrics.watch(lambda: self.state)
+            metrics.watch(self, _read_state)
 
     # ------------------------------------------------------------------ observation
 
@@ -646,3 +647,8 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(name={self.name!r}, state={self._state.value!r})"
+
+
+def _read_state(breaker: CircuitBreaker) -> object:
+    """A metrics refresher: reading the state reports it (a due open -> half_open too)."""
+    return breaker.state

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -99,7 +100,11 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        self._refreshers: list[Callable[[], object]] = []
+        # Held weakly by their owner: a breaker or limiter that goes away leaves nothing,
+        # and registering an owner again replaces its refresher.
+        self._refreshers: weakref.WeakKeyDictionary[Any, Callable[[Any], object]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def rejection(self, error: ArmorError, request_id: str, scope: Scope) -> None:
         """An envelope is being sent for ``error``: ``decision(error.layer, error.error)``."""
@@ -132,14 +137,15 @@ class Metrics:
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         """A request finished: ``route`` is a configured pattern or ``OTHER_ROUTE``."""
 
-    def watch(self, refresher: Callable[[], object]) -> None:
-        """Call ``refresher()`` whenever this sink is collected (it reports through the sink)."""
-        self._refreshers.append(refresher)
+    def watch(self, owner: Any, refresher: Callable[[Any], object]) -> None:
+        """Call ``refresher(owner)`` whenever this sink is collected (it reports through the
+        sink), for as long as ``owner`` lives; ``refresher`` must not hold ``owner``."""
+        self._refreshers[owner] = refresher
 
     def refresh(self) -> None:
         """Run every refresher: pull-style values report their current state."""
-        for refresher in tuple(self._refreshers):
-            refresher()
+        for owner, refresher in list(self._refreshers.items()):
+            refresher(owner)
 
 
 # The counters both exporters keep: Prometheus name, OpenTelemetry name, help, labels.

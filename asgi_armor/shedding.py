@@ -317,9 +317,10 @@ class ConcurrencyLimit:
         self.exempt: RouteMap[bool] = RouteMap((pattern, True) for pattern in exempt)
         self.clock = clock
         if metrics is not None:
-            limiter = self.limiter
             # Read when the sink is collected, so the gauges cost nothing per request.
-            metrics.watch(lambda: metrics.shedding(limiter.in_flight, limiter.queued))
+            metrics.watch(
+                self.limiter, lambda limiter: metrics.shedding(limiter.in_flight, limiter.queued)
+            )
 
     @property
     def in_flight(self) -> int:

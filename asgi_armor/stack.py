@@ -459,7 +459,7 @@ def armor(
             scrape_path = config.metrics.path if config.metrics else None
             add(RequestMetrics, metrics=metrics, routes=labels, path=scrape_path)
     layers.reverse()
-    context = context_for(config, store, client_ip, identify)
+    context = context_for(config, store, client_ip, identify, metrics)
     return Armored(wrapped, config, store, layers, metrics, context, route_table)
 
 
@@ -477,16 +477,23 @@ def _label_routes(config: ArmorConfig) -> list[str]:
 
 
 def context_for(
-    config: ArmorConfig, store: Store, client_ip: ClientIP, identify: Identify | None
+    config: ArmorConfig,
+    store: Store,
+    client_ip: ClientIP,
+    identify: Identify | None,
+    metrics: Metrics | None = None,
 ) -> ArmorContext:
-    """The ``ArmorContext`` published to the app: this armor's store, address and principal."""
+    """The ``ArmorContext`` published to the app: this armor's store, address, principal
+    and metrics sink."""
     limiter = RateLimiter(store, on_store_error=config.rate_limit_on_store_error)
+    limiter.policy.metrics = metrics
     return ArmorContext(
         limiter,
         client_ip,
         ipv6_prefix=config.ipv6_prefix,
         identify=identify,
         headers=config.rate_limit_headers,
+        metrics=metrics,
     )
 
 

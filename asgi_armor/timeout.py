@@ -115,6 +115,14 @@ class Progress:
         self.started = False
         self.complete = False
 
+    def track(self, message: Message) -> None:
+        """Follow one message sent: the start, then the last one (a body chunk without
+        ``more_body``, a ``pathsend``, the last trailers)."""
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif not message.get("more_body", False) and not message.get("more_trailers", False):
+            self.complete = True
+
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop, or None on trio."""
@@ -268,10 +276,7 @@ class TimeoutMiddleware:
         progress = Progress()
 
         async def send_tracking(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                progress.started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                progress.complete = True
+            progress.track(message)
             await send(message)
 
         await self.run_tracked(scope, receive, send_tracking, app, budget, progress)

@@ -267,3 +267,24 @@ def test_a_websocket_route_limits_connections() -> None:
     assert (response.status_code, body["error"]) == (429, "rate_limited")
     assert body["request_id"] == response.headers["X-Request-ID"]
     assert response.headers["Retry-After"] == "30"
+
+
+async def test_dependency_decisions_are_counted_like_configured_rules() -> None:
+    from asgi_armor.metrics import Metrics
+
+    class Counted(Metrics):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, str]] = []
+
+        def rate_limit(self, policy: str, result: str) -> None:
+            self.seen.append((policy, result))
+
+    sink = Counted()
+    armored = armor(make_app(), ArmorConfig(), store=MemoryStore(), metrics=sink)
+    transport = httpx.ASGITransport(app=armored, client=("203.0.113.77", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        statuses = [(await client.get("/api/depends")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    assert [result for _, result in sink.seen] == ["allowed", "allowed", "limited"]
+    assert len({policy for policy, _ in sink.seen}) == 1

@@ -506,3 +506,20 @@ async def test_idempotency_outcomes_include_the_key_in_use() -> None:
         "idempotency_key_in_use": 1,
         "idempotency_key_invalid": 1,
     }
+
+
+def test_breakers_registered_again_or_dropped_leave_no_refresher() -> None:
+    import gc
+
+    from asgi_armor import CircuitBreaker
+
+    sink = Metrics()
+    breaker = CircuitBreaker(name="db")
+    for _ in range(100):
+        breaker.metrics = sink
+    assert len(sink._refreshers) == 1
+    for index in range(100):
+        CircuitBreaker(name=f"per-request-{index}", metrics=sink)
+    gc.collect()
+    assert len(sink._refreshers) == 1
+    sink.refresh()  # the one left still reports

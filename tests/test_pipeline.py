@@ -278,3 +278,71 @@ def test_an_unknown_header_set_names_the_entry() -> None:
         ArmorConfig.from_dict({"rate_limit_headers": "draft"})
     with pytest.raises(ConfigError, match="headers: 'draft'"):
         RateLimitMiddleware(app, rules=[], headers="draft")  # type: ignore[arg-type]
+
+
+def _get(path: str, address: str = "203.0.113.8") -> dict[str, Any]:
+    return {
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [],
+        "client": (address, 1),
+        "chunks": [b""],
+    }
+
+
+async def test_each_route_keeps_its_own_bucket_for_the_same_caller() -> None:
+    # Plans of address-keyed rules share the per-caller key cache: it is keyed by the
+    # rules the plan holds, so two routes' rules never swap their buckets.
+    config = ArmorConfig.from_dict(
+        {
+            "rate_limit": [
+                {"name": "a", "route": "GET /api/a", "rate": "1/minute"},
+                {"name": "b", "route": "GET /api/b", "rate": "1/minute"},
+            ]
+        }
+    )
+    armored = armor(app, config)
+    statuses = [(await call_asgi(armored, _get(path)))[0] for path in ("/api/a", "/api/b")]
+    statuses += [(await call_asgi(armored, _get(path)))[0] for path in ("/api/a", "/api/b")]
+    assert statuses == [202, 202, 429, 429]
+
+
+async def test_a_long_path_reuses_its_callers_keys() -> None:
+    # Paths over 256 characters are planned anew each time; their callers' keys are not.
+    config = ArmorConfig.from_dict(
+        {"rate_limit": [{"name": "ip", "route": "* /api/*", "rate": "1000/minute"}]}
+    )
+    armored = armor(app, config)
+    rate_limit = armored._rate_limit
+    assert rate_limit is not None
+    path = "/api/" + "x" * 300
+    for _ in range(50):
+        assert (await call_asgi(armored, _get(path)))[0] == 202
+    assert len(armored._plans) == 0
+    assert len(rate_limit._keys) == 1
+
+
+async def test_request_metrics_record_the_status_the_client_got_like_the_classes() -> None:
+    from asgi_armor.metrics import Metrics, RequestMetrics
+
+    class Statuses(Metrics):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def request(self, method: str, route: str, status: int, seconds: float) -> None:
+            self.seen.append(status)
+
+    ours, theirs = Statuses(), Statuses()
+    armored = armor(app, ArmorConfig.from_dict(CONFIG), identify=identify, metrics=ours)
+    composed = RequestMetrics(by_hand(), metrics=theirs)
+    for target in (armored, composed):
+        transport = httpx.ASGITransport(app=target, client=("198.51.100.9", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            with pytest.raises(RuntimeError):
+                await client.post("/api/half", headers=JSON, content=b"{}")  # 202, then fails
+            await client.get("/api/boom")  # 500
+            await client.post("/api/other", headers={"content-type": "text/plain"}, content=b"x")
+    assert ours.seen == theirs.seen == [202, 500, 415]

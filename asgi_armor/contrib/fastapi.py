@@ -218,8 +218,11 @@ async def _decide(
     failures = limit.count == "failures"
     # Taken before the endpoint runs, also for count="failures" (given back on a success):
     # concurrent attempts can never outnumber the tokens.
+    metrics = context.metrics
     result = await context.limiter.take([store_key], [spec], 1)
     if result is None:
+        if metrics is not None:
+            metrics.rate_limit(name, "store_error")
         return  # the store failed and the policy lets requests through, without headers
     allowed, now, tats = result
     policy = h.policy_item(name, rate).encode()
@@ -240,8 +243,12 @@ async def _decide(
 
     tat = tats[0]
     if not allowed and not limit.shadow:
+        if metrics is not None:
+            metrics.rate_limit(name, "limited")
         wait = bucket.retry_after(tat, now, *spec)
         raise RateLimited(h.whole_seconds(wait), headers=h.named(fields(now, tat)))
+    if metrics is not None:
+        metrics.rate_limit(name, "allowed" if allowed else "shadow_limited")
     if not allowed:
         counts = context.shadow_refusals
         counts[name] = counts.get(name, 0) + 1

@@ -113,11 +113,11 @@ class DemoMetrics(Metrics):
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.inner.request(method, route, status, seconds)
 
-    def watch(self, refresher: Callable[[], object]) -> None:
+    def watch(self, owner: Any, refresher: Callable[[Any], object]) -> None:
         # The refresher reports through this tee, which forwards: register it on both, so
         # a scrape of the inner registry sees current values too.
-        super().watch(refresher)
-        self.inner.watch(refresher)
+        super().watch(owner, refresher)
+        self.inner.watch(owner, refresher)
 
     def state(self, faults: Mapping[str, str]) -> dict[str, Any]:
         """What ``GET /demo/state`` answers."""

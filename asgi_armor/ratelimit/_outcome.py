@@ -1,7 +1,7 @@
 """The rule options that change *when* a rule is charged or *whether* it refuses.
 
-Small pure pieces, so any request path (the middleware today, a compiled pipeline later)
-applies them the same way:
+Small pure pieces, so every request path (the middleware, ``armor()``'s pipeline, the
+FastAPI dependency) applies them the same way:
 
 - ``count="failures"``: the token is taken before the app runs, in the same store call
   as every other matching rule (so an empty bucket refuses, and concurrent attempts can

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, cast
 
@@ -133,7 +134,9 @@ class _Plan:
             elif rule.kind == KEY_GLOBAL:
                 value = "*"
             else:
-                keys.append("")
+                # Filled in per request; the rule's own namespace meanwhile, so the keys
+                # name the plan's rules (the per-caller cache is keyed by them).
+                keys.append(rule.prefix)
                 dynamic.append((index, rule, params))
                 continue
             keys.append(rule.prefix + (value if len(value) <= _SHORT else make_key(value)))
@@ -228,7 +231,9 @@ class RateLimitMiddleware:
         self.rules = tuple(c.rule for _, c in compiled)
         self._routes: RouteMap[_Compiled] = RouteMap(compiled)
         self._matches: dict[tuple[str, str], _Plan | None] = {}
-        self._keys: dict[tuple[_Plan, str, str | None], list[str]] = {}
+        # Keyed by the plan's static keys, which name its rules (their prefixes) and the
+        # path's values: plans rebuilt for the same route share their callers' keys.
+        self._keys: OrderedDict[tuple[tuple[str, ...], str, str | None], list[str]] = OrderedDict()
         self._exempt: RouteMap[None] | None = RouteMap((e, None) for e in exempt) or None
         self.limiter = RateLimiter(
             MemoryStore() if store is None else store, on_store_error=on_store_error
@@ -339,14 +344,14 @@ class RateLimitMiddleware:
             ip = self._address(scope)
             who = await principal(scope, self._identify) if plan.needs_user else None
             cache = self._keys
-            found = cache.get((plan, ip, who))
+            found = cache.get((plan.keys, ip, who))
             if found is None:
                 found = await self._fill(scope, plan, ip)
                 if len(cache) >= _KEY_CACHE:
-                    # The oldest caller goes: a flood of new addresses keeps the cache full
-                    # (bounded, never cleared wholesale under the callers that repeat).
-                    del cache[next(iter(cache))]
-                cache[plan, ip, who] = found
+                    # The oldest entry goes (first in, first out): bounded whatever a flood
+                    # of new addresses, without emptying the cache at once.
+                    cache.popitem(last=False)
+                cache[plan.keys, ip, who] = found
             keys = found
         elif plan.dynamic:
             keys = await self._fill(scope, plan, None)
@@ -354,6 +359,7 @@ class RateLimitMiddleware:
         specs = plan.specs
 
         try:
+            # _take inlined: the hot path saves a coroutine on a MemoryStore.
             take = self._take_sync
             if take is not None:
                 allowed, now, tats = take(keys, specs, 1)

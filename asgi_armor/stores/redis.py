@@ -855,9 +855,11 @@ class RedisStore:
                 numbers.append(interval)
                 numbers.append(tolerance)
             argv = b"".join(_bulk(repr(number).encode("ascii")) for number in numbers)
-            if len(self._argv) >= _ARGS_CACHE:
-                self._argv.clear()
-            self._argv[cache_key] = argv
+            # A give-back's specs carry its own request's bucket times: never seen again.
+            if cost >= 0:
+                if len(self._argv) >= _ARGS_CACHE:
+                    self._argv.clear()
+                self._argv[cache_key] = argv
         prefix = self._prefix
         command = _HIT_BUCKETS.call([prefix + _key(key) for key in keys], argv, 1 + 2 * len(specs))
         reply = await self._call(
