@@ -5,7 +5,8 @@ its theoretical arrival time ``tat``: the moment it will be full again. With
 ``tolerance = burst * interval``, taking ``cost`` tokens at ``now`` is allowed when
 ``max(tat, now) + cost * interval - now <= tolerance``, and moves ``tat`` forward by
 ``cost * interval``. A missing or past ``tat`` is a full bucket, so stores may forget a
-key once its ``tat`` has passed. The Redis Lua script implements exactly ``decide``.
+key once its ``tat`` has passed. ``decide_one`` is the one implementation of that step
+(``decide`` runs it per bucket); the Redis Lua script implements exactly ``decide``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 __all__ = [
     "EPSILON",
     "decide",
+    "decide_one",
     "give_back",
     "most_restrictive",
     "remaining",
@@ -27,12 +29,32 @@ __all__ = [
 
 #: Slack for float rounding, so ten 6-second tokens fit a 60-second tolerance.
 EPSILON = 1e-6
+_floor = math.floor
 
 
 def spec(limit: int, period: float, burst: int | None = None) -> tuple[float, float]:
     """``(interval, tolerance)`` for ``limit`` tokens per ``period`` seconds, ``burst`` deep."""
     interval = period / limit
     return interval, interval * (limit if burst is None else burst)
+
+
+def decide_one(
+    tat: float | None, now: float, interval: float, tolerance: float, cost: int
+) -> tuple[bool, float]:
+    """Take ``cost`` tokens from one bucket: ``(allowed, tat)``.
+
+    ``tat`` is the bucket's new "full at" time when allowed, else its current one
+    (clamped to ``now``). The GCRA step itself: ``decide`` and the stores' one-bucket
+    paths call it, so there is one implementation to keep in step with the Lua script.
+    """
+    # The same float operations in the same order as the Lua script, so memory and Redis
+    # agree to the last bit.
+    if tat is None or tat < now:
+        tat = now
+    step = cost * interval
+    if tat + step - now > tolerance + EPSILON:
+        return False, tat
+    return True, tat + step
 
 
 def decide(
@@ -47,27 +69,20 @@ def decide(
         ValueError: ``tats`` and ``specs`` differ in length.
     """
     # Hot path of every rate-limited request: plain loops, no zip(strict=True) (its keyword
-    # call alone costs more than the math), and the same float operations in the same order
-    # as the Lua script, so memory and Redis agree to the last bit.
-    if len(tats) == 1 and len(specs) == 1:
-        tat = tats[0]
-        if tat is None or tat < now:
-            tat = now
-        interval, tolerance = specs[0]
-        step = cost * interval
-        if tat + step - now > tolerance + EPSILON:
-            return False, [tat]
-        return True, [tat + step]
+    # call alone costs more than the math).
     if len(tats) != len(specs):
         raise ValueError(f"decide: {len(tats)} tats for {len(specs)} specs")
+    if len(tats) == 1:
+        interval, tolerance = specs[0]
+        allowed, tat = decide_one(tats[0], now, interval, tolerance, cost)
+        return allowed, [tat]
     new: list[float] = []
-    for tat, (interval, tolerance) in zip(tats, specs):  # noqa: B905 - lengths checked
-        if tat is None or tat < now:
-            tat = now
-        step = cost * interval
-        if tat + step - now > tolerance + EPSILON:
+    for index in range(len(tats)):
+        interval, tolerance = specs[index]
+        allowed, tat = decide_one(tats[index], now, interval, tolerance, cost)
+        if not allowed:
             return False, [now if tat is None or tat < now else tat for tat in tats]
-        new.append(tat + step)
+        new.append(tat)
     return True, new
 
 
@@ -94,13 +109,14 @@ def remaining(tat: float, now: float, interval: float, tolerance: float) -> int:
     debt = tat - now
     if debt < 0.0:
         debt = 0.0
-    left = math.floor((tolerance - debt) / interval + EPSILON)
+    left = _floor((tolerance - debt) / interval + EPSILON)
     return left if left > 0 else 0
 
 
 def reset_after(tat: float, now: float) -> float:
     """Seconds until the bucket is full again."""
-    return max(0.0, tat - now)
+    # max(0.0, tat - now), without the builtin call: the same value for every float.
+    return tat - now if tat > now else 0.0
 
 
 def retry_after(tat: float, now: float, interval: float, tolerance: float, cost: int = 1) -> float:

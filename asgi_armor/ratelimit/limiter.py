@@ -109,7 +109,7 @@ class RateLimiter:
         )
         self.store = store
         # A MemoryStore decides in this process: called directly, no coroutine to await.
-        self._take = store.take if type(store) is MemoryStore else None
+        self._take = store.take_one if type(store) is MemoryStore else None
         self._policies: dict[tuple[Rate | str, str | None], _Policy] = {}
 
     async def take(
@@ -190,16 +190,16 @@ class RateLimiter:
         try:
             take = self._take
             if take is not None:
-                allowed, now, tats = take([store_key], [(interval, tolerance)], cost)
+                allowed, now, tat = take(store_key, interval, tolerance, cost)
             else:
                 allowed, now, tats = await self.store.hit_buckets(
                     [store_key], [(interval, tolerance)], cost
                 )
+                tat = tats[0]
         except StoreError as exc:
             self.store_failed(exc)
             # Fail open: the store's state is unknown, so report the bucket as untouched.
             return Decision(True, capacity, capacity, 0.0, 0.0, name, parsed)
-        tat = tats[0]
         decision = Decision(
             allowed,
             capacity,
