@@ -980,6 +980,9 @@ def test_decoders_are_cached_per_model() -> None:
         ("\u00a0a@b.co\u2003", "a@b.co"),
         ("x" * 64 + "@example.com", "x" * 64 + "@example.com"),
         ("a@" + "b" * 63 + ".com", "a@" + "b" * 63 + ".com"),
+        ("a@" + "b" * 63 + ".co", "a@" + "b" * 63 + ".co"),
+        ("X" * 64 + "@A.CO", "x" * 64 + "@a.co"),
+        ("a@B.XN--P1AI", "a@b.xn--p1ai"),
         (
             "x" * 64 + "@" + ("y" * 60 + ".") * 3 + "abcdef",
             "x" * 64 + "@" + ("y" * 60 + ".") * 3 + "abcdef",
@@ -1019,6 +1022,10 @@ def test_valid_emails_are_normalised(raw: str, normal: str) -> None:
         "a@b.co.",
         "x" * 65 + "@example.com",
         "a@" + "b" * 64 + ".com",
+        # The shortest addresses with a part too long (the length checks' threshold).
+        "a@" + "b" * 64 + ".co",
+        "x" * 65 + "@a.co",
+        "A@" + "B" * 64 + ".CO",
         "x" * 64 + "@" + ("y" * 60 + ".") * 3 + "abcdefg",  # 255 characters
         "ü@b.co",
         "a@bücher.de",
