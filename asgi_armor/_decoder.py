@@ -893,7 +893,10 @@ class _Plan:
         fast = node.fast if isinstance(node, _StructNode) else None
         self.normalize = (fast or node.normalize) if node.normalizes else None
         self.list_keys: frozenset[str] | None = None  # query-string keys that take every value
-        self.depth = _static_depth(node, set())
+        # At least 1, so that max_json_depth < 1 always takes the counting path (which
+        # rejects it); a model with no bound never skips the counting.
+        bound = _static_depth(node, set())
+        self.depth = sys.maxsize if bound is None else max(bound, 1)
 
 
 def _static_depth(node: _Node, open_structs: set[_StructNode]) -> int | None:
@@ -1028,20 +1031,20 @@ def decode(body: bytes | str, model: type[T], *, max_json_depth: int = 32) -> T:
     else:
         raise TypeError(f"decode: body must be bytes or str, not {type(body).__name__}")
     plan = _plans.get(model) or _plan(model)
-    depth = plan.depth
     # Bracket counting costs more than the typed decode of a small body: skipped when the
     # model itself bounds the depth within the limit (see _static_depth), until a failure.
-    counted = depth is None or depth > max_json_depth or max_json_depth < 1
-    if counted and data.count(b"[") + data.count(b"{") > max_json_depth or max_json_depth < 1:
+    if plan.depth > max_json_depth and (
+        data.count(b"[") + data.count(b"{") > max_json_depth or max_json_depth < 1
+    ):
         _check_depth(data, max_json_depth)
     try:
         value = plan.decode(data)
     except msgspec.ValidationError as exc:
-        if not counted:
+        if plan.depth <= max_json_depth:
             _check_depth(data, max_json_depth)
         raise _slow_path(plan, data, exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        if not counted:
+        if plan.depth <= max_json_depth:
             _check_depth(data, max_json_depth)
         raise _invalid_json(exc) from None
     normalize = plan.normalize
