@@ -151,11 +151,7 @@ def normalize_name(value: str) -> str:
     # Fast path: a clean name is non-empty, printable (so its only whitespace is U+0020),
     # single-spaced and already trimmed.
     if not (
-        name
-        and name.isprintable()
-        and "  " not in name
-        and name[0] != " "
-        and name[-1] != " "
+        name and name.isprintable() and "  " not in name and name[0] != " " and name[-1] != " "
     ):
         name = " ".join(name.translate(_NAME_DROP).split())
         if not name:

@@ -3,7 +3,9 @@
 State lives in insertion-ordered dicts: token buckets; stored responses (completed
 idempotency records); and what must not be forgotten early, in-flight leases and replay
 nonces. A write moves its key to the end, so the front holds the least recently written
-keys: expired ones are swept from there a couple at a time. When full, the oldest bucket or
+keys: expired ones are swept from there, leases and responses a couple per write, buckets in
+a batch once 1024 new ones were written (at most that many expired buckets are kept, and
+a server seeing fewer distinct keys never sweeps). When full, the oldest bucket or
 stored response is evicted to make room, but an in-flight lease or an unexpired nonce never
 is: forgetting one would let a duplicate payment or a replayed webhook through. When the
 store is full of those, a new one is refused with ``StoreError`` (each concern's failure
@@ -140,7 +142,7 @@ class MemoryStore:
         front on every write, and each expired key is still swept once.
         """
         tats = self._tats
-        expired = []
+        expired: list[str] = []
         for key, tat in tats.items():
             if tat > now or len(expired) >= 2 * _SWEEP_EVERY:
                 break
