@@ -580,20 +580,36 @@ _Normalizer = Callable[[Any, Path, list[ErrorDetail]], Any]
 _force_setattr = msgspec.structs.force_setattr
 
 
-def _compile_steps(steps: tuple[_NormStep, ...]) -> _Normalizer | None:
+def _compile_steps(
+    steps: tuple[_NormStep, ...], decoder: Callable[[bytes], Any] | None = None
+) -> Any:
     """A Struct's normalising steps as one generated function, or None when a field name
     cannot be written as an attribute (then ``_StructNode.normalize`` loops over them).
 
-    The valid path of ``decode`` is mostly this: attribute reads the interpreter
-    specialises, the normalisers called directly, no per-field tuple or getattr. Only
-    attribute names are written into the code; every value (defaults, keys, normalisers,
-    nodes) is passed in the function's globals.
+    Without ``decoder``: ``normalize(value, path, errors)``, a node's normalize. With it:
+    ``run(data)``, the whole valid path of ``decode`` for a top-level Struct: ``decoder``
+    (its errors propagate), the steps, and ``ValidationFailed`` with every field error.
+
+    Attribute reads the interpreter specialises and the normalisers called directly, with
+    no per-field tuple or getattr. Only attribute names are written into the code; every
+    value (defaults, keys, normalisers, nodes) is passed in the function's globals.
     """
     names = [step[0] for step in steps]
     if not all(n.isidentifier() and not keyword.iskeyword(n) and n[:2] != "__" for n in names):
         return None
-    env: dict[str, Any] = {"_record": _record, "_setter": _force_setattr}
-    lines = ["def normalize(value, path, errors):"]
+    env: dict[str, Any] = {
+        "_record": _record,
+        "_setter": _force_setattr,
+        "_decode": decoder,
+        "_failed": ValidationFailed,
+    }
+    if decoder is None:
+        lines = ["def normalize(value, path, errors):"]
+        need = ""
+    else:
+        # The errors list is made only when a field fails.
+        lines = ["def run(data):", "    value = _decode(data)", "    path = ()", "    errors = None"]
+        need = "errors = [] if errors is None else errors; "
     for index, (name, default, key, node, direct) in enumerate(steps):
         env[f"a{index}"], env[f"d{index}"], env[f"k{index}"] = name, default, key
         env[f"n{index}"], env[f"f{index}"] = node, direct
@@ -607,20 +623,22 @@ def _compile_steps(steps: tuple[_NormStep, ...]) -> _Normalizer | None:
                 "        try:",
                 f"            new = f{index}(current)",
                 "        except ValueError as exc:",
-                f"            _record(errors, exc, (*path, k{index}))",
+                f"            {need}_record(errors, exc, (*path, k{index}))",
                 "        else:",
                 "            if new is not current:",
                 f"                _setter(value, a{index}, new)",
             ]
         else:
             lines += [
-                f"        new = n{index}.normalize(current, (*path, k{index}), errors)",
+                f"        {need}new = n{index}.normalize(current, (*path, k{index}), errors)",
                 "        if new is not current:",
                 f"            _setter(value, a{index}, new)",
             ]
+    if decoder is not None:
+        lines += ["    if errors:", "        raise _failed(details=errors)"]
     lines.append("    return value")
     exec("\n".join(lines), env)  # noqa: S102 - generated from identifiers checked above
-    return env["normalize"]  # type: ignore[no-any-return]
+    return env["run" if decoder is not None else "normalize"]
 
 
 def _norm_step(field: _StructField) -> _NormStep:
@@ -885,18 +903,33 @@ def _translate(text: str, prefix: Path = ()) -> ErrorDetail:
 
 
 class _Plan:
-    __slots__ = ("decode", "depth", "list_keys", "node", "normalize")
+    __slots__ = ("decode", "depth", "list_keys", "node", "run")
 
     def __init__(self, model: Any) -> None:
-        self.decode: Callable[[bytes], Any] = msgspec.json.Decoder(model).decode
+        decoder: Callable[[bytes], Any] = msgspec.json.Decoder(model).decode
+        self.decode = decoder
         node = self.node = _Compiler().compile(model)
-        fast = node.fast if isinstance(node, _StructNode) else None
-        self.normalize = (fast or node.normalize) if node.normalizes else None
+        # run: the valid path of decode (msgspec's errors propagate; ValidationFailed for
+        # a normaliser's), fused into one generated function for a Struct when it can be.
+        run = None
+        if not node.normalizes:
+            run = decoder
+        elif isinstance(node, _StructNode):
+            run = _compile_steps(node.norm_plan, decoder)
+        self.run: Callable[[bytes], Any] = run or self._decode_and_normalize
         self.list_keys: frozenset[str] | None = None  # query-string keys that take every value
         # At least 1, so that max_json_depth < 1 always takes the counting path (which
         # rejects it); a model with no bound never skips the counting.
         bound = _static_depth(node, set())
         self.depth = sys.maxsize if bound is None else max(bound, 1)
+
+    def _decode_and_normalize(self, data: bytes) -> Any:
+        value = self.decode(data)
+        errors: list[ErrorDetail] = []
+        value = self.node.normalize(value, (), errors)
+        if errors:
+            raise ValidationFailed(details=errors)
+        return value
 
 
 def _static_depth(node: _Node, open_structs: set[_StructNode]) -> int | None:
@@ -1038,7 +1071,7 @@ def decode(body: bytes | str, model: type[T], *, max_json_depth: int = 32) -> T:
     ):
         _check_depth(data, max_json_depth)
     try:
-        value = plan.decode(data)
+        return plan.run(data)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
         if plan.depth <= max_json_depth:
             _check_depth(data, max_json_depth)
@@ -1047,13 +1080,6 @@ def decode(body: bytes | str, model: type[T], *, max_json_depth: int = 32) -> T:
         if plan.depth <= max_json_depth:
             _check_depth(data, max_json_depth)
         raise _invalid_json(exc) from None
-    normalize = plan.normalize
-    if normalize is not None:
-        errors: list[ErrorDetail] = []
-        value = normalize(value, (), errors)
-        if errors:
-            raise ValidationFailed(details=errors)
-    return value  # type: ignore[no-any-return]
 
 
 def _slow_path(plan: _Plan, data: bytes, exc: msgspec.ValidationError) -> ArmorError:
