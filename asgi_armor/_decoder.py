@@ -608,7 +608,7 @@ def _compile_steps(
         need = ""
     else:
         # The errors list is made only when a field fails.
-        lines = ["def run(data):", "    value = _decode(data)", "    path = ()", "    errors = None"]
+        lines = ["def run(data):", "    value = _decode(data)", "    path, errors = (), None"]
         need = "errors = [] if errors is None else errors; "
     for index, (name, default, key, node, direct) in enumerate(steps):
         env[f"a{index}"], env[f"d{index}"], env[f"k{index}"] = name, default, key
