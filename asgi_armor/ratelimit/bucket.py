@@ -25,6 +25,7 @@ __all__ = [
     "reset_after",
     "retry_after",
     "spec",
+    "status",
 ]
 
 #: Slack for float rounding, so ten 6-second tokens fit a 60-second tolerance.
@@ -107,18 +108,23 @@ def give_back(tat: float | None, now: float, added: float, before: float) -> flo
     return tat
 
 
+def status(tat: float, now: float, interval: float, tolerance: float) -> tuple[int, float]:
+    """``(remaining, reset_after)`` of the bucket at ``now``, in one call: what every
+    response reports (``remaining`` is its first half)."""
+    reset = tat - now if tat > now else 0.0
+    left = _floor((tolerance - reset) / interval + EPSILON)
+    return (left if left > 0 else 0), reset
+
+
 def remaining(tat: float, now: float, interval: float, tolerance: float) -> int:
     """Whole tokens left in the bucket at ``now``."""
-    debt = tat - now
-    if debt < 0.0:
-        debt = 0.0
-    left = _floor((tolerance - debt) / interval + EPSILON)
-    return left if left > 0 else 0
+    return status(tat, now, interval, tolerance)[0]
 
 
 def reset_after(tat: float, now: float) -> float:
     """Seconds until the bucket is full again."""
-    # max(0.0, tat - now), without the builtin call: the same value for every float.
+    # max(0.0, tat - now) without the builtin call (the same value for every float), and
+    # the same expression as ``status``.
     return tat - now if tat > now else 0.0
 
 
@@ -142,8 +148,7 @@ def report(
     for index in range(len(tats)):
         interval, tolerance = rates[index]
         tat = tats[index]
-        left = remaining(tat, now, interval, tolerance)
-        reset = tat - now if tat > now else 0.0
+        left, reset = status(tat, now, interval, tolerance)
         if best < 0 or _tighter(left, reset, best_left, best_reset):
             best, best_left, best_reset = index, left, reset
     return best, best_left, best_reset

@@ -202,28 +202,13 @@ class RateLimiter:
             self.store_failed(exc)
             # Fail open: the store's state is unknown, so report the bucket as untouched.
             return Decision(True, capacity, capacity, 0.0, 0.0, name, parsed)
+        left, reset = bucket.status(tat, now, interval, tolerance)
         if allowed:
-            decision = Decision(
-                True,
-                capacity,
-                bucket.remaining(tat, now, interval, tolerance),
-                bucket.reset_after(tat, now),
-                0.0,
-                name,
-                parsed,
-            )
-        else:
-            decision = Decision(
-                False,
-                capacity,
-                bucket.remaining(tat, now, interval, tolerance),
-                bucket.reset_after(tat, now),
-                bucket.retry_after(tat, now, interval, tolerance, cost),
-                name,
-                parsed,
-            )
-            if enforce:
-                raise rate_limited([decision])
+            return Decision(True, capacity, left, reset, 0.0, name, parsed)
+        retry = bucket.retry_after(tat, now, interval, tolerance, cost)
+        decision = Decision(False, capacity, left, reset, retry, name, parsed)
+        if enforce:
+            raise rate_limited([decision])
         return decision
 
     async def enforce(

@@ -15,6 +15,7 @@ from asgi_armor.ratelimit.bucket import (
     remaining,
     reset_after,
     retry_after,
+    status,
 )
 
 
@@ -96,3 +97,8 @@ def test_decide_one_reports_the_current_tat_when_denied() -> None:
     assert decide_one(None, 10.0, 1.0, 2.0, 1) == (True, 11.0)
     assert decide_one(12.0, 10.0, 1.0, 2.0, 1) == (False, 12.0)
     assert decide_one(4.0, 10.0, 1.0, 2.0, 0) == (True, 10.0)
+
+
+@pytest.mark.parametrize("tat", [4.0, 10.0, 10.5, 12.999999, 13.0])
+def test_status_is_remaining_and_reset_after(tat: float) -> None:
+    assert status(tat, 10.0, 1.0, 3.0) == (remaining(tat, 10.0, 1.0, 3.0), reset_after(tat, 10.0))
