@@ -57,7 +57,13 @@ def bootstrap() -> None:
         pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         subprocess.run([*pip, "--upgrade", "pip"], check=True)
         subprocess.run(
-            [*pip, "-r", str(BENCH / "requirements.txt"), "-e", f"{ROOT}[cli,redis,starlette]"],
+            [
+                *pip,
+                "-r",
+                str(BENCH / "requirements.txt"),
+                "-e",
+                f"{ROOT}[cli,redis,starlette,prometheus]",
+            ],
             check=True,
         )
         STAMP.write_text(wanted)
