@@ -30,6 +30,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 VENV = BENCH / ".venv"
 STAMP = VENV / ".installed"
+# The project's extras the benchmarks import (prometheus: the layers group's metrics case).
+EXTRAS = "cli,redis,starlette,prometheus"
 
 
 def _venv_python() -> Path:
@@ -37,7 +39,7 @@ def _venv_python() -> Path:
 
 
 def _wanted() -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(EXTRAS.encode())
     for path in (BENCH / "requirements.txt", ROOT / "pyproject.toml"):
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -62,7 +64,7 @@ def bootstrap() -> None:
                 "-r",
                 str(BENCH / "requirements.txt"),
                 "-e",
-                f"{ROOT}[cli,redis,starlette,prometheus]",
+                f"{ROOT}[{EXTRAS}]",
             ],
             check=True,
         )
