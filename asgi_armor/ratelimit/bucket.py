@@ -71,12 +71,12 @@ def decide(
     """
     # Hot path of every rate-limited request: plain loops, no zip(strict=True) (its keyword
     # call alone costs more than the math).
-    if len(tats) != len(specs):
-        raise ValueError(f"decide: {len(tats)} tats for {len(specs)} specs")
-    if len(tats) == 1:
+    if len(tats) == 1 and len(specs) == 1:
         interval, tolerance = specs[0]
         allowed, taken = decide_one(tats[0], now, interval, tolerance, cost)
         return allowed, [taken]
+    if len(tats) != len(specs):
+        raise ValueError(f"decide: {len(tats)} tats for {len(specs)} specs")
     new: list[float] = []
     # decide_one's step, written out: a call per bucket would cost the middleware's
     # several-rule checks more than the step itself (tests hold the two to the same bits).
