@@ -339,6 +339,8 @@ async def test_memory_take_one_is_hit_buckets_for_one_bucket(clock: FakeClock) -
             assert one.take_one("k", *three_per_second, cost) == (allowed, now, tats[0])
         clock.advance(0.3)
     assert one._tats == many._tats
+    with pytest.raises(ValueError, match="cost must be >= 0"):
+        one.take_one("k", *three_per_second, -1)
 
 
 async def test_memory_sweeps_expired_buckets_in_batches(clock: FakeClock) -> None:

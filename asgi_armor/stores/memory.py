@@ -106,8 +106,14 @@ class MemoryStore:
     def take_one(
         self, key: str, interval: float, tolerance: float, cost: int
     ) -> tuple[bool, float, float]:
-        """``take`` for one bucket and ``cost >= 0``, with no list in or out:
-        ``(allowed, now, tat)``. ``RateLimiter.hit`` calls it on a MemoryStore."""
+        """``take`` for one bucket, with no list in or out: ``(allowed, now, tat)``.
+        ``RateLimiter.hit`` calls it on a MemoryStore.
+
+        Raises:
+            ValueError: a negative ``cost`` (giving back takes ``take``'s other specs).
+        """
+        if cost < 0:
+            raise ValueError("take_one: cost must be >= 0 (give back with take)")
         now = self.clock()
         tats = self._tats
         allowed, tat = decide_one(tats.get(key), now, interval, tolerance, cost)
