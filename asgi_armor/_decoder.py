@@ -935,7 +935,8 @@ class _Plan:
 def _static_depth(node: _Node, open_structs: set[_StructNode]) -> int | None:
     """The deepest nesting of any document the typed decoder accepts for ``node``, or None
     when there is no such bound (``Any``, opaque types, recursion, a Struct that skips
-    unknown fields: msgspec walks whatever they hold).
+    unknown fields or is tagged: msgspec walks whatever they hold, or skips values to find
+    the tag).
 
     Within the bound, a document that decodes is no deeper than the limit, and one that
     does not has stopped the decoder at its first mismatch, never deeper: ``decode`` then
@@ -947,7 +948,9 @@ def _static_depth(node: _Node, open_structs: set[_StructNode]) -> int | None:
         return _static_depth(node.inner, open_structs)
     if isinstance(node, _UnionNode | _ArrayNode | _TupleNode | _DictNode | _StructNode):
         if isinstance(node, _StructNode):
-            if not node.forbid_unknown or node in open_structs:
+            # A tagged Struct may be found through a union, where msgspec skips values
+            # looking for the tag: as unbounded as unknown fields.
+            if not node.forbid_unknown or node.tag_field is not None or node in open_structs:
                 return None
             open_structs.add(node)
         deepest = 0

@@ -806,6 +806,27 @@ def test_deep_documents_are_rejected_whatever_bounds_the_model() -> None:
     assert decode(deep_tree, Tree, max_json_depth=40).children
 
 
+class Circle(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    radius: int = 0
+
+
+class Square(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    side: int = 0
+
+
+class Drawing(msgspec.Struct, forbid_unknown_fields=True):
+    shape: Circle | Square
+
+
+def test_deep_values_before_a_union_tag_are_rejected_not_a_crash() -> None:
+    # msgspec skips the values before the tag of a tagged union, recursively: such
+    # models are counted first, so a deep one is a 400, never a RecursionError.
+    deep = b'{"shape": {"radius": ' + b"[" * 200_000 + b"]" * 200_000 + b', "type": "Circle"}}'
+    with pytest.raises(InvalidJSON, match="deeper than 32"):
+        decode(deep, Drawing)
+    assert decode(b'{"shape": {"side": 2, "type": "Square"}}', Drawing).shape == Square(2)
+
+
 def test_normalisers_run_for_fields_named_by_keywords() -> None:
     # Such names cannot be written as attributes in generated code: the loop runs them.
     odd = msgspec.defstruct("Odd", [("from", Email), ("class", Name)])
