@@ -5,6 +5,7 @@ through ``asgi_armor.validation`` (``decode``, ``decode_query``)."""
 from __future__ import annotations
 
 import enum
+import keyword
 import logging
 import re
 import sys
@@ -493,7 +494,7 @@ class _StructField:
 
 
 class _StructNode(_Node):
-    __slots__ = ("fields", "forbid_unknown", "known", "norm_plan", "tag", "tag_field")
+    __slots__ = ("fast", "fields", "forbid_unknown", "known", "norm_plan", "tag", "tag_field")
 
     def __init__(self, cls: type[msgspec.Struct]) -> None:
         super().__init__(cls, "an object", frozenset({dict}), (cls,))
@@ -503,6 +504,8 @@ class _StructNode(_Node):
         self.tag = config.tag
         self.fields: tuple[_StructField, ...] = ()
         self.norm_plan: tuple[_NormStep, ...] = ()
+        # norm_plan compiled to straight-line code once the tree is complete (finish()).
+        self.fast: _Normalizer | None = None
         self.known: frozenset[str] = frozenset()
 
     def set_fields(self, fields: tuple[_StructField, ...]) -> None:
@@ -543,9 +546,16 @@ class _StructNode(_Node):
                     ok = False
         return value if ok else _BAD
 
+    def finish(self) -> None:
+        """Compile ``norm_plan`` (final once the compiler's fixpoint is reached)."""
+        self.fast = _compile_steps(self.norm_plan)
+
     def normalize(self, value: Any, path: Path, errors: list[ErrorDetail]) -> Any:
-        # The hot loop of every valid decode with normalisers: locals only, and a field
-        # path is built only when something fails.
+        fast = self.fast
+        if fast is not None:
+            return fast(value, path, errors)
+        # The same steps as the compiled ones, for field names that are not identifiers
+        # (msgspec.defstruct allows any): locals only, a path built only on failure.
         setter = _force_setattr
         for name, default, key, node, direct in self.norm_plan:
             current = getattr(value, name)
@@ -566,7 +576,69 @@ class _StructNode(_Node):
 
 # (attribute, default, key, node, the lone normaliser when it applies straight to the value)
 _NormStep = tuple[str, Any, str, _Node, Callable[[Any], Any] | None]
+_Normalizer = Callable[[Any, Path, list[ErrorDetail]], Any]
 _force_setattr = msgspec.structs.force_setattr
+
+
+def _compile_steps(
+    steps: tuple[_NormStep, ...], decoder: Callable[[bytes], Any] | None = None
+) -> Any:
+    """A Struct's normalising steps as one generated function, or None when a field name
+    cannot be written as an attribute (then ``_StructNode.normalize`` loops over them).
+
+    Without ``decoder``: ``normalize(value, path, errors)``, a node's normalize. With it:
+    ``run(data)``, the whole valid path of ``decode`` for a top-level Struct: ``decoder``
+    (its errors propagate), the steps, and ``ValidationFailed`` with every field error.
+
+    Attribute reads the interpreter specialises and the normalisers called directly, with
+    no per-field tuple or getattr. Only attribute names are written into the code; every
+    value (defaults, keys, normalisers, nodes) is passed in the function's globals.
+    """
+    names = [step[0] for step in steps]
+    if not all(n.isidentifier() and not keyword.iskeyword(n) and n[:2] != "__" for n in names):
+        return None
+    env: dict[str, Any] = {
+        "_record": _record,
+        "_setter": _force_setattr,
+        "_decode": decoder,
+        "_failed": ValidationFailed,
+    }
+    if decoder is None:
+        lines = ["def normalize(value, path, errors):"]
+        need = ""
+    else:
+        # The errors list is made only when a field fails.
+        lines = ["def run(data):", "    value = _decode(data)", "    path, errors = (), None"]
+        need = "errors = [] if errors is None else errors; "
+    for index, (name, default, key, node, direct) in enumerate(steps):
+        env[f"a{index}"], env[f"d{index}"], env[f"k{index}"] = name, default, key
+        env[f"n{index}"], env[f"f{index}"] = node, direct
+        # Defaults are the model author's values; None is never normalised.
+        test = "current is not None"
+        if default is not msgspec.NODEFAULT:
+            test += f" and current is not d{index}"
+        lines += [f"    current = value.{name}", f"    if {test}:"]
+        if direct is not None:
+            lines += [
+                "        try:",
+                f"            new = f{index}(current)",
+                "        except ValueError as exc:",
+                f"            {need}_record(errors, exc, (*path, k{index}))",
+                "        else:",
+                "            if new is not current:",
+                f"                _setter(value, a{index}, new)",
+            ]
+        else:
+            lines += [
+                f"        {need}new = n{index}.normalize(current, (*path, k{index}), errors)",
+                "        if new is not current:",
+                f"            _setter(value, a{index}, new)",
+            ]
+    if decoder is not None:
+        lines += ["    if errors:", "        raise _failed(details=errors)"]
+    lines.append("    return value")
+    exec("\n".join(lines), env)  # noqa: S102 - generated from identifiers checked above
+    return env["run" if decoder is not None else "normalize"]
 
 
 def _norm_step(field: _StructField) -> _NormStep:
@@ -672,6 +744,8 @@ class _Compiler:
         # Fixpoint: with recursive models a Struct learns late that a descendant normalises.
         while any([n.refresh() for n in self.nodes]):  # noqa: C419 - refresh every node
             pass
+        for struct in self.structs.values():
+            struct.finish()
         return node
 
     def _add(self, node: _Node) -> _Node:
@@ -829,13 +903,66 @@ def _translate(text: str, prefix: Path = ()) -> ErrorDetail:
 
 
 class _Plan:
-    __slots__ = ("decode", "list_keys", "node", "normalize")
+    __slots__ = ("decode", "depth", "list_keys", "node", "run")
 
     def __init__(self, model: Any) -> None:
-        self.decode: Callable[[bytes], Any] = msgspec.json.Decoder(model).decode
-        self.node = _Compiler().compile(model)
-        self.normalize = self.node.normalize if self.node.normalizes else None
+        decoder: Callable[[bytes], Any] = msgspec.json.Decoder(model).decode
+        self.decode = decoder
+        node = self.node = _Compiler().compile(model)
+        # run: the valid path of decode (msgspec's errors propagate; ValidationFailed for
+        # a normaliser's), fused into one generated function for a Struct when it can be.
+        run = None
+        if not node.normalizes:
+            run = decoder
+        elif isinstance(node, _StructNode):
+            run = _compile_steps(node.norm_plan, decoder)
+        self.run: Callable[[bytes], Any] = run or self._decode_and_normalize
         self.list_keys: frozenset[str] | None = None  # query-string keys that take every value
+        # At least 1, so that max_json_depth < 1 always takes the counting path (which
+        # rejects it); a model with no bound never skips the counting.
+        bound = _static_depth(node, set())
+        self.depth = sys.maxsize if bound is None else max(bound, 1)
+
+    def _decode_and_normalize(self, data: bytes) -> Any:
+        value = self.decode(data)
+        errors: list[ErrorDetail] = []
+        value = self.node.normalize(value, (), errors)
+        if errors:
+            raise ValidationFailed(details=errors)
+        return value
+
+
+def _static_depth(node: _Node, open_structs: set[_StructNode]) -> int | None:
+    """The deepest nesting of any document the typed decoder accepts for ``node``, or None
+    when there is no such bound (``Any``, opaque types, recursion, a Struct that skips
+    unknown fields or is tagged: msgspec walks whatever they hold, or skips values to find
+    the tag).
+
+    Within the bound, a document that decodes is no deeper than the limit, and one that
+    does not has stopped the decoder at its first mismatch, never deeper: ``decode`` then
+    counts brackets only when something failed.
+    """
+    if isinstance(node, _StrNode | _NumberNode | _BoolNode | _NoneNode | _ChoiceNode):
+        return 0
+    if isinstance(node, _NormalizedNode):
+        return _static_depth(node.inner, open_structs)
+    if isinstance(node, _UnionNode | _ArrayNode | _TupleNode | _DictNode | _StructNode):
+        if isinstance(node, _StructNode):
+            # A tagged Struct may be found through a union, where msgspec skips values
+            # looking for the tag: as unbounded as unknown fields.
+            if not node.forbid_unknown or node.tag_field is not None or node in open_structs:
+                return None
+            open_structs.add(node)
+        deepest = 0
+        for child in node.children():
+            depth = _static_depth(child, open_structs)
+            if depth is None:
+                return None
+            deepest = max(deepest, depth)
+        if isinstance(node, _StructNode):
+            open_structs.discard(node)
+        return deepest if isinstance(node, _UnionNode) else deepest + 1
+    return None
 
 
 _plans: dict[Any, _Plan] = {}
@@ -939,23 +1066,23 @@ def decode(body: bytes | str, model: type[T], *, max_json_depth: int = 32) -> T:
         data = bytes(body)
     else:
         raise TypeError(f"decode: body must be bytes or str, not {type(body).__name__}")
-    # Inline, because it is the whole cost of the check for almost every body.
-    if data.count(b"[") + data.count(b"{") > max_json_depth or max_json_depth < 1:
-        _check_depth(data, max_json_depth)
     plan = _plans.get(model) or _plan(model)
+    # Bracket counting costs more than the typed decode of a small body: skipped when the
+    # model itself bounds the depth within the limit (see _static_depth), until a failure.
+    if plan.depth > max_json_depth and (
+        data.count(b"[") + data.count(b"{") > max_json_depth or max_json_depth < 1
+    ):
+        _check_depth(data, max_json_depth)
     try:
-        value = plan.decode(data)
+        return plan.run(data)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
+        if plan.depth <= max_json_depth:
+            _check_depth(data, max_json_depth)
         raise _slow_path(plan, data, exc) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        if plan.depth <= max_json_depth:
+            _check_depth(data, max_json_depth)
         raise _invalid_json(exc) from None
-    normalize = plan.normalize
-    if normalize is not None:
-        errors: list[ErrorDetail] = []
-        value = normalize(value, (), errors)
-        if errors:
-            raise ValidationFailed(details=errors)
-    return value  # type: ignore[no-any-return]
 
 
 def _slow_path(plan: _Plan, data: bytes, exc: msgspec.ValidationError) -> ArmorError:

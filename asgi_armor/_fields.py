@@ -72,16 +72,22 @@ def _plural(n: int, word: str) -> str:
 
 
 _EMAIL_MAX = 254  # RFC 5321 path limit (256) minus the angle brackets
-_ATEXT = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]"  # RFC 5322 atext, lower-cased
+_ATEXT = r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]"  # RFC 5322 atext
 # Alphanumeric runs joined by hyphens: no label starts or ends with one. Possessive
-# quantifiers throughout, so no input makes the match backtrack.
-_LABEL = r"[a-z0-9]++(?:-++[a-z0-9]++)*+"
+# quantifiers throughout, so no input makes the match backtrack. ASCII letters of either
+# case: the address is lower-cased once it matched (matching first means no isascii()
+# check is needed: str.lower() turns a few non-ASCII letters, KELVIN SIGN, into ASCII).
+_LABEL = r"[a-zA-Z0-9]++(?:-++[a-zA-Z0-9]++)*+"
 _EMAIL = re.compile(
     rf"{_ATEXT}++(?:\.{_ATEXT}++)*+"  # local part: no leading, trailing or double dots
     rf"@(?:{_LABEL}\.)++"  # at least one dot
-    rf"(?:[a-z]{{2,63}}+|xn--{_LABEL})",  # alphabetic or punycode top-level domain
+    rf"(?:[a-zA-Z]{{2,63}}+|[xX][nN]--{_LABEL})",  # alphabetic or punycode top-level domain
 )
 _EMAIL_INVALID = "Email format is invalid"
+# A matching address this short has a local part of at most 64 characters (its domain
+# has at least 4: "a.bc") and no domain label over 63 (that takes 1 + 1 + 64 + 3), so
+# the per-part length checks run only for longer ones.
+_EMAIL_PARTS_FIT = 68
 
 
 def normalize_email(value: str) -> str:
@@ -98,17 +104,14 @@ def normalize_email(value: str) -> str:
     email = value.strip()
     if len(email) > _EMAIL_MAX:
         raise InvalidValue("invalid_email", f"Email must be at most {_EMAIL_MAX} characters")
-    # isascii first: str.lower() turns a few non-ASCII letters (KELVIN SIGN) into ASCII.
-    if not email.isascii():
+    if _EMAIL.fullmatch(email) is None:
         raise InvalidValue("invalid_email", _EMAIL_INVALID)
-    email = email.lower()
-    at = email.find("@")
-    if not 0 < at <= 64 or _EMAIL.fullmatch(email) is None:
-        raise InvalidValue("invalid_email", _EMAIL_INVALID)
-    # Only a domain longer than 63 characters can hold a label that is.
-    if len(email) - at > 64 and max(map(len, email[at + 1 :].split("."))) > 63:
-        raise InvalidValue("invalid_email", _EMAIL_INVALID)
-    return email
+    if len(email) > _EMAIL_PARTS_FIT:
+        at = email.find("@")
+        # Only a domain longer than 63 characters can hold a label that is.
+        if at > 64 or (len(email) - at > 64 and max(map(len, email[at + 1 :].split("."))) > 63):
+            raise InvalidValue("invalid_email", _EMAIL_INVALID)
+    return email.lower()
 
 
 _NAME_MAX = 100
@@ -145,13 +148,16 @@ def normalize_name(value: str) -> str:
         InvalidValue: ``too_short`` (empty after cleaning) or ``too_long``.
     """
     name = value
-    # Fast path: a clean name is printable, single-spaced and already trimmed.
-    if not (name.isprintable() and "  " not in name and name[:1] != " " and name[-1:] != " "):
+    # Fast path: a clean name is non-empty, printable (so its only whitespace is U+0020),
+    # single-spaced and already trimmed.
+    if not (
+        name and name.isprintable() and "  " not in name and name[0] != " " and name[-1] != " "
+    ):
         name = " ".join(name.translate(_NAME_DROP).split())
+        if not name:
+            raise InvalidValue("too_short", "Must be at least 1 character")
     if not name.isascii():
-        name = unicodedata.normalize("NFC", name)
-    if not name:
-        raise InvalidValue("too_short", "Must be at least 1 character")
+        name = unicodedata.normalize("NFC", name)  # never empties a non-empty name
     if len(name) > _NAME_MAX:
         raise InvalidValue("too_long", f"Must be at most {_NAME_MAX} characters")
     return name

@@ -30,6 +30,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 VENV = BENCH / ".venv"
 STAMP = VENV / ".installed"
+# The project's extras the benchmarks import (prometheus: the layers group's metrics case).
+EXTRAS = "cli,redis,starlette,prometheus"
 
 
 def _venv_python() -> Path:
@@ -37,7 +39,7 @@ def _venv_python() -> Path:
 
 
 def _wanted() -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(EXTRAS.encode())
     for path in (BENCH / "requirements.txt", ROOT / "pyproject.toml"):
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -57,7 +59,13 @@ def bootstrap() -> None:
         pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         subprocess.run([*pip, "--upgrade", "pip"], check=True)
         subprocess.run(
-            [*pip, "-r", str(BENCH / "requirements.txt"), "-e", f"{ROOT}[cli,redis,starlette]"],
+            [
+                *pip,
+                "-r",
+                str(BENCH / "requirements.txt"),
+                "-e",
+                f"{ROOT}[{EXTRAS}]",
+            ],
             check=True,
         )
         STAMP.write_text(wanted)

@@ -372,6 +372,35 @@ async def test_memory_sweeps_expired_before_evicting(clock: FakeClock) -> None:
     assert store.evictions == before
 
 
+async def test_memory_take_one_is_hit_buckets_for_one_bucket(clock: FakeClock) -> None:
+    one, many = MemoryStore(clock=clock), MemoryStore(clock=clock)
+    three_per_second = spec(3, 1)
+    for _ in range(12):
+        for cost in (0, 1, 2):
+            allowed, now, tats = await many.hit_buckets(["k"], [three_per_second], cost)
+            assert one.take_one("k", *three_per_second, cost) == (allowed, now, tats[0])
+        clock.advance(0.3)
+    assert one._tats == many._tats
+    with pytest.raises(ValueError, match="cost must be >= 0"):
+        one.take_one("k", *three_per_second, -1)
+
+
+async def test_memory_sweeps_expired_buckets_in_batches(clock: FakeClock) -> None:
+    store = MemoryStore(clock=clock)
+    second = spec(1, 1)
+    for i in range(1000):
+        store.take_one(f"old:{i}", *second, 1)
+    clock.advance(2)
+    for i in range(24):
+        store.take_one(f"new:{i}", *second, 1)
+    # Expired buckets are kept until 1024 new ones were written since the last sweep ...
+    assert len(store._tats) == 1024
+    store.take_one("new:24", *second, 1)
+    # ... then go together, the live ones kept.
+    assert sorted(store._tats) == sorted(f"new:{i}" for i in range(25))
+    assert store.evictions == 0
+
+
 async def test_redis_down_raises_store_error(asyncio_only: None) -> None:
     store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2)
     try:

@@ -772,6 +772,71 @@ def test_unbalanced_brackets_are_invalid_json_not_a_crash() -> None:
         decode(b'"' + b'\\"' * 50_000 + b"[" * 40, object)
 
 
+class Shallow(msgspec.Struct, forbid_unknown_fields=True):
+    tags: list[str] = []
+
+
+class Lenient(msgspec.Struct):
+    name: str = ""
+
+
+class Tree(msgspec.Struct, forbid_unknown_fields=True):
+    children: list[Tree] = []
+
+
+def test_deep_documents_are_rejected_whatever_bounds_the_model() -> None:
+    # A model that bounds the depth skips the counting on success, never the rejection:
+    # a deep document fails the typed decode and is counted then.
+    for model in (CreateUserRequest, Shallow, Lenient, Tree):
+        with pytest.raises(InvalidJSON, match="deeper than 32"):
+            decode(b'{"tags":' + b"[" * 40 + b"]" * 40 + b"}", model)
+        with pytest.raises(InvalidJSON, match="deeper than 32"):
+            decode(b"[" * 100_000, model)  # malformed and deep: the depth is what is told
+    # Unknown fields are skipped by msgspec however deep they are: always counted.
+    with pytest.raises(InvalidJSON, match="deeper than 32"):
+        decode(b'{"junk":' + b"[" * 40 + b"]" * 40 + b"}", Lenient)
+    # A limit below the model's own depth counts too.
+    with pytest.raises(InvalidJSON, match="deeper than 1"):
+        decode(b'{"tags":["a"]}', Shallow, max_json_depth=1)
+    assert decode(b'{"tags":["a"]}', Shallow, max_json_depth=2).tags == ["a"]
+    # Recursive models have no bound.
+    deep_tree = b'{"children":[' * 20 + b"]}" * 20
+    with pytest.raises(InvalidJSON, match="deeper than 32"):
+        decode(deep_tree, Tree)
+    assert decode(deep_tree, Tree, max_json_depth=40).children
+
+
+class Circle(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    radius: int = 0
+
+
+class Square(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    side: int = 0
+
+
+class Drawing(msgspec.Struct, forbid_unknown_fields=True):
+    shape: Circle | Square
+
+
+def test_deep_values_before_a_union_tag_are_rejected_not_a_crash() -> None:
+    # msgspec skips the values before the tag of a tagged union, recursively: such
+    # models are counted first, so a deep one is a 400, never a RecursionError.
+    deep = b'{"shape": {"radius": ' + b"[" * 200_000 + b"]" * 200_000 + b', "type": "Circle"}}'
+    with pytest.raises(InvalidJSON, match="deeper than 32"):
+        decode(deep, Drawing)
+    assert decode(b'{"shape": {"side": 2, "type": "Square"}}', Drawing).shape == Square(2)
+
+
+def test_normalisers_run_for_fields_named_by_keywords() -> None:
+    # Such names cannot be written as attributes in generated code: the loop runs them.
+    odd = msgspec.defstruct("Odd", [("from", Email), ("class", Name)])
+    value = decode(b'{"from":" A@B.CO ","class":"  Ann   Lee "}', odd)
+    assert (getattr(value, "from"), getattr(value, "class")) == ("a@b.co", "Ann Lee")
+    with pytest.raises(ValidationFailed) as excinfo:
+        decode(b'{"from":"nope","class":""}', odd)
+    assert details_of(excinfo) == [("invalid_email", "from"), ("too_short", "class")]
+
+
 def test_max_json_depth_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_json_depth"):
         decode(b"{}", CreateUserRequest, max_json_depth=0)
@@ -980,6 +1045,9 @@ def test_decoders_are_cached_per_model() -> None:
         ("\u00a0a@b.co\u2003", "a@b.co"),
         ("x" * 64 + "@example.com", "x" * 64 + "@example.com"),
         ("a@" + "b" * 63 + ".com", "a@" + "b" * 63 + ".com"),
+        ("a@" + "b" * 63 + ".co", "a@" + "b" * 63 + ".co"),
+        ("X" * 64 + "@A.CO", "x" * 64 + "@a.co"),
+        ("a@B.XN--P1AI", "a@b.xn--p1ai"),
         (
             "x" * 64 + "@" + ("y" * 60 + ".") * 3 + "abcdef",
             "x" * 64 + "@" + ("y" * 60 + ".") * 3 + "abcdef",
@@ -1019,6 +1087,10 @@ def test_valid_emails_are_normalised(raw: str, normal: str) -> None:
         "a@b.co.",
         "x" * 65 + "@example.com",
         "a@" + "b" * 64 + ".com",
+        # The shortest addresses with a part too long (the length checks' threshold).
+        "a@" + "b" * 64 + ".co",
+        "x" * 65 + "@a.co",
+        "A@" + "B" * 64 + ".CO",
         "x" * 64 + "@" + ("y" * 60 + ".") * 3 + "abcdefg",  # 255 characters
         "ü@b.co",
         "a@bücher.de",

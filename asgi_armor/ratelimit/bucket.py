@@ -5,7 +5,8 @@ its theoretical arrival time ``tat``: the moment it will be full again. With
 ``tolerance = burst * interval``, taking ``cost`` tokens at ``now`` is allowed when
 ``max(tat, now) + cost * interval - now <= tolerance``, and moves ``tat`` forward by
 ``cost * interval``. A missing or past ``tat`` is a full bucket, so stores may forget a
-key once its ``tat`` has passed. The Redis Lua script implements exactly ``decide``.
+key once its ``tat`` has passed. ``decide_one`` is that step (``decide`` takes it for one
+bucket, and writes it out for several); the Redis Lua script implements exactly ``decide``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 __all__ = [
     "EPSILON",
     "decide",
+    "decide_one",
     "give_back",
     "most_restrictive",
     "remaining",
@@ -23,16 +25,37 @@ __all__ = [
     "reset_after",
     "retry_after",
     "spec",
+    "status",
 ]
 
 #: Slack for float rounding, so ten 6-second tokens fit a 60-second tolerance.
 EPSILON = 1e-6
+_floor = math.floor
 
 
 def spec(limit: int, period: float, burst: int | None = None) -> tuple[float, float]:
     """``(interval, tolerance)`` for ``limit`` tokens per ``period`` seconds, ``burst`` deep."""
     interval = period / limit
     return interval, interval * (limit if burst is None else burst)
+
+
+def decide_one(
+    tat: float | None, now: float, interval: float, tolerance: float, cost: int
+) -> tuple[bool, float]:
+    """Take ``cost`` tokens from one bucket: ``(allowed, tat)``.
+
+    ``tat`` is the bucket's new "full at" time when allowed, else its current one
+    (clamped to ``now``). The GCRA step itself: ``decide`` and the stores' one-bucket
+    paths call it, so there is one implementation to keep in step with the Lua script.
+    """
+    # The same float operations in the same order as the Lua script, so memory and Redis
+    # agree to the last bit.
+    if tat is None or tat < now:
+        tat = now
+    step = cost * interval
+    if tat + step - now > tolerance + EPSILON:
+        return False, tat
+    return True, tat + step
 
 
 def decide(
@@ -47,20 +70,16 @@ def decide(
         ValueError: ``tats`` and ``specs`` differ in length.
     """
     # Hot path of every rate-limited request: plain loops, no zip(strict=True) (its keyword
-    # call alone costs more than the math), and the same float operations in the same order
-    # as the Lua script, so memory and Redis agree to the last bit.
+    # call alone costs more than the math).
     if len(tats) == 1 and len(specs) == 1:
-        tat = tats[0]
-        if tat is None or tat < now:
-            tat = now
         interval, tolerance = specs[0]
-        step = cost * interval
-        if tat + step - now > tolerance + EPSILON:
-            return False, [tat]
-        return True, [tat + step]
+        allowed, taken = decide_one(tats[0], now, interval, tolerance, cost)
+        return allowed, [taken]
     if len(tats) != len(specs):
         raise ValueError(f"decide: {len(tats)} tats for {len(specs)} specs")
     new: list[float] = []
+    # decide_one's step, written out: a call per bucket would cost the middleware's
+    # several-rule checks more than the step itself (tests hold the two to the same bits).
     for tat, (interval, tolerance) in zip(tats, specs):  # noqa: B905 - lengths checked
         if tat is None or tat < now:
             tat = now
@@ -89,18 +108,24 @@ def give_back(tat: float | None, now: float, added: float, before: float) -> flo
     return tat
 
 
+def status(tat: float, now: float, interval: float, tolerance: float) -> tuple[int, float]:
+    """``(remaining, reset_after)`` of the bucket at ``now``, in one call: what every
+    response reports (``remaining`` is its first half)."""
+    reset = tat - now if tat > now else 0.0
+    left = _floor((tolerance - reset) / interval + EPSILON)
+    return (left if left > 0 else 0), reset
+
+
 def remaining(tat: float, now: float, interval: float, tolerance: float) -> int:
     """Whole tokens left in the bucket at ``now``."""
-    debt = tat - now
-    if debt < 0.0:
-        debt = 0.0
-    left = math.floor((tolerance - debt) / interval + EPSILON)
-    return left if left > 0 else 0
+    return status(tat, now, interval, tolerance)[0]
 
 
 def reset_after(tat: float, now: float) -> float:
     """Seconds until the bucket is full again."""
-    return max(0.0, tat - now)
+    # max(0.0, tat - now) without the builtin call (the same value for every float), and
+    # the same expression as ``status``.
+    return tat - now if tat > now else 0.0
 
 
 def retry_after(tat: float, now: float, interval: float, tolerance: float, cost: int = 1) -> float:
@@ -123,8 +148,7 @@ def report(
     for index in range(len(tats)):
         interval, tolerance = rates[index]
         tat = tats[index]
-        left = remaining(tat, now, interval, tolerance)
-        reset = tat - now if tat > now else 0.0
+        left, reset = status(tat, now, interval, tolerance)
         if best < 0 or _tighter(left, reset, best_left, best_reset):
             best, best_left, best_reset = index, left, reset
     return best, best_left, best_reset

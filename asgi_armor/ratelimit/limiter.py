@@ -31,7 +31,9 @@ _POLICY_CACHE = 256
 _Policy = tuple[Rate, str, str, float, float, int]
 
 
-class Decision(msgspec.Struct, frozen=True):
+# gc=False: one is made per check, and its fields (numbers, a str, a Rate of numbers) can
+# never lead back to it, so the cycle collector has nothing to track.
+class Decision(msgspec.Struct, frozen=True, gc=False):
     """The outcome of one rate-limit check on one bucket.
 
     Attributes:
@@ -109,8 +111,8 @@ class RateLimiter:
         )
         self.store = store
         # A MemoryStore decides in this process: called directly, no coroutine to await.
-        self._take = store.take if type(store) is MemoryStore else None
-        self._policies: dict[tuple[Rate | str, str | None], _Policy] = {}
+        self._take = store.take_one if type(store) is MemoryStore else None
+        self._policies: dict[Rate | str | tuple[Rate | str, str], _Policy] = {}
 
     async def take(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
@@ -178,7 +180,7 @@ class RateLimiter:
         # The one-bucket fast path: the same decision as hit_many([(key, rate, policy)]),
         # with the rate's parsing, naming and key prefix worked out once per (rate, policy).
         try:
-            found = self._policies.get((rate, policy))
+            found = self._policies.get(rate if policy is None else (rate, policy))
         except TypeError:  # an unhashable rate: let hit_many report it
             found = None
         if found is None or type(key) is not str:
@@ -190,26 +192,22 @@ class RateLimiter:
         try:
             take = self._take
             if take is not None:
-                allowed, now, tats = take([store_key], [(interval, tolerance)], cost)
+                allowed, now, tat = take(store_key, interval, tolerance, cost)
             else:
                 allowed, now, tats = await self.store.hit_buckets(
                     [store_key], [(interval, tolerance)], cost
                 )
+                tat = tats[0]
         except StoreError as exc:
             self.store_failed(exc)
             # Fail open: the store's state is unknown, so report the bucket as untouched.
             return Decision(True, capacity, capacity, 0.0, 0.0, name, parsed)
-        tat = tats[0]
-        decision = Decision(
-            allowed,
-            capacity,
-            bucket.remaining(tat, now, interval, tolerance),
-            bucket.reset_after(tat, now),
-            0.0 if allowed else bucket.retry_after(tat, now, interval, tolerance, cost),
-            name,
-            parsed,
-        )
-        if enforce and not allowed:
+        left, reset = bucket.status(tat, now, interval, tolerance)
+        if allowed:
+            return Decision(True, capacity, left, reset, 0.0, name, parsed)
+        retry = bucket.retry_after(tat, now, interval, tolerance, cost)
+        decision = Decision(False, capacity, left, reset, retry, name, parsed)
+        if enforce:
             raise rate_limited([decision])
         return decision
 
@@ -291,15 +289,17 @@ class RateLimiter:
     def _remember(self, given: Rate | str, named: str | None, rate: Rate, policy: str) -> None:
         """Keep what ``hit`` needs for ``(given, named)``, so its next call skips the work."""
         policies = self._policies
+        # Keyed by the rate alone when no policy is named: no tuple to build per hit.
+        cache_key = given if named is None else (given, named)
         try:
-            if (given, named) in policies:
+            if cache_key in policies:
                 return
         except TypeError:
             return
         if len(policies) >= _POLICY_CACHE:
             policies.clear()  # rates minted per call: start over rather than grow
         interval, tolerance = rate.spec
-        policies[given, named] = (
+        policies[cache_key] = (
             rate,
             policy,
             make_key("rl", policy) + ":",

@@ -40,7 +40,7 @@ _RATE = re.compile(
 _EXAMPLES = "e.g. '10/minute', '100/5s', '20 per hour' or '10/minute burst 20'"
 
 
-class Rate(msgspec.Struct, frozen=True, omit_defaults=True):
+class Rate(msgspec.Struct, frozen=True, omit_defaults=True, cache_hash=True):
     """``limit`` requests per ``period`` seconds, at most ``burst`` at once.
 
     A token bucket holding ``burst`` tokens (``limit`` by default), refilled at

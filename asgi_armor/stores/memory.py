@@ -3,7 +3,9 @@
 State lives in insertion-ordered dicts: token buckets; stored responses (completed
 idempotency records); and what must not be forgotten early, in-flight leases and replay
 nonces. A write moves its key to the end, so the front holds the least recently written
-keys: expired ones are swept from there a couple at a time. When full, the oldest bucket or
+keys: expired ones are swept from there, leases and responses a couple per write, buckets in
+a batch once 1024 new ones were written (at most that many expired buckets are kept, and
+a server seeing fewer distinct keys never sweeps). When full, the oldest bucket or
 stored response is evicted to make room, but an in-flight lease or an unexpired nonce never
 is: forgetting one would let a duplicate payment or a replayed webhook through. When the
 store is full of those, a new one is refused with ``StoreError`` (each concern's failure
@@ -20,12 +22,17 @@ import time
 from collections.abc import Callable, Sequence
 
 from asgi_armor import _checks
-from asgi_armor.ratelimit.bucket import decide, give_back
+from asgi_armor.ratelimit.bucket import decide, decide_one, give_back
 from asgi_armor.stores.base import BucketSpec, StoreError
 
 __all__ = ["MemoryStore"]
 
-_SWEEP = 2  # expired keys dropped per write: amortised cleanup with no timer task
+_SWEEP = 2  # expired leases and stored responses dropped per write: amortised cleanup
+# Buckets are swept in batches: once this many new buckets were written since the last
+# sweep, expired ones are dropped from the front, at most twice as many, so the sweep keeps
+# up with any rate of new keys. A few hundred kilobytes of expired buckets at most, and no
+# sweep at all while a server sees fewer distinct keys than this.
+_SWEEP_EVERY = 1024
 
 
 class MemoryStore:
@@ -55,6 +62,7 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self.clock = clock
         self._tats: dict[str, float] = {}
+        self._sweep_at = min(max_keys, _SWEEP_EVERY)  # bucket count that triggers a sweep
         self._entries: dict[str, tuple[float, bytes]] = {}  # stored responses: evictable
         self._held: dict[str, tuple[float, bytes]] = {}  # leases, nonces: kept until expiry
         self._expiries: list[tuple[float, str]] = []  # heap over _held (stale items skipped)
@@ -78,27 +86,42 @@ class MemoryStore:
     ) -> tuple[bool, float, list[float]]:
         """``hit_buckets`` without the coroutine: the same decision, for callers in this
         process (the rate limiter and its middleware call it directly on a MemoryStore)."""
+        if len(keys) == 1 and len(specs) == 1 and cost >= 0:
+            interval, tolerance = specs[0]
+            allowed, now, tat = self.take_one(keys[0], interval, tolerance, cost)
+            return allowed, now, [tat]
         now = self.clock()
-        tats = self._tats
         if cost < 0:
             return self._give_back(keys, specs, now)
-        if len(keys) == 1:
-            # One layer, the common case: no list building beyond what decide returns.
-            key = keys[0]
-            allowed, new = decide([tats.get(key)], now, specs, cost)
-            if allowed and cost:
-                if tats.pop(key, None) is None:
-                    self._make_room_for_tat(now)
-                tats[key] = new[0]
-            return allowed, now, new
+        tats = self._tats
         allowed, new = decide([tats.get(key) for key in keys], now, specs, cost)
         if allowed and cost:
             for index in range(len(keys)):
                 key = keys[index]
-                if tats.pop(key, None) is None:
+                if tats.pop(key, None) is None and len(tats) >= self._sweep_at:
                     self._make_room_for_tat(now)
                 tats[key] = new[index]
         return allowed, now, new
+
+    def take_one(
+        self, key: str, interval: float, tolerance: float, cost: int
+    ) -> tuple[bool, float, float]:
+        """``take`` for one bucket, with no list in or out: ``(allowed, now, tat)``.
+        ``RateLimiter.hit`` calls it on a MemoryStore.
+
+        Raises:
+            ValueError: a negative ``cost`` (giving back takes ``take``'s other specs).
+        """
+        if cost < 0:
+            raise ValueError("take_one: cost must be >= 0 (give back with take)")
+        now = self.clock()
+        tats = self._tats
+        allowed, tat = decide_one(tats.get(key), now, interval, tolerance, cost)
+        if allowed and cost:
+            if tats.pop(key, None) is None and len(tats) >= self._sweep_at:
+                self._make_room_for_tat(now)
+            tats[key] = tat
+        return allowed, now, tat
 
     def _give_back(
         self, keys: Sequence[str], given: Sequence[BucketSpec], now: float
@@ -118,17 +141,24 @@ class MemoryStore:
         return True, now, out
 
     def _make_room_for_tat(self, now: float) -> None:
+        """Sweep expired buckets from the front, then evict the oldest while full.
+
+        Called before a new bucket is written, once the buckets have grown past
+        ``_sweep_at``: one call per ``_SWEEP_EVERY`` new buckets instead of a look at the
+        front on every write, and each expired key is still swept once.
+        """
         tats = self._tats
-        for _ in range(_SWEEP):
-            if not tats:
-                return
-            key = next(iter(tats))
-            if tats[key] > now:
+        expired: list[str] = []
+        for key, tat in tats.items():
+            if tat > now or len(expired) >= 2 * _SWEEP_EVERY:
                 break
+            expired.append(key)
+        for key in expired:
             del tats[key]
         while len(tats) >= self.max_keys:
             del tats[next(iter(tats))]
             self.evictions += 1
+        self._sweep_at = min(self.max_keys, len(tats) + _SWEEP_EVERY)
 
     # -- leases and nonces -------------------------------------------------------------
 
