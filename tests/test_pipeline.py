@@ -28,6 +28,7 @@ from asgi_armor import (
     TimeoutMiddleware,
     armor,
 )
+from asgi_armor._asgi import read_body
 from asgi_armor.clientip import ClientIP
 from tests.reliability.reliability_helpers import call_asgi
 
@@ -47,12 +48,7 @@ def identify(scope: Any) -> str | None:
 async def app(scope: Any, receive: Any, send: Any) -> None:
     """Builds (202), a slow search, a failing route, one that fails mid-response."""
     path = scope["path"]
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body", False):
-            break
+    await read_body(receive, 1 << 20)
     if path == "/api/search":
         await anyio.sleep(10 * BUDGET)
     if path == "/api/boom":
