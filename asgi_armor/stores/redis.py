@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -561,7 +562,9 @@ async def _exchange(connection: Any, batch: list[_Call], replies: list[Any]) -> 
     Returns whether any other error reply came back.
     """
     await connection.send_packed_command(b"".join(call.command for call in batch))
-    read = connection.read_response
+    # No per-read timeout: the batch runs under the store deadline (``_Deadline``), and a
+    # timer context per reply was a third of this loop's cost.
+    read = functools.partial(connection.read_response, timeout=math.inf)
     append = replies.append
     errors = False
     for _ in batch:
