@@ -147,7 +147,8 @@ class Pipeline:
 
     Args:
         app: the wrapped app.
-        chain: the layers composed by hand, outermost ``ErrorMiddleware``.
+        chain: the same layers composed as middleware (``RequestMetrics`` outermost when
+            metrics are on, then ``ErrorMiddleware``).
         errors: that ``ErrorMiddleware`` (the error format, the logger, the metrics sink).
         measure: ``RequestMetrics`` when metrics are on: the request duration and the
             scrape endpoint.
