@@ -80,6 +80,27 @@ class Bucket:
         return tokens / self.per_second
 
 
+def take(buckets: list[Bucket], chosen: list[int], cost: int) -> list[Decision]:
+    """The model's decision: ``cost`` tokens from every bucket or from none (each bucket
+    ``chosen[i]`` named ``p<i>``), and what each decision reports."""
+    allowed = all(b.tokens >= cost for b in buckets)
+    if allowed:
+        for b in buckets:
+            b.tokens -= cost
+    return [
+        Decision(
+            allowed,
+            b.rate.capacity,
+            math.floor(b.tokens),
+            float(b.seconds_for(b.rate.capacity - b.tokens)),
+            0.0 if allowed else float(max(Fraction(0), b.seconds_for(cost - b.tokens))),
+            f"p{i}",
+            b.rate,
+        )
+        for i, b in zip(chosen, buckets, strict=True)
+    ]
+
+
 class LimiterModel(RuleBasedStateMachine):
     rates: ClassVar[list[Rate]] = RATES
     #: Whether times (reset_after, retry_after) must agree to the bit.
@@ -120,23 +141,8 @@ class LimiterModel(RuleBasedStateMachine):
                 run(self.limiter.hit_many(items, cost))
             return
         buckets = [self.bucket(i, key) for i in chosen]
-        allowed = all(b.tokens >= cost for b in buckets)
-        if allowed:
-            for b in buckets:
-                b.tokens -= cost
-        expected = [
-            Decision(
-                allowed,
-                b.rate.capacity,
-                math.floor(b.tokens),
-                float(b.seconds_for(b.rate.capacity - b.tokens)),
-                0.0 if allowed else float(max(Fraction(0), b.seconds_for(cost - b.tokens))),
-                f"p{i}",
-                b.rate,
-            )
-            for i, b in zip(chosen, buckets, strict=True)
-        ]
-        if enforce and not allowed:
+        expected = take(buckets, chosen, cost)
+        if enforce and not expected[0].allowed:
             with pytest.raises(RateLimited) as info:
                 run(self.limiter.hit_many(items, cost, enforce=True))
             longest = max(d.retry_after for d in expected)
@@ -251,23 +257,8 @@ class StoreLimiterModel(RuleBasedStateMachine):
                 self.loop.run_until_complete(self.limiter.hit_many(items, cost))
             return
         buckets = [self.bucket(i, keys[i]) for i in chosen]
-        allowed = all(b.tokens >= cost for b in buckets)
-        if allowed:
-            for b in buckets:
-                b.tokens -= cost
-        expected = [
-            Decision(
-                allowed,
-                b.rate.capacity,
-                math.floor(b.tokens),
-                float(b.seconds_for(b.rate.capacity - b.tokens)),
-                0.0 if allowed else float(max(Fraction(0), b.seconds_for(cost - b.tokens))),
-                f"p{i}",
-                b.rate,
-            )
-            for i, b in zip(chosen, buckets, strict=True)
-        ]
-        if enforce and not allowed:
+        expected = take(buckets, chosen, cost)
+        if enforce and not expected[0].allowed:
             with pytest.raises(RateLimited) as info:
                 self.loop.run_until_complete(self.limiter.hit_many(items, cost, enforce=True))
             longest = math.ceil(max(d.retry_after for d in expected))
