@@ -61,7 +61,7 @@ from asgi_armor.errors import (
     send_error,
 )
 from asgi_armor.identity import Identify, principal
-from asgi_armor.routes import Route, RouteMap, target
+from asgi_armor.routes import Route, RouteBound, RouteMap, target
 from asgi_armor.stores.base import IdempotencyStore, OnStoreError, StoreError, make_key
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def _storable_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(bytes(name), bytes(value)) for name, value in headers if name.lower() not in dropped]
 
 
-class IdempotencyMiddleware:
+class IdempotencyMiddleware(RouteBound[_RouteConfig]):
     """Run each (principal, method, route, key) once; replay its response to retries.
 
     Args:
@@ -350,21 +350,6 @@ class IdempotencyMiddleware:
     def pending(self) -> int:
         """How many responses are held here, waiting for the store to take them."""
         return len(self._held)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        matched = self.routes.first(*target(scope))
-        if matched is None:
-            await self.app(scope, receive, send)
-        else:
-            await self.run(scope, receive, send, self.app, matched[0])
-
-    def match(self, method: str, path: str) -> _RouteConfig | None:
-        """The idempotent route ``(method, path)`` falls under, or None."""
-        found = self.routes.first(method, path)
-        return None if found is None else found[0]
 
     async def run(
         self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, config: _RouteConfig

@@ -22,10 +22,10 @@ from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
-from asgi_armor._asgi import Scope
+from asgi_armor._asgi import ASGIApp, Receive, Scope, Send
 from asgi_armor.errors import ConfigError
 
-__all__ = ["Route", "RouteMap", "target"]
+__all__ = ["Route", "RouteBound", "RouteMap", "target"]
 
 T = TypeVar("T")
 
@@ -181,3 +181,31 @@ class RouteMap(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+class RouteBound(Generic[T]):
+    """Middleware whose routes each carry one spec (a signed route, an idempotent route).
+
+    Used by hand, it matches the canonical target and runs :meth:`run` around
+    ``self.app``; ``armor()``'s pipeline calls :meth:`match` once per plan and :meth:`run`
+    itself (docs/architecture.md, "Request flow"). Subclasses set ``app`` and ``routes``.
+    """
+
+    app: ASGIApp
+    routes: RouteMap[T]
+
+    def match(self, method: str, path: str) -> T | None:
+        """The spec of the first route ``(method, path)`` falls under, or None."""
+        found = self.routes.first(method, path)
+        return None if found is None else found[0]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        spec = self.match(*target(scope)) if scope["type"] == "http" else None
+        if spec is None:
+            await self.app(scope, receive, send)
+        else:
+            await self.run(scope, receive, send, self.app, spec)
+
+    async def run(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, spec: T) -> None:
+        """Apply the protection ``spec`` describes around ``app``."""
+        raise NotImplementedError

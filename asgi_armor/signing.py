@@ -56,7 +56,7 @@ from asgi_armor.errors import (
     ensure_request_id,
     send_error,
 )
-from asgi_armor.routes import Route, RouteMap, target
+from asgi_armor.routes import Route, RouteBound, RouteMap
 from asgi_armor.stores.base import NonceStore, OnStoreError, make_key
 
 if TYPE_CHECKING:
@@ -806,7 +806,7 @@ def _count_invalid(metrics: Metrics, scheme: Scheme, exc: InvalidSignature) -> N
     metrics.signature(scheme.name, "replayed" if exc.code == "replayed" else "invalid")
 
 
-class SignatureMiddleware:
+class SignatureMiddleware(RouteBound[_Compiled]):
     """Verify request signatures on configured routes before the app sees the request.
 
     On a matching route the body is read (capped), verified, its message remembered in
@@ -911,21 +911,6 @@ class SignatureMiddleware:
     def pending(self) -> int:
         """How many message ids this process holds until the store takes them (or drops them)."""
         return len(self._intents)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        found = self.routes.first(*target(scope))
-        if found is None:
-            await self.app(scope, receive, send)
-        else:
-            await self.run(scope, receive, send, self.app, found[0])
-
-    def match(self, method: str, path: str) -> _Compiled | None:
-        """The signed route ``(method, path)`` falls under, or None."""
-        found = self.routes.first(method, path)
-        return None if found is None else found[0]
 
     async def run(
         self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, route: _Compiled
