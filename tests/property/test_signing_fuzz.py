@@ -6,10 +6,10 @@ from typing import Any
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from asgi_armor._asgi import Message, Scope
+from asgi_armor._asgi import Message, Scope, declared_length
 from asgi_armor.errors import ErrorMiddleware, InvalidSignature, PayloadTooLarge
 from asgi_armor.signing import (
     GitHub,
@@ -213,10 +213,19 @@ def _raw(headers: Any) -> list[tuple[bytes, bytes]]:
     chunks=st.lists(st.binary(max_size=120), max_size=4),
     path=st.sampled_from(["/hex", "/hexts", "/sw", "/stripe", "/github"]),
 )
+@example(headers=[(b"content-length", b"")], chunks=[], path="/hex")  # no valid length: 413
 def test_middleware_answers_only_401_or_413(headers: Any, chunks: list[bytes], path: str) -> None:
     # The same valid headers may verify once for the body b"{}" (then the app would run);
     # keep the body different so every example is a forgery.
     if b"".join(chunks) == b"{}":
         chunks = [*chunks, b" "]
-    status = anyio.run(_call, path, _raw(headers), chunks)
+    raw = _raw(headers)
+    status = anyio.run(_call, path, raw, chunks)
+    # 413 before a byte is read when the Content-Length is over the cap or no valid
+    # length at all (the one rule, asgi_armor._asgi.content_length); else the body decides.
+    try:
+        declared_length({"headers": raw}, 256)
+    except PayloadTooLarge:
+        assert status == 413
+        return
     assert status == (413 if sum(map(len, chunks)) > 256 else 401)
