@@ -434,3 +434,32 @@ async def test_a_give_back_keeps_the_refill_of_a_bucket_that_was_full(
         await store.aclose()
     assert taken_at + interval - 1e-6 <= tat <= given_at + interval + 1e-6
     assert tat - start > interval + 0.25  # never the whole token: not full at t0 + 1
+
+
+async def test_a_sentinel_stores_batches_reach_the_master_it_names(
+    redis_sentinel: Any, asyncio_only: None
+) -> None:
+    """Every batch connection asks the sentinels for the master as it connects: none falls
+    back to redis-py's default address (127.0.0.1:6379, the shared Redis here)."""
+    import redis.asyncio as aioredis
+
+    name = f"armor-master-{uuid.uuid4().hex[:8]}"
+    prefix = f"armortest:{uuid.uuid4().hex[:12]}:"
+    store = RedisSentinelStore.from_url(redis_sentinel.url, prefix=prefix, client_name=name)
+    master = redis_sentinel.master_port()
+    try:
+        # Enough concurrent calls to open every batch connection (max_in_flight of them).
+        await asyncio.gather(*(store.remember(f"n:{i}", 60) for i in range(600)))
+        seen: dict[int, int] = {}
+        for port in (6379, *redis_sentinel.data_ports):
+            admin = aioredis.Redis(host="127.0.0.1", port=port)
+            try:
+                clients = await admin.client_list()
+                seen[port] = sum(client["name"] == name for client in clients)
+                if port == master:
+                    assert await admin.exists(f"{prefix}n:0") == 1
+            finally:
+                await admin.aclose()
+        assert seen == {6379: 0, **{port: 0 for port in redis_sentinel.data_ports}, master: 4}
+    finally:
+        await store.aclose()

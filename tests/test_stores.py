@@ -663,6 +663,9 @@ async def test_connections_closed_while_idle_cost_no_call(
             # Shared servers: this test's keys go with it.
             for node in nodes or ([store] if kind == "sentinel" else []):
                 client: aioredis.Redis = node.client
+                # The pool's own connections were killed above too (the store's batches
+                # run on connections of the store's own): connect anew.
+                await client.connection_pool.disconnect()
                 async for key in client.scan_iter(match=prefix + "*"):
                     # One by one: a Cluster's keys span slots (a replica's copies are
                     # deleted by their primary: MOVED here).

@@ -42,14 +42,12 @@ A store call is judged by the store's answer, not by this process's load:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import itertools
 import logging
 import math
 import os
-import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
@@ -68,7 +66,7 @@ __all__ = ["CONCERNS", "Concern", "RedisStore", "check_url", "redacted"]
 logger = logging.getLogger("asgi_armor")
 
 _LUA = files("asgi_armor.stores") / "lua"
-_ARGS_CACHE = 256  # distinct (cost, rule set) argument lists kept encoded
+_ARGS_CACHE = 256  # distinct (cost, rule set) commands kept encoded
 _TICK = 0.02  # seconds between two looks at the event loop's lag while calls are sent
 _MAX_CONNECTIONS = 64  # the pool's connections (from_url)
 _MAX_IN_FLIGHT = 4  # batches in flight by default
@@ -88,6 +86,7 @@ try:
     from redis.exceptions import BusyLoadingError as _BusyLoadingError
     from redis.exceptions import ConnectionError as _ConnectionError
     from redis.exceptions import NoScriptError as _NoScriptError
+    from redis.exceptions import ReadOnlyError as _ReadOnlyError
     from redis.exceptions import RedisError as _RedisError
     from redis.exceptions import ResponseError as _ResponseError
 except ImportError:  # pragma: no cover - the redis extra is missing; from_url says so
@@ -107,11 +106,42 @@ except ImportError:  # pragma: no cover - the redis extra is missing; from_url s
     class _NoScriptError(_ResponseError):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.NoScriptError when redis is not installed."""
 
+    class _ReadOnlyError(_ResponseError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.ReadOnlyError when redis is not installed."""
+
 
 #: What a connection that went stale in the pool raises at its first use: the socket
 #: closed or reset. A timeout, or an answer of Redis's (LOADING is one), is not that.
 _LOST = (_ConnectionError, OSError, EOFError)
 _NOT_LOST = (TimeoutError, _BusyLoadingError)
+
+_READ_SIZE = 65536  # bytes asked of a connection's stream per read
+_MORE: Any = object()  # hiredis: no whole reply buffered yet
+
+
+def _hiredis_reader() -> Any:
+    """A hiredis reply reader giving redis-py's error classes (NOSCRIPT, MOVED, LOADING)."""
+    import hiredis
+    from redis._parsers import BaseParser
+    from redis.exceptions import InvalidResponse
+
+    return hiredis.Reader(
+        protocolError=InvalidResponse, replyError=BaseParser.parse_error, notEnoughData=_MORE
+    )
+
+
+def _parses_with_hiredis(pool: Any) -> bool:
+    """Whether ``pool``'s connections parse with hiredis (the default when installed)."""
+    try:
+        from redis._parsers import _AsyncHiredisParser
+        from redis.asyncio.connection import DefaultParser
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:  # pragma: no cover - a redis-py without these: its own path
+        return False
+    parser = pool.connection_kwargs.get("parser_class", DefaultParser)
+    return (
+        HIREDIS_AVAILABLE and isinstance(parser, type) and issubclass(parser, _AsyncHiredisParser)
+    )
 
 
 def _script(name: str) -> str:
@@ -287,6 +317,17 @@ class _Script:
         )
         return head + b"".join(map(_bulk, keys)) + argv
 
+    def template(self, prefix: bytes, keys: int, argv: bytes, count: int) -> bytes:
+        """``call`` as a ``%`` template taking a ``(length, key)`` pair per key, each key
+        written after ``prefix`` (the lengths given include it)."""
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
+            3 + keys + count,
+            self.sha,
+            _bulk(b"%d" % keys),
+        )
+        key = b"$%%d\r\n%s%%b\r\n" % prefix.replace(b"%", b"%%")
+        return head.replace(b"%", b"%%") + key * keys + argv.replace(b"%", b"%%")
+
 
 class _Call:
     """One store operation waiting in a batch: its command, its concern, its caller.
@@ -327,6 +368,80 @@ class _Call:
         self.start = 0.0
 
 
+class _Link:
+    """One connection of the store's own, carrying one batch at a time.
+
+    redis-py makes the connection (AUTH, SELECT, TLS, a Sentinel's current master) and
+    writes each batch. With hiredis (the ``redis`` extra), the replies are read straight
+    off the connection's stream and parsed by a reader of the link's own, one C call per
+    reply; redis-py's own path costs a coroutine and several checks per reply, which was
+    a fifth of the CPU of a batched decision. Without hiredis, or with another
+    ``parser_class`` chosen, redis-py reads them.
+
+    ``answered``: the link answered a batch since it last connected, so a connection
+    lost at its next use went stale while idle (Redis restarted, or a proxy closed it),
+    and its batch may be sent again.
+    """
+
+    __slots__ = ("__weakref__", "_fast", "answered", "connection", "reader")
+
+    def __init__(self, store: RedisStore) -> None:
+        pool: Any = store.client.connection_pool
+        self.connection: Any = pool.make_connection()
+        self.answered = False
+        self.reader: Any = None
+        self._fast = store._hiredis
+        # redis-py keeps it as a weak method, called on every (re)connect.
+        self.connection.register_connect_callback(self._connected)
+
+    def _connected(self, connection: Any) -> None:
+        # A new socket: not a stale one, and its replies start a new parse.
+        self.answered = False
+        if self._fast:
+            self.reader = _hiredis_reader()
+
+    async def drop(self, *, wait: bool = False) -> None:
+        """Close the connection: the next batch connects anew, and is not stale."""
+        self.answered = False
+        await self.connection.disconnect(nowait=not wait)
+
+    async def replies(self, count: int, replies: list[Any]) -> bool:
+        """Read ``count`` replies into ``replies``, an error reply in its place; whether
+        an error reply came. ``LOADING`` (a ConnectionError of redis-py's) raises."""
+        reader = self.reader
+        if reader is None:
+            return await self._replies_by_redis_py(count, replies)
+        stream = self.connection._reader
+        errors = False
+        while count:
+            reply = reader.gets()
+            if reply is _MORE:
+                data = await stream.read(_READ_SIZE)
+                if not data:
+                    raise _ConnectionError("Connection closed by server.")
+                reader.feed(data)
+                continue
+            if isinstance(reply, Exception):
+                if isinstance(reply, _ConnectionError):
+                    raise reply  # as redis-py's parser: the connection is unusable
+                errors = True
+            replies.append(reply)
+            count -= 1
+        return errors
+
+    async def _replies_by_redis_py(self, count: int, replies: list[Any]) -> bool:
+        # No per-read timeout: the batch runs under the store deadline (``_Deadline``).
+        read = functools.partial(self.connection.read_response, timeout=math.inf)
+        errors = False
+        for _ in range(count):
+            try:
+                replies.append(await read())
+            except _ResponseError as exc:
+                replies.append(exc)
+                errors = True
+        return errors
+
+
 class _Batcher:
     """Sends the store calls of one event loop to one Redis, many per round trip.
 
@@ -345,6 +460,8 @@ class _Batcher:
 
     __slots__ = (
         "_expiry",
+        "_idle",
+        "_links",
         "_next",
         "_queues",
         "_scheduled",
@@ -370,6 +487,9 @@ class _Batcher:
         self._scheduled = 0  # of which not started yet (they take what waits by then)
         self._tasks: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
+        # Every link made (never more than max_in_flight), and those not carrying a batch.
+        self._links: list[_Link] = []
+        self._idle: list[_Link] = []
 
     def submit(self, call: _Call) -> None:
         """Queue ``call``; start a batch task when one is free and none would take it."""
@@ -465,55 +585,57 @@ class _Batcher:
             self.running -= 1
 
     async def _send(self, batch: list[_Call]) -> None:
-        """One round trip for ``batch`` (two when Redis lost its scripts or the pooled
+        """One round trip for ``batch`` (two when Redis lost its scripts or the link's
         connection was stale), under the store deadline; then every call gets its own
         reply, or the batch's failure if its reply never came."""
         store = self.store
-        pool: Any = store.client.connection_pool
-        connection: Any = None
+        idle = self._idle
+        if idle:
+            link = idle.pop()
+        else:
+            link = _Link(store)
+            self._links.append(link)
         replies: list[Any] = []
         failure: BaseException | None = None
         try:
-            try:
-                async with asyncio.timeout(None) as scope:
-                    deadline = _Deadline(self.lag, scope, store.timeout)
-                    try:
-                        connection = await pool.get_connection()
-                        if await self._round_trip(connection, batch, replies):
-                            # Redis may close a connection after an error (a protocol
-                            # error does): never hand it to the next batch.
-                            await connection.disconnect()
-                        else:
-                            store._answered(connection)
-                    finally:
-                        deadline.close()
-            finally:
-                # Outside the deadline: a release cut short would lose the connection.
-                # A call cut short has already dropped it (a reply may still be coming).
-                if connection is not None:
-                    await pool.release(connection)
+            async with asyncio.timeout(None) as scope:
+                deadline = _Deadline(self.lag, scope, store.timeout)
+                try:
+                    if await self._round_trip(link, batch, replies):
+                        # Redis may close a connection after an error (a protocol error
+                        # does), and a READONLY reply means a demoted primary: the next
+                        # batch connects anew (to a Sentinel's current master).
+                        await link.drop(wait=True)
+                    else:
+                        link.answered = True
+                finally:
+                    deadline.close()
         except (_RedisError, OSError, TimeoutError) as exc:
             failure = exc
+            # Cut short: a reply may still be coming, so this socket never carries another.
+            await link.drop()
         except BaseException as exc:
             # Cancelled (the loop is shutting down): this says nothing about the store, so
             # no breaker counts the calls left unanswered; their callers are told anyway.
             self._settle(batch, replies, exc)
+            await link.drop()
             raise
+        finally:
+            idle.append(link)
         self._settle(batch, replies, failure)
 
-    async def _round_trip(self, connection: Any, batch: list[_Call], replies: list[Any]) -> bool:
-        """``_exchange``; on a lost connection that had answered a batch before (stale in the
-        pool: Redis restarted, or the connection was closed while idle), once more on a new
+    async def _round_trip(self, link: _Link, batch: list[_Call], replies: list[Any]) -> bool:
+        """``_exchange``; on a lost connection that had answered a batch before (stale:
+        Redis restarted, or the connection was closed while idle), once more on a new
         one, for the calls that got no reply. Returns whether an error reply came back."""
-        store = self.store
-        reused = connection in store._reused
+        reused = link.answered
         try:
-            return await _exchange(connection, batch, replies)
+            return await _exchange(link, batch, replies)
         except _LOST as exc:
             if not reused or isinstance(exc, _NOT_LOST):
                 raise  # a new connection lost: Redis itself failed, the calls fail
-            store.stale_connections += 1
-            return await _resend(connection, batch, replies, exc)
+            self.store.stale_connections += 1
+            return await _resend(link, batch, replies, exc)
 
     def _settle(
         self, batch: list[_Call], replies: list[Any], failure: BaseException | None
@@ -552,7 +674,7 @@ class _Batcher:
 _PENDING: Any = object()
 
 
-async def _exchange(connection: Any, batch: list[_Call], replies: list[Any]) -> bool:
+async def _exchange(link: _Link, batch: list[_Call], replies: list[Any]) -> bool:
     """Write every command of ``batch`` at once and read the replies into ``replies``
     (an error reply in its place), so the calls answered before a failure keep their
     answers. After ``NOSCRIPT`` (Redis restarted, or ``SCRIPT FLUSH``), load the scripts
@@ -561,18 +683,14 @@ async def _exchange(connection: Any, batch: list[_Call], replies: list[Any]) -> 
 
     Returns whether any other error reply came back.
     """
-    await connection.send_packed_command(b"".join(call.command for call in batch))
-    # No per-read timeout: the batch runs under the store deadline (``_Deadline``), and a
-    # timer context per reply was a third of this loop's cost.
-    read = functools.partial(connection.read_response, timeout=math.inf)
-    append = replies.append
-    errors = False
-    for _ in batch:
-        try:
-            append(await read())
-        except _ResponseError as exc:
-            append(exc)
-            errors = True
+    connection = link.connection
+    if not connection.is_connected:
+        # connect(), not the connect send_packed_command would make: a Sentinel's
+        # connection asks for the current master in connect() only.
+        await connection.connect()
+    send = connection.send_packed_command
+    await send(b"".join(call.command for call in batch), check_health=False)
+    errors = await link.replies(len(batch), replies)
     lost = [index for index, reply in enumerate(replies) if isinstance(reply, _NoScriptError)]
     if not lost:
         return errors
@@ -582,27 +700,26 @@ async def _exchange(connection: Any, batch: list[_Call], replies: list[Any]) -> 
         if script is not None and script.load not in loads:
             loads.append(script.load)
         replies[index] = _PENDING
-    await connection.send_packed_command(
-        b"".join(loads) + b"".join(batch[index].command for index in lost)
+    await send(
+        b"".join(loads) + b"".join(batch[index].command for index in lost), check_health=False
     )
     # A load that failed shows in its calls' replies (NOSCRIPT again: an error each).
-    for _ in loads:
-        with contextlib.suppress(_ResponseError):
-            await read()
-    for index in lost:
-        try:
-            replies[index] = await read()
-        except _ResponseError as exc:
-            replies[index] = exc
+    await link.replies(len(loads), [])
+    resent: list[Any] = []
+    try:
+        await link.replies(len(lost), resent)
+    finally:
+        for index, reply in zip(lost, resent, strict=False):
+            replies[index] = reply
     return any(
         isinstance(reply, _ResponseError) and not isinstance(reply, _NoScriptError)
         for reply in replies
     )
 
 
-async def _resend(connection: Any, batch: list[_Call], replies: list[Any], lost: Exception) -> bool:
-    """Send again, on ``connection`` connected anew, the calls of ``batch`` that got no
-    reply (or ``NOSCRIPT``: not run) before it was ``lost``; merge their replies into
+async def _resend(link: _Link, batch: list[_Call], replies: list[Any], lost: Exception) -> bool:
+    """Send again, on ``link`` connected anew, the calls of ``batch`` that got no reply
+    (or ``NOSCRIPT``: not run) before it was ``lost``; merge their replies into
     ``replies``. A call that may not run twice (``repeat`` false) and may have run keeps
     ``lost`` as its reply: it fails, as it would have without the second attempt.
 
@@ -622,10 +739,10 @@ async def _resend(connection: Any, batch: list[_Call], replies: list[Any], lost:
             replies.append(reply)
     if not again:
         return False
-    await connection.disconnect(nowait=True)  # redis-py has already; a new socket for sure
+    await link.drop()  # redis-py may have already; a new socket for sure
     resent: list[Any] = []
     try:
-        return await _exchange(connection, [batch[index] for index in again], resent)
+        return await _exchange(link, [batch[index] for index in again], resent)
     finally:
         for index, reply in zip(again, resent, strict=False):
             replies[index] = reply
@@ -719,11 +836,9 @@ class RedisStore:
         self._batcher: _Batcher | None = None
         self._wrong_loop_logged = False
         self._prefix = _key(prefix)
-        self._argv: dict[tuple[int, tuple[BucketSpec, ...]], bytes] = {}
+        self._templates: dict[tuple[int, tuple[BucketSpec, ...]], bytes] = {}
         self.stale_connections = 0
-        # Connections that answered a batch and have not connected again since: one of
-        # them lost at its next use went stale in the pool, and its batch may be resent.
-        self._reused: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._hiredis = _parses_with_hiredis(pool)
         # Replay-cache tokens: unique per call across processes, no syscall per call.
         self._token_prefix = os.urandom(9).hex().encode("ascii") + b":"
         self._tokens = itertools.count()
@@ -792,18 +907,6 @@ class RedisStore:
                 'running on asyncio; serve it on asyncio or use store = "memory"'
             ) from None
 
-    def _answered(self, connection: Any) -> None:
-        """``connection`` answered a batch: it may go stale in the pool from now on."""
-        reused = self._reused
-        if connection not in reused:
-            reused.add(connection)
-            # redis-py keeps it as a weak method, once per connection.
-            connection.register_connect_callback(self._connected)
-
-    def _connected(self, connection: Any) -> None:
-        # Called by redis-py on every (re)connect: a new socket is not a stale one.
-        self._reused.discard(connection)
-
     def _not_on_asyncio(self) -> StoreError:
         if not self._wrong_loop_logged:
             self._wrong_loop_logged = True
@@ -849,24 +952,34 @@ class RedisStore:
         A take sent again after a lost connection may take twice (never admits more); a
         give-back (negative ``cost``) is never sent again: it could give back twice.
         """
-        # The script's arguments depend only on the rules and the cost: encode them once.
+        # The command depends only on the rules and the cost, but for the keys: the rest
+        # is encoded once, as a template the keys are written into.
         cache_key = (cost, specs if type(specs) is tuple else tuple(specs))
-        argv = self._argv.get(cache_key)
-        if argv is None:
+        template = self._templates.get(cache_key)
+        if template is None:
             numbers: list[float | int] = [cost]
             for interval, tolerance in specs:
                 numbers.append(interval)
                 numbers.append(tolerance)
             argv = b"".join(_bulk(repr(number).encode("ascii")) for number in numbers)
+            template = _HIT_BUCKETS.template(self._prefix, len(specs), argv, len(numbers))
             # A give-back's specs carry its own request's bucket times: never seen again.
             if cost >= 0:
-                if len(self._argv) >= _ARGS_CACHE:
-                    self._argv.clear()
-                self._argv[cache_key] = argv
-        prefix = self._prefix
-        command = _HIT_BUCKETS.call([prefix + _key(key) for key in keys], argv, 1 + 2 * len(specs))
+                if len(self._templates) >= _ARGS_CACHE:
+                    self._templates.clear()
+                self._templates[cache_key] = template
+        extra = len(self._prefix)
+        values: list[int | bytes] = []
+        for key in keys:
+            encoded = key.encode("utf-8", "surrogateescape")  # as _key, without the call
+            values.append(len(encoded) + extra)
+            values.append(encoded)
         reply = await self._call(
-            command, _HIT_BUCKETS, concern="rate_limit", admits=True, repeat=cost >= 0
+            template % tuple(values),
+            _HIT_BUCKETS,
+            concern="rate_limit",
+            admits=True,
+            repeat=cost >= 0,
         )
         return reply[0] == 1, float(reply[1]), [float(tat) for tat in reply[2:]]
 
@@ -912,7 +1025,11 @@ class RedisStore:
         await self._call(_command(b"DEL", self._prefix + _key(key)), concern="replay")
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the store's connections and the client's pool."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            for link in batcher._links:
+                await link.connection.disconnect()
         await self.client.aclose()
 
     def __repr__(self) -> str:
