@@ -916,7 +916,7 @@ class RedisStore:
             )
         return StoreError("redis store unavailable: not running on asyncio")
 
-    async def _call(
+    def _call(
         self,
         command: bytes,
         script: _Script | None = None,
@@ -924,8 +924,9 @@ class RedisStore:
         concern: Concern = "idempotency",
         admits: bool = False,
         repeat: bool = True,
-    ) -> Any:
-        """Send ``command`` in the next batch and wait for its own reply.
+    ) -> asyncio.Future[Any]:
+        """Send ``command`` in the next batch: the future of its own reply (a future, not
+        a coroutine, so each call awaits one frame less).
 
         ``admits``: the call admits new work, so its wait for a batch is bounded
         (``Overloaded``). The defaults (a lease operation on work already admitted, which
@@ -942,7 +943,7 @@ class RedisStore:
             batcher = self._batcher = _Batcher(self, loop)
         future: asyncio.Future[Any] = loop.create_future()
         batcher.submit(_Call(concern, admits, command, script, future, repeat))
-        return await future
+        return future
 
     async def hit_buckets(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
