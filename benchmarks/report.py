@@ -392,8 +392,9 @@ def _notes(data: dict[str, Any]) -> list[str]:
             f"stack costs {_us(redis['rps']) - _us(bare['rps']):.0f} us of server time a "
             "request on Redis, against "
             f"{_us(ours['rps']) - _us(bare['rps']) if ours else 0:.0f} us on memory: the "
-            "difference is the redis-py client's work per batch (encoding, parsing the "
-            "replies, waking the waiting requests), shared by the calls of one batch."
+            "difference is the store call itself (the command, the batch's write and read, "
+            "waking the request again: CPU of this process) and the wait while Redis runs "
+            "the batch's scripts, when all the connections' requests may be waiting on it."
         )
     return out
 

@@ -460,6 +460,6 @@ async def test_a_sentinel_stores_batches_reach_the_master_it_names(
                     assert await admin.exists(f"{prefix}n:0") == 1
             finally:
                 await admin.aclose()
-        assert seen == {6379: 0, **{port: 0 for port in redis_sentinel.data_ports}, master: 4}
+        assert seen == {6379: 0, **dict.fromkeys(redis_sentinel.data_ports, 0), master: 4}
     finally:
         await store.aclose()

@@ -760,3 +760,45 @@ async def test_redis_lone_call_is_not_held_back(
     # A batching window of a millisecond would show in the median; the script's own work
     # and this store's bookkeeping are tens of microseconds.
     assert statistics.median(calls) < 2 * statistics.median(pings) + 0.001
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
+async def test_both_reply_paths_answer_alike(
+    parser: str, private_redis: RedisServer, asyncio_only: None
+) -> None:
+    """The store's own hiredis reader (the default with the ``redis`` extra) and
+    redis-py's reply path (another ``parser_class``) give the same answers: decisions and
+    their times, leases, stored bytes, an error reply failing its call alone, and the
+    scripts reloaded after ``SCRIPT FLUSH``."""
+    import redis.asyncio as aioredis
+    from redis._parsers import _AsyncRESP2Parser
+
+    options: dict[str, Any] = {} if parser == "hiredis" else {"parser_class": _AsyncRESP2Parser}
+    prefix = f"armortest:{uuid.uuid4().hex[:12]}:"
+    store = RedisStore.from_url(private_redis.url, prefix=prefix, **options)
+    probe = aioredis.Redis.from_url(private_redis.url)
+    assert store._hiredis is (parser == "hiredis")
+    try:
+        two = spec(2, 3600)
+        decisions = [await store.hit_buckets(["k", "j"], [two, two], 1) for _ in range(3)]
+        assert [allowed for allowed, _, _ in decisions] == [True, True, False]
+        now, tats = decisions[0][1], decisions[0][2]
+        assert tats == [now + 1800.0, now + 1800.0]  # every digit of the doubles kept
+        assert await store.lease_acquire("pay", b"lease", 60) is None
+        record = bytes(range(256)) * 300  # binary, and larger than one read
+        assert await store.lease_complete("pay", b"lease", record, 60) is True
+        assert await store.lease_acquire("pay", b"other", 60) == record
+        await probe.rpush(prefix + "rl:list", b"x")
+        results = await asyncio.gather(
+            store.hit_buckets(["rl:list"], [two], 1),  # WRONGTYPE: the script fails
+            store.remember("nonce", 60),
+            return_exceptions=True,
+        )
+        assert type(results[0]) is StoreError
+        assert results[1] is True
+        await probe.script_flush()
+        assert (await store.hit_buckets(["fresh"], [two], 1))[0] is True
+        assert await store.remember("nonce", 60) is False
+    finally:
+        await probe.aclose()
+        await store.aclose()
