@@ -6,7 +6,7 @@ of one process share round trips: the calls issued while a batch is in flight (o
 the same event-loop tick) go out together as one pipeline of commands, each keeping its
 own reply, its own error and its own concern's failure accounting. A lone call goes out
 at once. After ``NOSCRIPT`` (a Redis restart or ``SCRIPT FLUSH``) a batch loads the
-scripts and resends the calls that got it, once. A batch that finds its pooled connection
+scripts and resends the calls that got it, once. A batch that finds its connection
 stale (Redis restarted, failed over, or a proxy closed it while idle) is sent once more
 on a new connection, within the same deadline, so a restart costs no call: every
 operation answers the same when run twice (docs/stores.md, "Stale connections").
@@ -15,15 +15,16 @@ policy. Runs on asyncio (redis.asyncio).
 
 A store call is judged by the store's answer, not by this process's load:
 
-- At most ``max_in_flight`` batches are in flight at once (each on its own connection, no
-  more than the pool has), of at most ``max_batch`` calls. A call waiting for a batch has
-  not been sent, so its wait is not store time. Waiting calls are taken round robin across
-  concerns, so a burst of rate-limit calls does not queue an idempotency lease or a replay
-  check behind it. A call that admits new work (``hit_buckets``, ``lease_acquire``,
-  ``remember``) and waits longer than ``queue_timeout`` raises ``Overloaded`` (503
-  ``overloaded``): local overload, never the store-failure policy, never counted by a
-  breaker. Calls that finish work already done (``lease_complete``, ``lease_release``,
-  ``lease_extend``, ``forget``) always wait, and go first within their concern.
+- At most ``max_in_flight`` batches are in flight at once (each on a connection of the
+  store's own, no more than the pool's ``max_connections``), of at most ``max_batch``
+  calls. A call waiting for a batch has not been sent, so its wait is not store time.
+  Waiting calls are taken round robin across concerns, so a burst of rate-limit calls
+  does not queue an idempotency lease or a replay check behind it. A call that admits
+  new work (``hit_buckets``, ``lease_acquire``, ``remember``) and waits longer than
+  ``queue_timeout`` raises ``Overloaded`` (503 ``overloaded``): local overload, never the
+  store-failure policy, never counted by a breaker. Calls that finish work already done
+  (``lease_complete``, ``lease_release``, ``lease_extend``, ``forget``) always wait, and
+  go first within their concern.
 - A batch fails after ``timeout`` seconds of *store time* from when it was sent: time the
   event loop was free to read the answer. Seconds the loop spent late on its timers (a
   burst of requests keeps it busy) are not counted, so a backlog here never reads as a
@@ -86,7 +87,6 @@ try:
     from redis.exceptions import BusyLoadingError as _BusyLoadingError
     from redis.exceptions import ConnectionError as _ConnectionError
     from redis.exceptions import NoScriptError as _NoScriptError
-    from redis.exceptions import ReadOnlyError as _ReadOnlyError
     from redis.exceptions import RedisError as _RedisError
     from redis.exceptions import ResponseError as _ResponseError
 except ImportError:  # pragma: no cover - the redis extra is missing; from_url says so
@@ -106,11 +106,8 @@ except ImportError:  # pragma: no cover - the redis extra is missing; from_url s
     class _NoScriptError(_ResponseError):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.NoScriptError when redis is not installed."""
 
-    class _ReadOnlyError(_ResponseError):  # type: ignore[no-redef]
-        """Stands in for redis.exceptions.ReadOnlyError when redis is not installed."""
 
-
-#: What a connection that went stale in the pool raises at its first use: the socket
+#: What a connection that went stale while idle raises at its first use: the socket
 #: closed or reset. A timeout, or an answer of Redis's (LOADING is one), is not that.
 _LOST = (_ConnectionError, OSError, EOFError)
 _NOT_LOST = (TimeoutError, _BusyLoadingError)
@@ -412,6 +409,8 @@ class _Link:
         if reader is None:
             return await self._replies_by_redis_py(count, replies)
         stream = self.connection._reader
+        if stream is None:  # closed under us (the store closing)
+            raise _ConnectionError("Connection closed.")
         errors = False
         while count:
             reply = reader.gets()
@@ -779,7 +778,7 @@ class RedisStore:
             ``Overloaded`` is raised.
 
     Attributes:
-        stale_connections: pooled connections found stale at their first use (each one's
+        stale_connections: connections found stale at their first use (each one's
             batch sent again on a new connection): one per connection after a restart.
 
     Raises:
