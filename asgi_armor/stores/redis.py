@@ -87,6 +87,7 @@ try:
     from redis.exceptions import BusyLoadingError as _BusyLoadingError
     from redis.exceptions import ConnectionError as _ConnectionError
     from redis.exceptions import NoScriptError as _NoScriptError
+    from redis.exceptions import ReadOnlyError as _ReadOnlyError
     from redis.exceptions import RedisError as _RedisError
     from redis.exceptions import ResponseError as _ResponseError
 except ImportError:  # pragma: no cover - the redis extra is missing; from_url says so
@@ -105,6 +106,9 @@ except ImportError:  # pragma: no cover - the redis extra is missing; from_url s
 
     class _NoScriptError(_ResponseError):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.NoScriptError when redis is not installed."""
+
+    class _ReadOnlyError(_ResponseError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.ReadOnlyError when redis is not installed."""
 
 
 #: What a connection that went stale while idle raises at its first use: the socket
@@ -404,7 +408,10 @@ class _Link:
 
     async def replies(self, count: int, replies: list[Any]) -> bool:
         """Read ``count`` replies into ``replies``, an error reply in its place; whether
-        an error reply came. ``LOADING`` (a ConnectionError of redis-py's) raises."""
+        an error reply came. ``LOADING`` (a ConnectionError of redis-py's) raises, and so
+        does ``READONLY``: the primary this connection reached is a replica now (a
+        failover), nothing was written, and the calls are sent again on a connection
+        made anew, as redis-py's Sentinel connection does."""
         reader = self.reader
         if reader is None:
             return await self._replies_by_redis_py(count, replies)
@@ -423,6 +430,8 @@ class _Link:
             if isinstance(reply, Exception):
                 if isinstance(reply, _ConnectionError):
                     raise reply  # as redis-py's parser: the connection is unusable
+                if isinstance(reply, _ReadOnlyError):
+                    raise _ConnectionError("the primary is a replica now") from reply
                 errors = True
             replies.append(reply)
             count -= 1
@@ -601,9 +610,8 @@ class _Batcher:
                 deadline = _Deadline(self.lag, scope, store.timeout)
                 try:
                     if await self._round_trip(link, batch, replies):
-                        # Redis may close a connection after an error (a protocol error
-                        # does), and a READONLY reply means a demoted primary: the next
-                        # batch connects anew (to a Sentinel's current master).
+                        # Redis may close a connection after an error (a protocol
+                        # error does): never hand it to the next batch.
                         await link.drop(wait=True)
                     else:
                         link.answered = True

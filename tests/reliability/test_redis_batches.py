@@ -348,3 +348,28 @@ async def test_a_give_back_is_never_sent_twice(private_redis: Any, asyncio_only:
         assert allowed
     finally:
         await store.aclose()
+
+
+async def test_a_demoted_primary_is_left_and_nothing_runs_there(
+    private_redis: Any, asyncio_only: None
+) -> None:
+    """The Redis a store writes to becomes a replica (a failover demoted it): its
+    ``READONLY`` reply is a lost connection, not an answer. The batch is sent once more on
+    a connection made anew (a Sentinel's asks for the current master); here the address
+    is still the replica, so the call fails and its tokens were never taken. Promoted
+    again, the next call is answered on a new connection."""
+    store = RedisStore.from_url(private_redis.url, max_in_flight=1)
+    admin = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    one = spec(1, 3600)
+    try:
+        assert (await store.hit_buckets(["warm"], [one], 1))[0] is True
+        admin.replicaof("127.0.0.1", "1")  # a master that is never reached: read-only now
+        with pytest.raises(StoreError, match="ConnectionError"):
+            await store.hit_buckets(["demoted"], [one], 1)
+        assert store.stale_connections == 1  # the warm connection, sent again once
+        admin.replicaof("no", "one")
+        assert (await store.hit_buckets(["demoted"], [one], 1))[0] is True  # nothing taken
+    finally:
+        admin.replicaof("no", "one")
+        admin.close()
+        await store.aclose()
