@@ -309,23 +309,22 @@ class _Script:
         self.sha = hashlib.sha1(source, usedforsecurity=False).hexdigest().encode("ascii")
         self.load = _command(b"SCRIPT", b"LOAD", source)
 
-    def call(self, keys: Sequence[bytes], argv: bytes, count: int) -> bytes:
-        """``EVALSHA`` with ``keys`` and ``count`` arguments already encoded in ``argv``."""
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
-            3 + len(keys) + count,
-            self.sha,
-            _bulk(b"%d" % len(keys)),
-        )
-        return head + b"".join(map(_bulk, keys)) + argv
-
-    def template(self, prefix: bytes, keys: int, argv: bytes, count: int) -> bytes:
-        """``call`` as a ``%`` template taking a ``(length, key)`` pair per key, each key
-        written after ``prefix`` (the lengths given include it)."""
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
+    def _head(self, keys: int, count: int) -> bytes:
+        # EVALSHA, the script's hash and the number of keys: what precedes the keys.
+        return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
             3 + keys + count,
             self.sha,
             _bulk(b"%d" % keys),
         )
+
+    def call(self, keys: Sequence[bytes], argv: bytes, count: int) -> bytes:
+        """``EVALSHA`` with ``keys`` and ``count`` arguments already encoded in ``argv``."""
+        return self._head(len(keys), count) + b"".join(map(_bulk, keys)) + argv
+
+    def template(self, prefix: bytes, keys: int, argv: bytes, count: int) -> bytes:
+        """``call`` as a ``%`` template taking a ``(length, key)`` pair per key, each key
+        written after ``prefix`` (the lengths given include it)."""
+        head = self._head(keys, count)
         key = b"$%%d\r\n%s%%b\r\n" % prefix.replace(b"%", b"%%")
         return head.replace(b"%", b"%%") + key * keys + argv.replace(b"%", b"%%")
 
