@@ -165,6 +165,9 @@ async def test_user_lookup_behind_breaker(
     assert (await demo.get("/api/users/1")).json()["name"] == "Ada Lovelace"
     assert_envelope(await demo.get("/api/users/9"), 404, "not_found")
     assert_envelope(await demo.get("/api/users/abc"), 404, "not_found")
+    # str.isdigit() holds for superscripts and other scripts' digits, which int() refuses.
+    for digits in ("\u00b2", "\u0663", "1\uff11"):
+        assert_envelope(await demo.get("/api/users/" + digits), 404, "not_found")
     assert (await demo.put("/demo/faults/db", json={"mode": "fail"})).status_code == 200
     with caplog.at_level(logging.ERROR, logger="asgi_armor"):
         for _ in range(5):

@@ -177,7 +177,7 @@ class Demo:
 
     async def get_user(self, request: Request) -> Response:
         raw_id = request.path_params["user_id"]
-        if not raw_id.isdigit() or len(raw_id) > 18:
+        if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
             raise NotFound("No such user")
         # A database error counts against the breaker; "no such row" does not.
         user = await self.db_breaker.call(self.board.get_user, int(raw_id))
