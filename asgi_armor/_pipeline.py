@@ -74,16 +74,30 @@ class _Exchange(Progress):
     """One request's response on its way out: the request id and the rate-limit headers
     added to it, and how far it got."""
 
-    __slots__ = ("_send", "added", "id_header", "state", "status")
+    __slots__ = ("_receive", "_send", "added", "gone", "id_header", "state", "status")
 
-    def __init__(self, send: Send, id_header: tuple[bytes, bytes], state: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        id_header: tuple[bytes, bytes],
+        state: dict[str, Any],
+    ) -> None:
         self.started = False
         self.complete = False
+        self.gone = False  # the client's connection reported http.disconnect
         self.status = 500
+        self._receive = receive
         self._send = send
         self.id_header = id_header
         self.state = state
         self.added: list[tuple[bytes, bytes]] | None = None
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.gone = True
+        return message
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -259,7 +273,8 @@ class Pipeline:
         plan = self._plans.get((method, path))
         if plan is None:
             plan = self._plan(method, path)
-        exchange = _Exchange(send, (b"x-request-id", request_id.encode()), state)
+        exchange = _Exchange(receive, send, (b"x-request-id", request_id.encode()), state)
+        receive = exchange.receive
         try:
             limits = self._limits
             json_ok = None if limits is None else limits.admit(scope, plan.json_only)
@@ -286,7 +301,7 @@ class Pipeline:
                 else:
                     await plan.run(scope, receive, exchange.send, plan.app, plan.spec)
         except Exception as exc:
-            error = self._errors._error_for(scope, exc)
+            error = self._errors._error_for(scope, exc, exchange.gone)
             if exchange.complete:
                 # A framework already answered (Starlette renders its 500 page, then
                 # re-raises "so servers can log it"): logged, nothing left to send.

@@ -644,7 +644,7 @@ class ErrorMiddleware:
         if self.metrics is not None:
             self._with_metrics(scope, request_id)
         id_header = (b"x-request-id", request_id.encode())
-        response_started = response_complete = False
+        response_started = response_complete = gone = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal response_started, response_complete
@@ -656,10 +656,17 @@ class ErrorMiddleware:
                 response_complete = True
             await send(message)
 
+        async def watched_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, watched_receive, send_with_id)
         except Exception as exc:
-            error = self._error_for(scope, exc)
+            error = self._error_for(scope, exc, gone)
             if response_complete:
                 # A framework already answered (Starlette renders its 500 page, then
                 # re-raises "so servers can log it"): logged above, nothing left to send.
@@ -680,11 +687,23 @@ class ErrorMiddleware:
         scope["state"][_STATE_METRICS] = self.metrics
         _REQUEST_ID.set(request_id)
 
-    def _error_for(self, scope: Scope, exc: Exception) -> ArmorError:
-        """The error to answer with: ``exc``'s own, or a logged, opaque internal error."""
+    def _error_for(self, scope: Scope, exc: Exception, gone: bool = False) -> ArmorError:
+        """The error to answer with: ``exc``'s own, or a logged, opaque internal error.
+
+        ``gone``: the client's connection reported ``http.disconnect`` before ``exc``.
+        """
         error = armor_error_in(exc)
         if error is None:
-            log_unhandled(scope, exc, self.logger)
+            if gone:
+                # The app failed reading a body the client stopped sending (Starlette's
+                # ClientDisconnect): the client's doing, not a server fault to page on.
+                self.logger.info(
+                    "client disconnected before the response [request_id=%s]: %s",
+                    ensure_request_id(scope),
+                    type(exc).__name__,
+                )
+            else:
+                log_unhandled(scope, exc, self.logger)
             error = InternalError()
         return error
 

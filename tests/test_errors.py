@@ -346,3 +346,67 @@ def test_401s_carry_a_challenge() -> None:
     assert custom.message == "Log in first"
     _, headers, _ = render(InvalidSignature("replayed"), "r")
     assert (b"www-authenticate", b"Signature") in headers
+
+
+def _reads_then_fails() -> ASGIApp:
+    """A Starlette route reading its body: a client gone mid-upload raises ClientDisconnect."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def upload(request: Request) -> Response:
+        return Response(await request.body())
+
+    return Starlette(routes=[Route("/upload", upload, methods=["POST"])])
+
+
+async def _bare_reads_then_fails(scope: Scope, receive: Receive, send: Send) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    raise RuntimeError("the body never ended")
+
+
+@pytest.mark.parametrize("inner", [_reads_then_fails, lambda: _bare_reads_then_fails])
+@pytest.mark.parametrize("wrap", ["ErrorMiddleware", "armor"])
+async def test_a_client_that_hangs_up_mid_body_is_no_server_error(
+    inner: Any, wrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app failing on the ``http.disconnect`` of a client that left mid-upload is the
+    client's doing: logged at INFO, without a traceback, and never as an unhandled
+    exception; a failure with the client still there is (see above)."""
+    from asgi_armor import armor
+
+    app = ErrorMiddleware(inner()) if wrap == "ErrorMiddleware" else armor(inner())
+    incoming = [
+        {"type": "http.request", "body": b'{"half": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        pass  # nobody is there to read it
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/upload",
+        "raw_path": b"/upload",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("192.0.2.7", 50000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+    with caplog.at_level(logging.DEBUG, logger="asgi_armor"):
+        await app(scope, receive, send)
+    ours = [record for record in caplog.records if record.name == "asgi_armor"]
+    assert [(r.levelno, r.exc_info) for r in ours] == [(logging.INFO, None)]
+    assert ours[0].getMessage().startswith("client disconnected before the response")
+    assert scope["state"]["request_id"] in ours[0].getMessage()
