@@ -326,6 +326,98 @@ async def test_moved_is_followed_to_the_slots_new_owner(
         await probe.aclose()
 
 
+async def _setslot(port: int, slot: int, *args: Any) -> None:
+    import redis.asyncio as aioredis
+
+    probe = aioredis.Redis(port=port)
+    try:
+        await probe.execute_command("CLUSTER", "SETSLOT", slot, *args)
+    finally:
+        await probe.aclose()
+
+
+async def _migrate(source: int, target: int, *keys: str) -> None:
+    """Move ``keys`` from ``source`` to ``target`` (the resharding step for a few keys)."""
+    import redis.asyncio as aioredis
+
+    probe = aioredis.Redis(port=source)
+    try:
+        await probe.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+    finally:
+        await probe.aclose()
+
+
+async def test_a_slot_in_migration_is_followed_by_ask_and_decided_exactly(
+    redis_cluster: RedisClusterServers, cluster_store: RedisClusterStore
+) -> None:
+    """A resharding under way (a slot MIGRATING on its owner, IMPORTING on another node):
+    keys still on the owner are served there; keys that left, or are new, follow ASK to
+    the importing node; a decision whose keys are split between the two (TRYAGAIN) is
+    decided key by key. No call fails, and a 10-token limit admits exactly 10."""
+    import redis.asyncio as aioredis
+
+    prefix = cluster_store.prefix
+    assert await cluster_store.remember("warm", 60)  # the slot map is read
+    value = f"ask{uuid.uuid4().hex[:8]}"
+    slot = _slot(prefix, f"rl:ip:{value}")
+    same_slot = [f"idem:ask{i}" for i in range(200_000) if _slot(prefix, f"idem:ask{i}") == slot]
+    lease_key = same_slot[0]
+    # Another value whose two buckets share that slot, new when the migration starts.
+    fresh = next(f"n{i}" for i in range(200_000) if _slot(prefix, f"rl:ip:n{i}") == slot)
+    ten = spec(10, 3600)
+    layers = [f"rl:ip:{value}", f"rl:route:{value}"]
+    stored = [prefix + cluster_key(key) for key in layers]
+    assert key_slot(stored[0]) == key_slot(stored[1]) == slot
+    for _ in range(3):
+        assert (await cluster_store.hit_buckets(layers, [ten, ten], 1))[0]
+    source = redis_cluster.owner(slot)
+    target = next(port for port in redis_cluster.primaries() if port != source)
+    source_id, target_id = await _node_id(source), await _node_id(target)
+    await _setslot(target, slot, "IMPORTING", source_id)
+    await _setslot(source, slot, "MIGRATING", target_id)
+    try:
+        # Both buckets still on the owner: served there.
+        assert await _remaining(cluster_store, layers, [ten, ten]) == [7, 7]
+        # One bucket moved: TRYAGAIN for the script of two keys, then one call each.
+        await _migrate(source, target, stored[0])
+        assert (await cluster_store.hit_buckets(layers, [ten, ten], 1))[0]
+        # Both moved: ASK, and one script call on the importing node.
+        await _migrate(source, target, stored[1])
+        assert (await cluster_store.hit_buckets(layers, [ten, ten], 1))[0]
+        assert await _remaining(cluster_store, layers, [ten, ten]) == [5, 5]
+        # New keys: ASK for the lease; ASK then TRYAGAIN for two new buckets.
+        assert await cluster_store.lease_acquire(lease_key, b"lease", 60) is None
+        assert await cluster_store.lease_acquire(lease_key, b"other", 60) == b"lease"
+        news = [f"rl:ip:{fresh}", f"rl:route:{fresh}"]
+        decided = await asyncio.gather(
+            *(cluster_store.hit_buckets(news, [ten, ten], 1) for _ in range(14))
+        )
+        assert sum(allowed for allowed, _, _ in decided) == 10
+    finally:
+        # The migration finished whatever happened above, for the tests that follow.
+        probe = aioredis.Redis(port=source)
+        try:
+            left = await probe.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        finally:
+            await probe.aclose()
+        if left:
+            await _migrate(source, target, *(key.decode() for key in left))
+        for port in redis_cluster.primaries():
+            await _setslot(port, slot, "NODE", target_id)
+    # The slot has moved: everything the store wrote during the migration is there.
+    assert redis_cluster.owner(slot) == target
+    assert await _remaining(cluster_store, layers, [ten, ten]) == [5, 5]
+    assert await _remaining(cluster_store, news, [ten, ten]) == [0, 0]
+    assert await cluster_store.lease_acquire(lease_key, b"third", 60) == b"lease"
+    probe = aioredis.Redis(port=source)
+    try:
+        assert await probe.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    finally:
+        await probe.aclose()
+    for node in cluster_store.nodes.values():
+        assert node.breakers["rate_limit"].stats.failures == 0
+
+
 async def test_a_cluster_that_cannot_be_reached_fails_fast(asyncio_only: None) -> None:
     """No node answers: every call is a StoreError (the concern's policy), quickly, and the
     slot map is asked for at most every refresh_interval, not once per call."""

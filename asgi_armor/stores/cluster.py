@@ -5,7 +5,9 @@ deadline, per-concern breakers and ``NOSCRIPT`` reload, per node), and each key 
 the primary that owns its hash slot, read from ``CLUSTER SLOTS``. A ``MOVED`` reply
 (the slot has a new owner: a failover, a resharding) is followed at once, and any failure
 has the slot map read again (at most every ``refresh_interval`` seconds), so the store
-finds a promoted replica by itself. While the cluster converges, calls on the slots of a
+finds a promoted replica by itself. During a resharding, ``ASK`` is followed to the
+importing node (after ``ASKING``), and a script call over several keys that Redis cannot
+run mid-move (``TRYAGAIN``) is made key by key. While the cluster converges, calls on the slots of a
 lost primary fail with ``StoreError`` and each concern's ``on_store_error`` answers; the
 other primaries' breakers count none of it.
 
@@ -49,14 +51,22 @@ _Decision = tuple[bool, float, list[float]]
 _WARN_EVERY = 60.0  # seconds between two warnings of the same kind
 
 try:
+    from redis.exceptions import AskError as _AskError
     from redis.exceptions import MovedError as _MovedError
+    from redis.exceptions import TryAgainError as _TryAgainError
 except ImportError:  # pragma: no cover - the redis extra is missing; from_url says so
 
-    class _MovedError(Exception):  # type: ignore[no-redef]
-        """Stands in for redis.exceptions.MovedError when redis is not installed."""
+    class _AskError(Exception):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.AskError when redis is not installed."""
 
         host = ""
         port = 0
+
+    class _MovedError(_AskError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.MovedError when redis is not installed."""
+
+    class _TryAgainError(Exception):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.TryAgainError when redis is not installed."""
 
 
 def key_slot(key: str) -> int:
@@ -145,6 +155,8 @@ class RedisClusterStore:
         self._client_options = client_options
         #: The store of each node met so far (primaries, and the nodes asked for the map).
         self.nodes: dict[Address, RedisStore] = {}
+        # The stores that follow an ASK to a node (ASKING before every command).
+        self._asking: dict[Address, RedisStore] = {}
         self._slots: list[Address | None] = [None] * SLOTS
         self._replicas: tuple[Address, ...] = ()
         self._refreshing: asyncio.Future[None] | None = None
@@ -202,12 +214,13 @@ class RedisClusterStore:
         """
         self._store(self.startup_nodes[0]).check_runtime()
 
-    def _store(self, address: Address) -> RedisStore:
-        node = self.nodes.get(address)
+    def _store(self, address: Address, *, asking: bool = False) -> RedisStore:
+        nodes = self._asking if asking else self.nodes
+        node = nodes.get(address)
         if node is None:
             host, port = address
             shown = f"[{host}]" if ":" in host else host
-            node = self.nodes[address] = RedisStore.from_url(
+            node = nodes[address] = RedisStore.from_url(
                 f"{self._scheme}://{shown}:{port}/0",
                 prefix=self.prefix,
                 timeout=self.timeout,
@@ -215,6 +228,7 @@ class RedisClusterStore:
                 queue_timeout=self.queue_timeout,
                 **self._client_options,
             )
+            node._asking = asking
         return node
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
@@ -305,20 +319,26 @@ class RedisClusterStore:
         return address, self._store(address)
 
     async def _on(self, slot: int, call: Callable[[RedisStore], Awaitable[T]]) -> T:
-        """``call`` on the node owning ``slot``; after ``MOVED``, once more on the new owner."""
+        """``call`` on the node owning ``slot``; after ``MOVED``, once more on the new owner;
+        after ``ASK``, once more on the node importing the slot, after ``ASKING``."""
         address, node = await self._node_for(slot)
         try:
             return await call(node)
         except StoreError as exc:
-            self._stale()
             cause = exc.__cause__
-            # MOVED: the command did not run, so sending it to the new owner runs it once.
-            if not isinstance(cause, _MovedError):
+            # MOVED or ASK: the command did not run, so sending it on runs it once.
+            if not isinstance(cause, _AskError):
+                self._stale()
                 raise
             # No host in the reply means "the host you asked".
-            moved: Address = (str(cause.host) or address[0], int(cause.port))
-            self._slots[slot] = moved
-            return await call(self._store(moved))
+            redirected: Address = (str(cause.host) or address[0], int(cause.port))
+            if isinstance(cause, _MovedError):
+                self._stale()
+                self._slots[slot] = redirected
+                return await call(self._store(redirected))
+            # The slot is being migrated and these keys have left (or are new): the map
+            # stays, since the keys still here are served here.
+            return await call(self._store(redirected, asking=True))
 
     async def hit_buckets(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
@@ -329,11 +349,39 @@ class RedisClusterStore:
         groups: dict[int, list[int]] = {}
         for index, key in enumerate(mapped):
             groups.setdefault(key_slot(prefix + key), []).append(index)
-        if len(groups) <= 1:
-            return await self._on(next(iter(groups), 0), _hit(mapped, list(specs), cost))
+        try:
+            if len(groups) <= 1:
+                return await self._on(next(iter(groups), 0), _hit(mapped, list(specs), cost))
+            return await self._across(mapped, specs, cost, groups)
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, _TryAgainError) or len(groups) == len(mapped):
+                raise
+        # TRYAGAIN: a slot of this decision is being migrated, and a script of several of
+        # its keys cannot run on either node until the slot has moved (its keys are
+        # split between them, or new). What the other slots took was given back; each
+        # key on its own follows its ASK (docs/stores.md, Redis Cluster).
+        singles = {index: [index] for index in range(len(mapped))}
+        return await self._across(mapped, specs, cost, singles)
+
+    async def _across(
+        self,
+        mapped: list[str],
+        specs: Sequence[BucketSpec],
+        cost: int,
+        groups: dict[int, list[int]],
+    ) -> tuple[bool, float, list[float]]:
+        """One decision over the keys ``groups`` lists (each group: the indexes of the
+        keys decided in one script call): every group's call sent concurrently, the
+        tokens of the groups that allowed given back when another denied or failed."""
+        prefix = self.prefix
         parts = [
-            (slot, [mapped[i] for i in indexes], [specs[i] for i in indexes], indexes)
-            for slot, indexes in groups.items()
+            (
+                key_slot(prefix + mapped[indexes[0]]),
+                [mapped[i] for i in indexes],
+                [specs[i] for i in indexes],
+                indexes,
+            )
+            for indexes in groups.values()
         ]
         replies = await asyncio.gather(
             *(
@@ -362,8 +410,11 @@ class RedisClusterStore:
                 cost,
             )
         if failures:
-            # Local overload sheds the request; a store failure is the concern's policy.
-            raise next((exc for exc in failures if isinstance(exc, Overloaded)), failures[0])
+            # Local overload sheds the request; a store failure is the concern's policy,
+            # unless a slot in migration asks for the decision key by key.
+            shed = [exc for exc in failures if isinstance(exc, Overloaded)]
+            again = [exc for exc in failures if isinstance(exc.__cause__, _TryAgainError)]
+            raise (shed or again or failures)[0]
         now = decided[0][1]
         tats = [0.0] * len(mapped)
         for (_, _, part_specs, indexes), (taken, part_now, part_tats) in zip(
@@ -445,7 +496,7 @@ class RedisClusterStore:
         refreshing = self._refreshing
         if refreshing is not None and not refreshing.done():
             refreshing.cancel()
-        for node in self.nodes.values():
+        for node in [*self.nodes.values(), *self._asking.values()]:
             await node.aclose()
 
     def __repr__(self) -> str:

@@ -84,12 +84,14 @@ Concern = Literal["rate_limit", "idempotency", "replay"]
 CONCERNS: tuple[Concern, ...] = ("rate_limit", "idempotency", "replay")
 
 try:
+    from redis.exceptions import AskError as _AskError
     from redis.exceptions import BusyLoadingError as _BusyLoadingError
     from redis.exceptions import ConnectionError as _ConnectionError
     from redis.exceptions import NoScriptError as _NoScriptError
     from redis.exceptions import ReadOnlyError as _ReadOnlyError
     from redis.exceptions import RedisError as _RedisError
     from redis.exceptions import ResponseError as _ResponseError
+    from redis.exceptions import TryAgainError as _TryAgainError
 except ImportError:  # pragma: no cover - the redis extra is missing; from_url says so
 
     class _RedisError(Exception):  # type: ignore[no-redef]
@@ -110,11 +112,20 @@ except ImportError:  # pragma: no cover - the redis extra is missing; from_url s
     class _ReadOnlyError(_ResponseError):  # type: ignore[no-redef]
         """Stands in for redis.exceptions.ReadOnlyError when redis is not installed."""
 
+    class _AskError(_ResponseError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.AskError when redis is not installed."""
+
+    class _TryAgainError(_ResponseError):  # type: ignore[no-redef]
+        """Stands in for redis.exceptions.TryAgainError when redis is not installed."""
+
 
 #: What a connection that went stale while idle raises at its first use: the socket
 #: closed or reset. A timeout, or an answer of Redis's (LOADING is one), is not that.
 _LOST = (_ConnectionError, OSError, EOFError)
 _NOT_LOST = (TimeoutError, _BusyLoadingError)
+#: A cluster node's answer that the key is elsewhere (MOVED, ASK) or in migration
+#: (TRYAGAIN): the node is healthy, no breaker counts it, its connection stays.
+_REDIRECTS = (_AskError, _TryAgainError)
 
 _READ_SIZE = 65536  # bytes asked of a connection's stream per read
 _MORE: Any = object()  # hiredis: no whole reply buffered yet
@@ -380,15 +391,17 @@ class _Link:
 
     ``answered``: the link answered a batch since it last connected, so a connection
     lost at its next use went stale while idle (Redis restarted, or a proxy closed it),
-    and its batch may be sent again.
+    and its batch may be sent again. ``asking``: every command it carries follows an
+    ``ASKING`` (a cluster node asked for keys of a slot it is importing).
     """
 
-    __slots__ = ("__weakref__", "_fast", "answered", "connection", "reader")
+    __slots__ = ("__weakref__", "_fast", "answered", "asking", "connection", "reader")
 
     def __init__(self, store: RedisStore) -> None:
         pool: Any = store.client.connection_pool
         self.connection: Any = pool.make_connection()
         self.answered = False
+        self.asking = store._asking
         self.reader: Any = None
         self._fast = store._hiredis
         # redis-py keeps it as a weak method, called on every (re)connect.
@@ -431,10 +444,21 @@ class _Link:
                     raise reply  # as redis-py's parser: the connection is unusable
                 if isinstance(reply, _ReadOnlyError):
                     raise _ConnectionError("the primary is a replica now") from reply
-                errors = True
+                errors = errors or not isinstance(reply, _REDIRECTS)
             replies.append(reply)
             count -= 1
         return errors
+
+    async def call_replies(self, count: int, replies: list[Any]) -> bool:
+        """``replies`` for ``count`` calls: one reply each, after the ``+OK`` of its
+        ``ASKING`` on an asking link (dropped)."""
+        if not self.asking:
+            return await self.replies(count, replies)
+        both: list[Any] = []
+        try:
+            return await self.replies(2 * count, both)
+        finally:
+            replies.extend(both[1::2])
 
     async def _replies_by_redis_py(self, count: int, replies: list[Any]) -> bool:
         # No per-read timeout: the batch runs under the store deadline (``_Deadline``).
@@ -445,7 +469,7 @@ class _Link:
                 replies.append(await read())
             except _ResponseError as exc:
                 replies.append(exc)
-                errors = True
+                errors = errors or not isinstance(exc, _REDIRECTS)
         return errors
 
 
@@ -664,7 +688,8 @@ class _Batcher:
                 error.__cause__ = failure
             elif isinstance(reply, Exception):
                 # An error reply, or the lost connection of a call not sent again.
-                breaker._finish(reply, call.epoch, call.start)
+                healthy = isinstance(reply, _REDIRECTS)
+                breaker._finish(None if healthy else reply, call.epoch, call.start)
                 error = StoreError(f"redis store call failed: {type(reply).__name__}")
                 error.__cause__ = reply
             else:
@@ -696,7 +721,7 @@ async def _exchange(link: _Link, batch: list[_Call], replies: list[Any]) -> bool
         await connection.connect()
     send = connection.send_packed_command
     await send(b"".join(call.command for call in batch), check_health=False)
-    errors = await link.replies(len(batch), replies)
+    errors = await link.call_replies(len(batch), replies)
     lost = [index for index, reply in enumerate(replies) if isinstance(reply, _NoScriptError)]
     if not lost:
         return errors
@@ -713,12 +738,12 @@ async def _exchange(link: _Link, batch: list[_Call], replies: list[Any]) -> bool
     await link.replies(len(loads), [])
     resent: list[Any] = []
     try:
-        await link.replies(len(lost), resent)
+        await link.call_replies(len(lost), resent)
     finally:
         for index, reply in zip(lost, resent, strict=False):
             replies[index] = reply
     return any(
-        isinstance(reply, _ResponseError) and not isinstance(reply, _NoScriptError)
+        isinstance(reply, _ResponseError) and not isinstance(reply, (_NoScriptError, *_REDIRECTS))
         for reply in replies
     )
 
@@ -756,6 +781,7 @@ async def _resend(link: _Link, batch: list[_Call], replies: list[Any], lost: Exc
             replies[index] = _PENDING
 
 
+_ASKING = _command(b"ASKING")
 _HIT_BUCKETS = _Script("hit_buckets")
 _LEASE_ACQUIRE = _Script("lease_acquire")
 _LEASE_COMPLETE = _Script("lease_complete")
@@ -848,6 +874,9 @@ class RedisStore:
         # Replay-cache tokens: unique per call across processes, no syscall per call.
         self._token_prefix = os.urandom(9).hex().encode("ascii") + b":"
         self._tokens = itertools.count()
+        # Set by RedisClusterStore on the stores it follows an ASK redirection with:
+        # every command goes after an ASKING, on links of their own.
+        self._asking = False
 
     @classmethod
     def from_url(
@@ -948,6 +977,8 @@ class RedisStore:
         if batcher is None or batcher.loop is not loop:
             batcher = self._batcher = _Batcher(self, loop)
         future: asyncio.Future[Any] = loop.create_future()
+        if self._asking:
+            command = _ASKING + command
         batcher.submit(_Call(concern, admits, command, script, future, repeat))
         return future
 
