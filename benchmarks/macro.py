@@ -428,7 +428,7 @@ def load_generator() -> str:
 def run_all(
     *,
     duration: float = 5.0,
-    rounds: int = 3,
+    rounds: int = 5,
     connections: int = 32,
     warmup: float = 1.0,
     only: set[str] | None = None,
@@ -516,6 +516,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
             "non_2xx": sum(run.get("non_2xx", 0.0) for run in variant.runs),
             "socket_errors": sum(run.get("socket_errors", 0.0) for run in variant.runs),
             "vs_bare": statistics.median(ratios) if ratios else 0.0,
+            "vs_bare_runs": ratios,
         }
         if variant.redis:
             executed = [run["redis_commands"] for run in variant.runs if "redis_commands" in run]
@@ -535,7 +536,7 @@ def _main() -> None:
 
     parser = argparse.ArgumentParser(description=_main.__doc__)
     parser.add_argument("--only", default="")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5.0)
     args = parser.parse_args()
     only = {key.strip() for key in args.only.split(",") if key.strip()} or None
