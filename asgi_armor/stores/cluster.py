@@ -7,9 +7,9 @@ the primary that owns its hash slot, read from ``CLUSTER SLOTS``. A ``MOVED`` re
 has the slot map read again (at most every ``refresh_interval`` seconds), so the store
 finds a promoted replica by itself. During a resharding, ``ASK`` is followed to the
 importing node (after ``ASKING``), and a script call over several keys that Redis cannot
-run mid-move (``TRYAGAIN``) is made key by key. While the cluster converges, calls on the slots of a
-lost primary fail with ``StoreError`` and each concern's ``on_store_error`` answers; the
-other primaries' breakers count none of it.
+run mid-move (``TRYAGAIN``) is made key by key. While the cluster converges, calls on the
+slots of a lost primary fail with ``StoreError`` and each concern's ``on_store_error``
+answers; the other primaries' breakers count none of it.
 
 Keys are laid out by hash tag so that the layers of one decision share a slot where
 they can: a rate-limit bucket ``rl:<rule>:<value>`` is kept as ``rl:{<value>}:<rule>``,
