@@ -85,7 +85,7 @@ class _Exchange(Progress):
     ) -> None:
         self.started = False
         self.complete = False
-        self.gone = False  # the client's connection reported http.disconnect
+        self.gone = False  # http.disconnect came before the response was complete
         self.status = 500
         self._receive = receive
         self._send = send
@@ -95,7 +95,9 @@ class _Exchange(Progress):
 
     async def receive(self) -> Message:
         message = await self._receive()
-        if message["type"] == "http.disconnect":
+        # After the response, uvicorn answers every receive with http.disconnect (ASGI
+        # spec 2.3), and Starlette's streaming responses listen for it: not a client gone.
+        if message["type"] == "http.disconnect" and not self.complete:
             self.gone = True
         return message
 

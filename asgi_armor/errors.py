@@ -659,7 +659,9 @@ class ErrorMiddleware:
         async def watched_receive() -> Message:
             nonlocal gone
             message = await receive()
-            if message["type"] == "http.disconnect":
+            # Once the response is complete, servers report http.disconnect to every
+            # receive (uvicorn): only one before that is a client that left.
+            if message["type"] == "http.disconnect" and not response_complete:
                 gone = True
             return message
 
@@ -690,7 +692,8 @@ class ErrorMiddleware:
     def _error_for(self, scope: Scope, exc: Exception, gone: bool = False) -> ArmorError:
         """The error to answer with: ``exc``'s own, or a logged, opaque internal error.
 
-        ``gone``: the client's connection reported ``http.disconnect`` before ``exc``.
+        ``gone``: the client's connection reported ``http.disconnect`` before ``exc``, and
+        before the response was complete.
         """
         error = armor_error_in(exc)
         if error is None:

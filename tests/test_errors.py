@@ -410,3 +410,51 @@ async def test_a_client_that_hangs_up_mid_body_is_no_server_error(
     assert [(r.levelno, r.exc_info) for r in ours] == [(logging.INFO, None)]
     assert ours[0].getMessage().startswith("client disconnected before the response")
     assert scope["state"]["request_id"] in ours[0].getMessage()
+
+
+async def _answers_then_fails(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"done"})
+    await receive()  # what a server reports once the response is complete
+    raise RuntimeError("a bug after the response")
+
+
+@pytest.mark.parametrize("wrap", ["ErrorMiddleware", "armor"])
+async def test_the_disconnect_after_a_whole_response_is_no_client_gone(
+    wrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Servers answer ``http.disconnect`` to a receive after the response (uvicorn does):
+    a failure then is a bug of the app's, logged at ERROR with its traceback."""
+    from asgi_armor import armor
+
+    app = (
+        ErrorMiddleware(_answers_then_fails)
+        if wrap == "ErrorMiddleware"
+        else armor(_answers_then_fails)
+    )
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [],
+        "client": ("192.0.2.7", 50000),
+        "state": {},
+    }
+    with caplog.at_level(logging.DEBUG, logger="asgi_armor"):
+        await app(scope, receive, send)
+    assert [m.get("status") for m in sent] == [200, None]
+    ours = [record for record in caplog.records if record.name == "asgi_armor"]
+    assert [r.levelno for r in ours] == [logging.ERROR]
+    assert ours[0].exc_info is not None

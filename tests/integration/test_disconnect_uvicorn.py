@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_armor import armor
@@ -26,6 +28,20 @@ LEFT = "client disconnected before the response"
 
 async def upload(request: Request) -> Response:
     return Response(b"%d bytes" % len(await request.body()))
+
+
+def broken_task() -> None:
+    raise RuntimeError("a bug in a background task")
+
+
+async def chunks() -> AsyncIterator[bytes]:
+    yield b"hello"
+
+
+async def streamed(request: Request) -> Response:
+    # A streaming response reads receive while it streams (ASGI spec < 2.4), and uvicorn
+    # answers http.disconnect once the response is complete: the client never left.
+    return StreamingResponse(chunks(), background=BackgroundTask(broken_task))
 
 
 @pytest.mark.parametrize("http", ["h11", "httptools"])
@@ -57,3 +73,26 @@ def test_a_client_gone_mid_upload_is_one_info_line(
     assert all("ClientDisconnect" in r.getMessage() for r in left)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_a_bug_after_a_whole_response_is_still_an_error(
+    http: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The http.disconnect a server reports after a complete response is not a client
+    that hung up: a background task failing after a streamed answer is logged at ERROR,
+    with its traceback."""
+    app = armor(Starlette(routes=[Route("/streamed", streamed)]))
+    with caplog.at_level(logging.INFO), running_server(app, http=http) as served:
+        answer = httpx.get(served.url + "/streamed", timeout=5)
+        assert (answer.status_code, answer.text) == (200, "hello")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+            r.name == "asgi_armor" for r in caplog.records
+        ):
+            time.sleep(0.02)
+    ours = [r for r in caplog.records if r.name == "asgi_armor"]
+    assert [r.levelno for r in ours] == [logging.ERROR]
+    assert ours[0].getMessage().startswith("unhandled exception in GET '/streamed'")
+    assert ours[0].exc_info is not None
+    assert not any(r.getMessage().startswith(LEFT) for r in caplog.records)
