@@ -165,7 +165,8 @@ async def test_user_lookup_behind_breaker(
     assert (await demo.get("/api/users/1")).json()["name"] == "Ada Lovelace"
     assert_envelope(await demo.get("/api/users/9"), 404, "not_found")
     assert_envelope(await demo.get("/api/users/abc"), 404, "not_found")
-    # str.isdigit() holds for superscripts and other scripts' digits, which int() refuses.
+    # str.isdigit() holds for superscripts, which int() refuses (a 500 before), and for
+    # other scripts' digits, which int() reads ("\u0663" was looked up as user 3): ASCII only.
     for digits in ("\u00b2", "\u0663", "1\uff11"):
         assert_envelope(await demo.get("/api/users/" + digits), 404, "not_found")
     assert (await demo.put("/demo/faults/db", json={"mode": "fail"})).status_code == 200

@@ -332,13 +332,17 @@ class RedisClusterStore:
                 raise
             # No host in the reply means "the host you asked".
             redirected: Address = (str(cause.host) or address[0], int(cause.port))
-            if isinstance(cause, _MovedError):
+            moved = isinstance(cause, _MovedError)
+            if moved:
                 self._stale()
                 self._slots[slot] = redirected
-                return await call(self._store(redirected))
-            # The slot is being migrated and these keys have left (or are new): the map
-            # stays, since the keys still here are served here.
-            return await call(self._store(redirected, asking=True))
+            try:
+                # After ASK the map stays: the slot is being migrated, and the keys still
+                # on its owner are served there.
+                return await call(self._store(redirected, asking=not moved))
+            except StoreError:
+                self._stale()  # redirected once more (a migration undone): read it again
+                raise
 
     async def hit_buckets(
         self, keys: Sequence[str], specs: Sequence[BucketSpec], cost: int
@@ -412,9 +416,11 @@ class RedisClusterStore:
         if failures:
             # Local overload sheds the request; a store failure is the concern's policy,
             # unless a slot in migration asks for the decision key by key.
+            # Key by key only when every failure is that: a call that failed otherwise
+            # may have run, and deciding its keys again could take its tokens twice.
             shed = [exc for exc in failures if isinstance(exc, Overloaded)]
-            again = [exc for exc in failures if isinstance(exc.__cause__, _TryAgainError)]
-            raise (shed or again or failures)[0]
+            other = [exc for exc in failures if not isinstance(exc.__cause__, _TryAgainError)]
+            raise (shed or other or failures)[0]
         now = decided[0][1]
         tats = [0.0] * len(mapped)
         for (_, _, part_specs, indexes), (taken, part_now, part_tats) in zip(
