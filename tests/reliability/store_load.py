@@ -31,10 +31,11 @@ async def workers(
     a client (200 connections, 15 s timeout)."""
     ports = [free_port() for _ in range(count)]
     env = {STORE_ENV: store_url, RUNS_ENV: runs_url, PREFIX_ENV: prefix}
+    # Keep-alive longer than any load: a connection the server closes as idle just when
+    # the client reuses it is a transport race of its own, not what these tests measure.
+    options = ["--no-proxy-headers", "--timeout-keep-alive", "120"]
     procs = [
-        start_uvicorn(
-            "store_app:create_app", port, app_dir=HERE, env=env, extra_args=["--no-proxy-headers"]
-        )
+        start_uvicorn("store_app:create_app", port, app_dir=HERE, env=env, extra_args=options)
         for port in ports
     ]
     try:
@@ -160,7 +161,7 @@ async def mixed_load(
                 else:
                     response = await client.post(f"http://127.0.0.1:{port}/api/quota")
             except httpx.TransportError as exc:
-                load.errors.append(f"{kind}: {type(exc).__name__}")
+                load.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
                 continue
             decided = "ratelimit-policy" in response.headers
             load.answers.append((load.at(), kind, response.status_code, decided))
