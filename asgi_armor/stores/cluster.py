@@ -356,7 +356,7 @@ class RedisClusterStore:
         try:
             if len(groups) <= 1:
                 return await self._on(next(iter(groups), 0), _hit(mapped, list(specs), cost))
-            return await self._across(mapped, specs, cost, groups)
+            return await self._across(mapped, specs, cost, list(groups.items()))
         except StoreError as exc:
             if not isinstance(exc.__cause__, _TryAgainError) or len(groups) == len(mapped):
                 raise
@@ -364,7 +364,7 @@ class RedisClusterStore:
         # its keys cannot run on either node until the slot has moved (its keys are
         # split between them, or new). What the other slots took was given back; each
         # key on its own follows its ASK (docs/stores.md, Redis Cluster).
-        singles = {index: [index] for index in range(len(mapped))}
+        singles = [(key_slot(prefix + key), [index]) for index, key in enumerate(mapped)]
         return await self._across(mapped, specs, cost, singles)
 
     async def _across(
@@ -372,20 +372,14 @@ class RedisClusterStore:
         mapped: list[str],
         specs: Sequence[BucketSpec],
         cost: int,
-        groups: dict[int, list[int]],
+        groups: list[tuple[int, list[int]]],
     ) -> tuple[bool, float, list[float]]:
-        """One decision over the keys ``groups`` lists (each group: the indexes of the
-        keys decided in one script call): every group's call sent concurrently, the
-        tokens of the groups that allowed given back when another denied or failed."""
-        prefix = self.prefix
+        """One decision over the keys ``groups`` lists (each group: a slot and the indexes
+        of its keys, decided in one script call): every group's call sent concurrently,
+        the tokens of the groups that allowed given back when another denied or failed."""
         parts = [
-            (
-                key_slot(prefix + mapped[indexes[0]]),
-                [mapped[i] for i in indexes],
-                [specs[i] for i in indexes],
-                indexes,
-            )
-            for indexes in groups.values()
+            (slot, [mapped[i] for i in indexes], [specs[i] for i in indexes], indexes)
+            for slot, indexes in groups
         ]
         replies = await asyncio.gather(
             *(
@@ -414,10 +408,10 @@ class RedisClusterStore:
                 cost,
             )
         if failures:
-            # Local overload sheds the request; a store failure is the concern's policy,
-            # unless a slot in migration asks for the decision key by key.
-            # Key by key only when every failure is that: a call that failed otherwise
-            # may have run, and deciding its keys again could take its tokens twice.
+            # Local overload sheds the request; a store failure is the concern's policy.
+            # TRYAGAIN (hit_buckets then decides key by key) only when every failure
+            # said so: a call that failed otherwise may have run, and deciding its keys
+            # again could take its tokens twice.
             shed = [exc for exc in failures if isinstance(exc, Overloaded)]
             other = [exc for exc in failures if not isinstance(exc.__cause__, _TryAgainError)]
             raise (shed or other or failures)[0]

@@ -126,6 +126,9 @@ _NOT_LOST = (TimeoutError, _BusyLoadingError)
 #: A cluster node's answer that the key is elsewhere (MOVED, ASK) or in migration
 #: (TRYAGAIN): the node is healthy, no breaker counts it, its connection stays.
 _REDIRECTS = (_AskError, _TryAgainError)
+#: Error replies after which a connection carries the next batch: the command did not
+#: run here, and Redis keeps the connection open.
+_KEEPS_LINK = (_NoScriptError, *_REDIRECTS)
 
 _READ_SIZE = 65536  # bytes asked of a connection's stream per read
 _MORE: Any = object()  # hiredis: no whole reply buffered yet
@@ -420,10 +423,11 @@ class _Link:
 
     async def replies(self, count: int, replies: list[Any]) -> bool:
         """Read ``count`` replies into ``replies``, an error reply in its place; whether
-        an error reply came. ``LOADING`` (a ConnectionError of redis-py's) raises, and so
-        does ``READONLY``: the primary this connection reached is a replica now (a
-        failover), nothing was written, and the calls are sent again on a connection
-        made anew, as redis-py's Sentinel connection does."""
+        an error reply came other than those a link survives (``_KEEPS_LINK``).
+        ``LOADING`` (a ConnectionError of redis-py's) raises, and so does ``READONLY``:
+        the primary this connection reached is a replica now (a failover), nothing was
+        written, and the calls are sent again on a connection made anew, as redis-py's
+        Sentinel connection does."""
         reader = self.reader
         if reader is None:
             return await self._replies_by_redis_py(count, replies)
@@ -444,7 +448,7 @@ class _Link:
                     raise reply  # as redis-py's parser: the connection is unusable
                 if isinstance(reply, _ReadOnlyError):
                     raise _ConnectionError("the primary is a replica now") from reply
-                errors = errors or not isinstance(reply, _REDIRECTS)
+                errors = errors or not isinstance(reply, _KEEPS_LINK)
             replies.append(reply)
             count -= 1
         return errors
@@ -469,7 +473,7 @@ class _Link:
                 replies.append(await read())
             except _ResponseError as exc:
                 replies.append(exc)
-                errors = errors or not isinstance(exc, _REDIRECTS)
+                errors = errors or not isinstance(exc, _KEEPS_LINK)
         return errors
 
 
@@ -743,7 +747,7 @@ async def _exchange(link: _Link, batch: list[_Call], replies: list[Any]) -> bool
         for index, reply in zip(lost, resent, strict=False):
             replies[index] = reply
     return any(
-        isinstance(reply, _ResponseError) and not isinstance(reply, (_NoScriptError, *_REDIRECTS))
+        isinstance(reply, _ResponseError) and not isinstance(reply, _KEEPS_LINK)
         for reply in replies
     )
 
