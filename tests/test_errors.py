@@ -367,6 +367,50 @@ async def _bare_reads_then_fails(scope: Scope, receive: Receive, send: Send) -> 
     raise RuntimeError("the body never ended")
 
 
+async def _drive_to_the_log(
+    app: ASGIApp,
+    wrap: str,
+    incoming: list[Message],
+    caplog: pytest.LogCaptureFixture,
+    method: str = "GET",
+    path: str = "/",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[Scope, list[Message], list[logging.LogRecord]]:
+    """``app`` behind ``ErrorMiddleware`` or ``armor()`` (``wrap``), driven by hand: the
+    client's ``incoming`` messages, then ``http.disconnect`` on every receive. Returns
+    the scope, what was sent, and what asgi_armor logged."""
+    from asgi_armor import armor
+
+    wrapped = ErrorMiddleware(app) if wrap == "ErrorMiddleware" else armor(app)
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers or [],
+        "client": ("192.0.2.7", 50000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+    with caplog.at_level(logging.DEBUG, logger="asgi_armor"):
+        await wrapped(scope, receive, send)
+    return scope, sent, [record for record in caplog.records if record.name == "asgi_armor"]
+
+
 @pytest.mark.parametrize("inner", [_reads_then_fails, lambda: _bare_reads_then_fails])
 @pytest.mark.parametrize("wrap", ["ErrorMiddleware", "armor"])
 async def test_a_client_that_hangs_up_mid_body_is_no_server_error(
@@ -375,38 +419,15 @@ async def test_a_client_that_hangs_up_mid_body_is_no_server_error(
     """An app failing on the ``http.disconnect`` of a client that left mid-upload is the
     client's doing: logged at INFO, without a traceback, and never as an unhandled
     exception; a failure with the client still there is (see above)."""
-    from asgi_armor import armor
-
-    app = ErrorMiddleware(inner()) if wrap == "ErrorMiddleware" else armor(inner())
-    incoming = [
-        {"type": "http.request", "body": b'{"half": ', "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-
-    async def receive() -> Message:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        pass  # nobody is there to read it
-
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/upload",
-        "raw_path": b"/upload",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
-        "client": ("192.0.2.7", 50000),
-        "server": ("testserver", 80),
-        "state": {},
-    }
-    with caplog.at_level(logging.DEBUG, logger="asgi_armor"):
-        await app(scope, receive, send)
-    ours = [record for record in caplog.records if record.name == "asgi_armor"]
+    scope, _, ours = await _drive_to_the_log(
+        inner(),
+        wrap,
+        [{"type": "http.request", "body": b'{"half": ', "more_body": True}],
+        caplog,
+        method="POST",
+        path="/upload",
+        headers=[(b"content-type", b"application/json"), (b"content-length", b"100")],
+    )
     assert [(r.levelno, r.exc_info) for r in ours] == [(logging.INFO, None)]
     assert ours[0].getMessage().startswith("client disconnected before the response")
     assert scope["state"]["request_id"] in ours[0].getMessage()
@@ -425,36 +446,7 @@ async def test_the_disconnect_after_a_whole_response_is_no_client_gone(
 ) -> None:
     """Servers answer ``http.disconnect`` to a receive after the response (uvicorn does):
     a failure then is a bug of the app's, logged at ERROR with its traceback."""
-    from asgi_armor import armor
-
-    app = (
-        ErrorMiddleware(_answers_then_fails)
-        if wrap == "ErrorMiddleware"
-        else armor(_answers_then_fails)
-    )
-
-    async def receive() -> Message:
-        return {"type": "http.disconnect"}
-
-    sent: list[Message] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope: Scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": "GET",
-        "path": "/",
-        "raw_path": b"/",
-        "query_string": b"",
-        "headers": [],
-        "client": ("192.0.2.7", 50000),
-        "state": {},
-    }
-    with caplog.at_level(logging.DEBUG, logger="asgi_armor"):
-        await app(scope, receive, send)
+    _, sent, ours = await _drive_to_the_log(_answers_then_fails, wrap, [], caplog)
     assert [m.get("status") for m in sent] == [200, None]
-    ours = [record for record in caplog.records if record.name == "asgi_armor"]
     assert [r.levelno for r in ours] == [logging.ERROR]
     assert ours[0].exc_info is not None
